@@ -1,0 +1,5 @@
+"""``python -m taskserver`` is the ``taskserver`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,280 @@
+"""The HTTP API: every route in one table, short handlers, errors as problem+json.
+
+Handlers parse and check input, call one ``TaskServer`` method and serialise the
+answer. Any ``TaskServerError`` (or aiohttp ``HTTPException``) becomes an
+``application/problem+json`` body (RFC 9457) that names the field at fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .errors import Conflict, ServerBusy, TaskNotFound, TaskServerError, ValidationError
+from .models import TaskState
+from .server import TaskServer
+from .sse import stream_events
+
+SERVER: web.AppKey[TaskServer] = web.AppKey("taskserver", TaskServer)
+
+PROBLEM = "application/problem+json"
+JSON = "application/json"
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+TASK_FIELDS = frozenset({"data", "timeout", "max_attempts"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(
+    body: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response encoded with orjson."""
+    return web.Response(body=orjson.dumps(body), status=status, content_type=JSON, headers=headers)
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An ``application/problem+json`` response; ``field`` names the input at fault."""
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if field is not None:
+        body["field"] = field
+        body["invalid_params"] = [{"name": field, "reason": detail}]
+    return web.Response(
+        body=orjson.dumps(body), status=status, headers=headers, content_type=PROBLEM
+    )
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn errors into problem+json, so every failure has the same shape."""
+    try:
+        return await handler(request)
+    except ValidationError as exc:
+        return problem(422 if exc.field else 400, "Invalid request", str(exc), field=exc.field)
+    except TaskNotFound as exc:
+        return problem(404, "Task not found", str(exc), field="id")
+    except Conflict as exc:
+        return problem(409, "Conflict", str(exc))
+    except ServerBusy as exc:
+        retry = str(max(1, round(exc.retry_after)))
+        return problem(503, "Service unavailable", str(exc), headers={"Retry-After": retry})
+    except TaskServerError as exc:
+        return problem(500, "Internal error", str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == PROBLEM:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return problem(exc.status, exc.reason, exc.text or exc.reason, headers=headers)
+
+
+# --- parsing helpers ------------------------------------------------------------
+
+
+async def read_json_object(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
+    """The request body as a JSON object with only ``allowed`` keys, or a 4xx."""
+    if request.content_type != JSON:
+        raise web.HTTPUnsupportedMediaType(
+            text=f"Content-Type must be {JSON}, got {request.content_type or 'none'}"
+        )
+    raw = await request.read()  # client_max_size bounds it (413 past the limit)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValidationError("the body must be a JSON object", field="body")
+    for key in body:
+        if key not in allowed:
+            raise ValidationError(
+                f"unknown field {key!r}; allowed: {', '.join(sorted(allowed))}", field=key
+            )
+    return body
+
+
+def task_id_of(request: web.Request) -> int:
+    """The ``{id}`` path part as a positive integer, or a 404 naming it."""
+    raw = request.match_info["id"]
+    if not raw.isdigit() or len(raw) > 18 or int(raw) < 1:
+        raise web.HTTPNotFound(text=f"task id must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    """An integer query parameter within [lo, hi], or 422 naming it."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError(f"{name} must be an integer, got {raw!r}", field=name) from None
+    if not lo <= value <= hi:
+        raise ValidationError(f"{name} must be from {lo} to {hi}, got {value}", field=name)
+    return value
+
+
+def last_event_id(request: web.Request) -> int:
+    """``Last-Event-ID`` header, else ``lastEventID`` query parameter; 0 when absent."""
+    raw = request.headers.get("Last-Event-ID")
+    name = "Last-Event-ID"
+    if raw is None:
+        raw, name = request.query.get("lastEventID"), "lastEventID"
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit() or len(raw) > 18:
+        raise ValidationError(f"{name} must be an event id (an integer), got {raw!r}", field=name)
+    return int(raw)
+
+
+# --- handlers --------------------------------------------------------------------
+
+
+def _links(request: web.Request, server: TaskServer, task_id: int) -> dict[str, Any]:
+    url = request.app.router["task"].url_for(id=str(task_id))
+    events = request.app.router["task_events"].url_for(id=str(task_id))
+    return {"url": str(url), "events_url": str(events), "topic": server.topic(task_id)}
+
+
+async def create_task(request: web.Request) -> web.Response:
+    """``POST /tasks {"data", "timeout"?, "max_attempts"?}`` → 202 with the new id."""
+    server = request.app[SERVER]
+    body = await read_json_object(request, TASK_FIELDS)
+    if "data" not in body:
+        raise ValidationError("data is required (any JSON value)", field="data")
+    task_id = await server.task(
+        body["data"], timeout=body.get("timeout"), max_attempts=body.get("max_attempts")
+    )
+    links = _links(request, server, task_id)
+    return json_response(
+        {"id": task_id, "state": TaskState.QUEUED.value, **links},
+        status=202,
+        headers={"Location": links["url"]},
+    )
+
+
+async def get_task(request: web.Request) -> web.Response:
+    """``GET /tasks/{id}`` → the task."""
+    server = request.app[SERVER]
+    task = await server.get(task_id_of(request))
+    return json_response({**task.to_json(), **_links(request, server, task.id)})
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    """``GET /tasks?state=&limit=&after=`` → one page and the cursor to the next."""
+    server = request.app[SERVER]
+    state_raw = request.query.get("state")
+    state = None
+    if state_raw is not None:
+        try:
+            state = TaskState(state_raw)
+        except ValueError:
+            raise ValidationError(
+                f"state must be one of {', '.join(s.value for s in TaskState)}, got {state_raw!r}",
+                field="state",
+            ) from None
+    limit = int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    after = int_param(request, "after", 0, 0, 2**62)
+    tasks = await server.list_tasks(state=state, after=after, limit=limit)
+    next_after = tasks[-1].id if len(tasks) == limit else None
+    next_url = None
+    if next_after is not None:
+        next_url = str(request.rel_url.update_query({"after": str(next_after)}))
+    return json_response(
+        {"tasks": [t.to_json() for t in tasks], "next_after": next_after, "next": next_url}
+    )
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    """``DELETE /tasks/{id}`` → the task, cancelled (409 when it has ended)."""
+    server = request.app[SERVER]
+    task = await server.cancel(task_id_of(request))
+    return json_response({**task.to_json(), **_links(request, server, task.id)})
+
+
+async def task_events(request: web.Request) -> web.StreamResponse:
+    """``GET /tasks/{id}/events`` → SSE: stored events, then live ones, until the end."""
+    server = request.app[SERVER]
+    task_id = task_id_of(request)
+    after = last_event_id(request)
+    subscription = server.subscribe(task_id)
+    try:
+        await server.get(task_id)  # 404 before the stream starts
+    except BaseException:
+        subscription.close()
+        raise
+
+    async def replay(after_id: int) -> list[Any]:
+        return await server.events_after(after_id, task_id=task_id)
+
+    return await stream_events(
+        request,
+        subscription,
+        replay,
+        after=after,
+        heartbeat=server.settings.heartbeat,
+        until_terminal=True,
+    )
+
+
+async def all_events(request: web.Request) -> web.StreamResponse:
+    """``GET /events`` → SSE of every task event; resumes after ``Last-Event-ID``.
+
+    Without a ``Last-Event-ID`` the stream starts with live events only.
+    """
+    server = request.app[SERVER]
+    has_cursor = "Last-Event-ID" in request.headers or "lastEventID" in request.query
+    after = last_event_id(request) if has_cursor else server.stats()["last_event_id"]
+    subscription = server.subscribe()
+
+    async def replay(after_id: int) -> list[Any]:
+        return await server.events_after(after_id)
+
+    return await stream_events(
+        request, subscription, replay, after=after, heartbeat=server.settings.heartbeat
+    )
+
+
+async def stats(request: web.Request) -> web.Response:
+    """``GET /stats`` → worker and task counters."""
+    return json_response(request.app[SERVER].stats())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz`` → 200 while the server takes tasks, 503 while stopping."""
+    server = request.app[SERVER]
+    if not server.accepting:
+        return problem(503, "Stopping", "the server is shutting down", headers={"Retry-After": "5"})
+    return json_response({"status": "ok"})
+
+
+ROUTES: tuple[tuple[str, str, Handler, str | None], ...] = (
+    ("POST", "/tasks", create_task, "tasks"),
+    ("GET", "/tasks", list_tasks, None),
+    ("GET", "/tasks/{id}", get_task, "task"),
+    ("DELETE", "/tasks/{id}", cancel_task, None),
+    ("GET", "/tasks/{id}/events", task_events, "task_events"),
+    ("GET", "/events", all_events, "events"),
+    ("GET", "/stats", stats, "stats"),
+    ("GET", "/healthz", healthz, "healthz"),
+)
+
+
+def add_routes(app: web.Application, prefix: str = "") -> None:
+    """Add every API route, under ``prefix`` (e.g. ``/jobs``; empty by default)."""
+    for method, path, handler, name in ROUTES:
+        app.router.add_route(method, prefix + path, handler, name=name)

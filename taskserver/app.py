@@ -1,0 +1,94 @@
+"""The aiohttp application: routes, error shape, and the server's lifecycle.
+
+Two ways in:
+
+* ``create_app(settings, setup)`` builds a complete application, as
+  ``taskserver run`` does;
+* ``attach(app, server)`` adds taskserver to an aiohttp ``Application`` you
+  already have: the server lives under the typed key ``TASKSERVER`` and starts
+  and stops in one ``cleanup_ctx``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from . import api
+from .config import Settings
+from .errors import ConfigError
+from .server import TaskServer
+
+#: Where an application finds its TaskServer: ``request.app[TASKSERVER]``.
+TASKSERVER = api.SERVER
+
+Setup = Callable[..., Any]
+
+
+def attach(app: web.Application, server: TaskServer, *, prefix: str = "") -> None:
+    """Mount taskserver on ``app``: API routes under ``prefix``, lifecycle, problem+json errors.
+
+    The server starts when the application starts (before the port is bound
+    when run by ``web.run_app``) and stops, gracefully, when it stops.
+    """
+    server.check()
+    app[TASKSERVER] = server
+    app.middlewares.append(api.problem_middleware)
+    api.add_routes(app, prefix)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await server.start()
+        yield
+        await server.stop()
+
+    async def close_streams(app: web.Application) -> None:
+        # Before aiohttp waits for open handlers: SSE streams would otherwise hold it up.
+        server.close_streams()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(close_streams)
+
+
+def load_setup(ref: str) -> Setup:
+    """Import ``package.module:function``; ``ConfigError`` with one clear line otherwise."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--app {ref}: cannot import {module_name!r}: {exc}") from None
+    setup = getattr(module, attr, None)
+    if not callable(setup):
+        raise ConfigError(f"--app {ref}: {module_name} has no function {attr!r}")
+    return setup  # type: ignore[no-any-return]
+
+
+async def run_setup(setup: Setup, server: TaskServer, app: web.Application) -> None:
+    """Call ``setup(server)`` or ``setup(server, app)``, sync or async."""
+    try:
+        params = len(inspect.signature(setup).parameters)
+    except (TypeError, ValueError):
+        params = 1
+    result = setup(server, app) if params >= 2 else setup(server)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def create_app(settings: Settings, setup: Setup | None = None) -> web.Application:
+    """A complete application: ``setup`` (default: the built-in demo), then the API.
+
+    Raises ``ConfigError`` (before anything is bound or opened) when the setup
+    leaves a required callback missing.
+    """
+    if setup is None:
+        from . import demo
+
+        setup = demo.setup
+    server = TaskServer(settings)
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    await run_setup(setup, server, app)
+    attach(app, server)
+    return app

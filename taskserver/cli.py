@@ -1,0 +1,132 @@
+"""``taskserver run``: the command line.
+
+Errors in what the user typed or configured exit with status 2 and one line
+on stderr saying what to fix; a clean stop (SIGINT, SIGTERM) exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+from .app import create_app, load_setup
+from .config import FIELDS, Settings, load_settings
+from .errors import ConfigError
+
+log = logging.getLogger("taskserver")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, exit 2: what to fix, without the usage block.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="taskserver",
+        description="A task server: HTTP, durable in-process "
+        "task workers and Server-Sent Events in one process.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser(
+        "run",
+        help="serve HTTP and run the task workers",
+        description="Serve HTTP and run the task workers. Every flag can also be set in "
+        "config/taskserver.toml or as TASKSERVER_<NAME> in the environment; flags win.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML settings file (default: config/taskserver.toml if present)",
+    )
+    for name, field in FIELDS.items():
+        run.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar=name.upper(),
+            default=None,
+            help=f"{field.metadata['help']} [default: {field.default}]",
+        )
+    return parser
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"taskserver: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``taskserver`` command."""
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        overrides = {name: getattr(args, name) for name in FIELDS}
+        try:
+            settings = load_settings(config_file=args.config, overrides=overrides)
+        except ConfigError as exc:
+            _fail(str(exc))
+        raise SystemExit(run(settings))
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(settings: Settings) -> int:
+    """Build the app, bind, serve until SIGINT/SIGTERM, stop gracefully. Returns the exit code."""
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        try:
+            setup = load_setup(settings.app) if settings.app else None
+            app = loop.run_until_complete(create_app(settings, setup))
+        except ConfigError as exc:
+            _fail(str(exc))
+        return loop.run_until_complete(_serve(app, settings))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _serve(app: web.Application, settings: Settings) -> int:
+    # shutdown_timeout: how long open requests get; running tasks get grace_period after.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()  # starts the TaskServer: opens the store, recovers, starts workers
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        address: Any = runner.addresses[0] if runner.addresses else (settings.host, settings.port)
+        # Parsed by tests and scripts that start on port 0: keep the wording.
+        log.info("taskserver listening on http://%s:%s", address[0], address[1])
+        await stop.wait()
+        log.info("stopping: no new tasks; running ones get %gs", settings.grace_period)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

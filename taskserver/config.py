@@ -1,0 +1,204 @@
+"""One frozen ``Settings`` object, and where its values come from.
+
+Precedence, lowest first: the defaults below < the TOML file
+(``config/taskserver.toml`` when it exists, or the one named by ``--config`` /
+``TASKSERVER_CONFIG``) < ``TASKSERVER_<NAME>`` environment variables < CLI flags.
+Unknown keys and bad values raise ``ConfigError`` naming the key and its source.
+Every field's help text is also its ``--flag`` help, so ``--help`` stays complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("config/taskserver.toml")
+ENV_PREFIX = "TASKSERVER_"
+
+Check = Callable[[Any], str | None]
+
+
+def _range(lo: float, hi: float | None = None) -> Check:
+    def check(value: Any) -> str | None:
+        if value < lo or (hi is not None and value > hi):
+            return f"must be between {lo} and {hi}" if hi is not None else f"must be >= {lo}"
+        return None
+
+    return check
+
+
+def _choice(*options: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in options else f"must be one of {', '.join(options)}"
+
+    return check
+
+
+def _app_ref(value: Any) -> str | None:
+    if value is None or (
+        isinstance(value, str) and value.count(":") == 1 and all(value.split(":"))
+    ):
+        return None
+    return "must look like 'package.module:function'"
+
+
+def _setting(default: Any, help: str, check: Check | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything that can be configured. Immutable once loaded."""
+
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(8080, "TCP port to listen on (0 picks a free one)", _range(0, 65535))
+    db: str = _setting(
+        "taskserver.db", "SQLite database file; ':memory:' keeps tasks in memory only (not durable)"
+    )
+    app: str | None = _setting(
+        None,
+        "application setup function, 'package.module:function'; default: the built-in demo",
+        _app_ref,
+    )
+    task_workers: int = _setting(
+        4, "number of task workers (tasks run at the same time)", _range(0, 4096)
+    )
+    process_workers: int = _setting(
+        0, "processes for CPU-bound task callbacks (0: one per CPU core)", _range(0, 256)
+    )
+    synchronous: str = _setting(
+        "NORMAL",
+        "SQLite synchronous mode: NORMAL survives a process crash, FULL also power loss",
+        _choice("NORMAL", "FULL"),
+    )
+    # 10,000 ready tasks cost a few MB; the rest of a backlog waits on disk.
+    ready_window: int = _setting(
+        10_000, "queued tasks held in memory; the rest stay on disk", _range(1)
+    )
+    max_queued: int = _setting(
+        1_000_000, "queued tasks accepted before new ones get HTTP 503", _range(1)
+    )
+    # Bounds what one group commit can hold, so a stalled disk pushes back on callers.
+    max_pending_writes: int = _setting(
+        100_000, "writes waiting for the next commit before callers get HTTP 503", _range(1)
+    )
+    default_timeout: float = _setting(0.0, "seconds a task may run (0: no limit)", _range(0))
+    default_max_attempts: int = _setting(
+        1, "attempts per task unless the task says otherwise", _range(1, 1000)
+    )
+    grace_period: float = _setting(
+        10.0,
+        "seconds running tasks get to finish on shutdown before they are re-queued",
+        _range(0),
+    )
+    max_body_bytes: int = _setting(
+        1_048_576, "largest accepted HTTP request body, in bytes", _range(1)
+    )
+    subscriber_queue: int = _setting(
+        1_000, "events buffered per SSE subscriber before a slow one is dropped", _range(1)
+    )
+    max_subscribers: int = _setting(20_000, "open SSE streams allowed at once", _range(1))
+    heartbeat: float = _setting(15.0, "seconds between SSE keep-alive comments", _range(0.05))
+    base_url: str = _setting("", "public URL of this server, used in task topics and links")
+    log_level: str = _setting(
+        "INFO", "logging level", _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    )
+
+    @property
+    def public_url(self) -> str:
+        """``base_url`` or, when unset, the URL the server listens on."""
+        return self.base_url.rstrip("/") or f"http://{self.host}:{self.port}"
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _type_of(name: str) -> str:
+    return str(FIELDS[name].type)
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Convert ``value`` (a string from env/CLI, or a TOML value) to the field's type and check it.
+
+    Raises ``ConfigError`` that names the key and where the value came from.
+    """
+    if name not in FIELDS:
+        raise ConfigError(f"unknown setting '{name}' in {source}")
+    kind = _type_of(name)
+    try:
+        if value is None or (kind == "str | None" and value == ""):
+            if "None" not in kind:
+                raise ValueError
+            converted: Any = None
+        elif kind == "int":
+            if isinstance(value, bool | float):
+                raise ValueError
+            converted = int(value)
+        elif kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            converted = float(value)
+        elif isinstance(value, str):
+            converted = value
+        else:
+            raise ValueError
+    except ValueError:
+        wanted = kind.replace(" | None", "")
+        raise ConfigError(f"{name}: expected {wanted}, got {value!r} (from {source})") from None
+    check: Check | None = FIELDS[name].metadata["check"]
+    problem = check(converted) if check is not None and converted is not None else None
+    if problem:
+        raise ConfigError(f"{name}: {problem}, got {value!r} (from {source})")
+    return converted
+
+
+def load_settings(
+    *,
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build ``Settings`` from every source, in precedence order.
+
+    ``config_file`` names a TOML file that must exist; when ``None`` the
+    ``TASKSERVER_CONFIG`` variable, then ``config/taskserver.toml`` (if present)
+    are used. ``overrides`` are CLI values, already keyed by setting name; a
+    ``None`` there means "not given".
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+
+    path = Path(config_file) if config_file else None
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = Path(env[ENV_PREFIX + "CONFIG"])
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path is None and DEFAULT_CONFIG_FILE.is_file():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        for key, value in table.items():
+            values[key] = coerce(key, value, str(path))
+
+    for var, value in env.items():
+        if var.startswith(ENV_PREFIX) and var != ENV_PREFIX + "CONFIG":
+            key = var[len(ENV_PREFIX) :].lower()
+            if key not in FIELDS:
+                raise ConfigError(f"unknown setting in environment variable {var}")
+            values[key] = coerce(key, value, f"environment variable {var}")
+
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = coerce(key, value, f"--{key.replace('_', '-')}")
+
+    return Settings(**values)

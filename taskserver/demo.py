@@ -1,0 +1,52 @@
+"""The built-in demo, served when ``taskserver run`` is given no ``--app``.
+
+A page at ``/`` with a button that starts a task: a few seconds of work that
+reports progress, its row updating live over ``EventSource``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from .errors import PermanentError
+from .server import TaskServer
+from .workers import TaskContext
+
+log = logging.getLogger(__name__)
+
+#: Steps a demo task takes; each reports progress.
+STEPS = 10
+
+
+async def demo_task(ctx: TaskContext) -> dict[str, Any]:
+    """Sleep ``data.seconds`` (default 3, at most 60) in steps, reporting progress."""
+    data = ctx.data if isinstance(ctx.data, dict) else {}
+    seconds = min(60.0, max(0.0, float(data.get("seconds", 3))))
+    for step in range(1, STEPS + 1):
+        await asyncio.sleep(seconds / STEPS)
+        await ctx.progress(step / STEPS, f"step {step} of {STEPS}")
+        if data.get("fail") and step == STEPS // 2:
+            raise PermanentError("asked to fail half way")
+    return {"slept": seconds, "worker": ctx.worker_id}
+
+
+async def demo_finish(ctx: TaskContext, result: Any) -> None:
+    """Log the result: ``finish`` runs in the server process once the task returned."""
+    log.debug("demo task %d finished: %r", ctx.id, result)
+
+
+async def index(request: web.Request) -> web.Response:
+    page = resources.files("taskserver").joinpath("static/demo.html").read_text("utf-8")
+    return web.Response(text=page, content_type="text/html")
+
+
+def setup(server: TaskServer, app: web.Application) -> None:
+    """Register the demo callbacks and the page at ``/``."""
+    server.on("task", demo_task)
+    server.on("finish", demo_finish)
+    app.router.add_get("/", index)

@@ -1,0 +1,69 @@
+"""Every error taskserver raises on purpose derives from one root.
+
+    TaskServerError
+    ├── ConfigError          settings or setup are wrong; the CLI exits 2
+    ├── ValidationError      a caller sent bad input (HTTP 4xx); names the field
+    │   └── NotSerializable  a payload or result cannot be encoded as JSON
+    ├── TaskNotFound         no task has that id (HTTP 404)
+    ├── Conflict             the task is not in a state that allows it (HTTP 409)
+    ├── ServerBusy           a bounded buffer is full (HTTP 503 with Retry-After)
+    │   └── ServerClosed     the server is stopping and takes no new work
+    └── TaskError            raised *by a task callback* to steer the outcome
+        └── PermanentError   fail now, whatever attempts remain
+
+A ``TaskError`` is the only branch meant to be raised by application code.
+"""
+
+from __future__ import annotations
+
+
+class TaskServerError(Exception):
+    """Root of every deliberate taskserver error."""
+
+
+class ConfigError(TaskServerError):
+    """A setting or the application setup is wrong; the message says what to fix."""
+
+
+class ValidationError(TaskServerError):
+    """Bad input from a caller. ``field`` names the offending field, if one does."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class NotSerializable(ValidationError):
+    """A task payload or result cannot be encoded as JSON; nothing was written."""
+
+
+class TaskNotFound(TaskServerError):
+    """No task has the requested id."""
+
+    def __init__(self, task_id: int) -> None:
+        super().__init__(f"task {task_id} does not exist")
+        self.task_id = task_id
+
+
+class Conflict(TaskServerError):
+    """The task exists but its state does not allow the operation."""
+
+
+class ServerBusy(TaskServerError):
+    """A bounded buffer is full; try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServerClosed(ServerBusy):
+    """The server is stopping and accepts no new tasks."""
+
+
+class TaskError(TaskServerError):
+    """Base for exceptions a task callback raises to steer its outcome."""
+
+
+class PermanentError(TaskError):
+    """Raised by a task callback: fail the task now, do not retry it."""

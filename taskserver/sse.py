@@ -1,0 +1,88 @@
+"""Server-Sent Events streams of task events: stored events first, then live ones.
+
+A stream subscribes to the hub *before* it reads the store, so nothing committed
+in between is missed; live events at or below the last replayed id are skipped,
+so nothing is sent twice. When the hub drops a slow subscriber the stream ends
+and the browser's ``EventSource`` reconnects with ``Last-Event-ID`` and replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from .events import Subscription
+from .models import TERMINAL_EVENTS, Event
+
+#: Events read from the store per query while replaying.
+REPLAY_PAGE = 500
+#: Tells browsers how long to wait before reconnecting, in milliseconds.
+RECONNECT_MS = 1000
+#: A write to a client that does not read for this long drops the client.
+SEND_TIMEOUT = 10.0
+
+
+async def stream_events(
+    request: web.Request,
+    subscription: Subscription[Event],
+    replay: Callable[[int], Awaitable[list[Event]]],
+    *,
+    after: int,
+    heartbeat: float,
+    until_terminal: bool = False,
+    tasks_only: bool = True,
+    headers: dict[str, str] | None = None,
+) -> EventSourceResponse:
+    """Stream events with ids above ``after``: ``replay(after_id)`` pages, then the hub.
+
+    Closes ``subscription`` when done. With ``until_terminal`` the stream ends
+    after the first terminal event (a per-task stream); ``tasks_only`` skips live
+    updates that were published to the hub rather than made by a task.
+    """
+    response = EventSourceResponse(
+        headers=headers, ping_interval=heartbeat, send_timeout=SEND_TIMEOUT
+    )
+    watcher: asyncio.Task[None] | None = None
+    try:
+        await response.prepare(request)
+        # A comment at once flushes the headers: browsers fire `onopen` only then.
+        await response.write(f": connected\nretry: {RECONNECT_MS}\n\n".encode())
+        # The ping task ends when the client is gone; then stop waiting for events.
+        watcher = asyncio.create_task(response.wait())
+        watcher.add_done_callback(lambda _: subscription.close())
+        last = after
+        while True:
+            page = await replay(last)
+            for event in page:
+                await _send(response, event)
+                last = event.id
+                if until_terminal and event.type in TERMINAL_EVENTS:
+                    return response
+            if len(page) < REPLAY_PAGE:
+                break
+        while (live := await subscription.get()) is not None:
+            if live.id <= last or (tasks_only and live.task_id is None):
+                continue
+            await _send(response, live)
+            last = live.id
+            if until_terminal and live.type in TERMINAL_EVENTS:
+                break
+    except (ConnectionResetError, TimeoutError):
+        pass  # the client went away or stopped reading
+    finally:
+        subscription.close()
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if response.prepared:
+            response.stop_streaming()
+    return response
+
+
+async def _send(response: EventSourceResponse, event: Event) -> None:
+    await response.send(event.json, id=event.sse_id, event=event.type, retry=event.retry)

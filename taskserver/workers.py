@@ -1,0 +1,401 @@
+"""The worker pool: runs the ``task`` callback for each ready task, then ``finish``.
+
+``task_workers`` workers each take one task at a time from the ready queue, so
+at most that many tasks run at once. How a callback runs depends on what it is:
+
+* ``async def``: on the event loop (it must not block it);
+* a plain function: in a thread pool of ``task_workers`` threads;
+* a plain function registered with ``cpu_bound=True``: in a process pool, the only
+  way past the GIL; it must be importable (a module-level function) and its
+  data and result picklable.
+
+The pool decides outcomes (succeeded, retrying, failed, cancelled) and reports
+them through the ``report`` function it is handed; it never touches the store
+or the hub itself. Reports are synchronous appends to the next group commit:
+a worker does not wait for the disk between tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import multiprocessing
+import os
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from .errors import PermanentError
+from .models import EventType, Task, TaskState
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["async", "thread", "process"]
+
+
+class ProgressSink(Protocol):
+    """Where a context sends progress: the server stores it as a ``progress`` event."""
+
+    def __call__(self, task: Task, fraction: float, message: str | None) -> Awaitable[None]: ...
+
+
+def _check_fraction(fraction: float) -> float:
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, int | float)
+        or not (0.0 <= fraction <= 1.0)
+    ):
+        raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
+    return float(fraction)
+
+
+class BaseContext:
+    """What every task callback is given: which task, its data, which attempt, which worker."""
+
+    __slots__ = ("_task", "attempt", "cancelled", "data", "id", "worker_id")
+
+    def __init__(self, task: Task, worker_id: int) -> None:
+        self._task = task
+        self.id: int = task.id
+        self.data: Any = task.data
+        self.attempt: int = task.attempts
+        self.worker_id = worker_id
+        #: Set when the task was cancelled or timed out; a thread callback can poll it.
+        self.cancelled = False
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"<{name} task={self.id} attempt={self.attempt} worker={self.worker_id}>"
+
+
+class TaskContext(BaseContext):
+    """Context for ``async def`` callbacks (``task`` and ``finish``)."""
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, task: Task, worker_id: int, sink: ProgressSink) -> None:
+        super().__init__(task, worker_id)
+        self._sink = sink
+
+    async def progress(self, fraction: float, message: str | None = None) -> None:
+        """Record progress (0 to 1) and push a ``progress`` event; returns once stored."""
+        await self._sink(self._task, _check_fraction(fraction), message)
+
+
+class SyncTaskContext(BaseContext):
+    """Context for plain-function callbacks, which run in a thread."""
+
+    __slots__ = ("_loop", "_sink")
+
+    def __init__(
+        self, task: Task, worker_id: int, sink: ProgressSink, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        super().__init__(task, worker_id)
+        self._sink = sink
+        self._loop = loop
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Record progress (0 to 1); blocks this thread until it is stored."""
+        fraction = _check_fraction(fraction)
+
+        async def send() -> None:
+            await self._sink(self._task, fraction, message)
+
+        asyncio.run_coroutine_threadsafe(send(), self._loop).result()
+
+
+# --- process pool -------------------------------------------------------------
+
+# Set in each pool process by the initializer: where progress reports go.
+_progress_queue: Any = None
+
+
+def _init_process(progress_queue: Any) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+
+
+@dataclass(slots=True)
+class ProcessTaskContext:
+    """Context for CPU-bound callbacks, which run in another process (so it is plain data)."""
+
+    id: int
+    data: Any
+    attempt: int
+    worker_id: int
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Send progress (0 to 1) to the server; does not wait for it to be stored."""
+        _progress_queue.put((self.id, _check_fraction(fraction), message))
+
+
+def _run_in_process(fn: Callable[..., object], ctx: ProcessTaskContext, *args: Any) -> object:
+    return fn(ctx, *args)
+
+
+# --- callbacks ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Callback:
+    """A registered callback and how to run it."""
+
+    fn: Callable[..., Any]
+    kind: Kind
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any], *, cpu_bound: bool = False) -> Callback:
+        if not callable(fn):
+            raise TypeError(f"callback must be callable, got {fn!r}")
+        if inspect.iscoroutinefunction(fn):
+            if cpu_bound:
+                raise TypeError("cpu_bound callbacks must be plain functions, not async def")
+            return cls(fn, "async")
+        return cls(fn, "process" if cpu_bound else "thread")
+
+
+class Report(Protocol):
+    """How the pool tells the server about a task; synchronous, never blocks."""
+
+    def __call__(self, task: Task, type_: EventType, extra: dict[str, Any] | None) -> None: ...
+
+
+class WorkerPool:
+    """``size`` workers taking tasks from ``get``, running ``task`` then ``finish``."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        get: Callable[[], Awaitable[Task]],
+        report: Report,
+        progress: ProgressSink,
+        task: Callback,
+        finish: Callback,
+        process_workers: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.size = size
+        self._get = get
+        self._report = report
+        self._progress = progress
+        self._task_cb = task
+        self._finish_cb = finish
+        self._clock = clock
+        self._workers: list[asyncio.Task[None]] = []
+        #: worker id -> the task it runs now
+        self._running: dict[int, Task] = {}
+        self._by_task: dict[int, int] = {}
+        self._cancel_requested: set[int] = set()
+        self._stopping = False
+        self._threads: ThreadPoolExecutor | None = None
+        self._processes: ProcessPoolExecutor | None = None
+        self._process_workers = process_workers or os.cpu_count() or 1
+        self._progress_queue: Any = None
+        self._progress_thread: threading.Thread | None = None
+        self.done = 0
+
+    def __repr__(self) -> str:
+        state = " stopping" if self._stopping else ""
+        return f"<WorkerPool busy={len(self._running)}/{self.size}{state}>"
+
+    @property
+    def busy(self) -> int:
+        """Workers running a task right now."""
+        return len(self._running)
+
+    def is_running(self, task_id: int) -> bool:
+        """True while a worker holds ``task_id``."""
+        return task_id in self._by_task
+
+    def start(self) -> None:
+        """Start the workers (and the executors the callbacks need)."""
+        loop = asyncio.get_running_loop()
+        kinds = {self._task_cb.kind, self._finish_cb.kind}
+        if "thread" in kinds:
+            self._threads = ThreadPoolExecutor(self.size, thread_name_prefix="taskserver-task")
+        if "process" in kinds:
+            # spawn, not fork: this process has threads (SQLite, executors) a fork would copy.
+            ctx = multiprocessing.get_context("spawn")
+            self._progress_queue = ctx.Queue(maxsize=10_000)
+            self._processes = ProcessPoolExecutor(
+                self._process_workers,
+                mp_context=ctx,
+                initializer=_init_process,
+                initargs=(self._progress_queue,),
+            )
+            self._progress_thread = threading.Thread(
+                target=self._forward_progress,
+                args=(loop,),
+                name="taskserver-progress",
+                daemon=True,
+            )
+            self._progress_thread.start()
+        self._workers = [
+            asyncio.create_task(self._work(i), name=f"taskserver-worker-{i}")
+            for i in range(self.size)
+        ]
+
+    def _forward_progress(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Reads progress sent by process-pool callbacks and hands it to the loop.
+        while True:
+            item = self._progress_queue.get()
+            if item is None:
+                return
+            task_id, fraction, message = item
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                loop.call_soon_threadsafe(self._process_progress, task_id, fraction, message)
+
+    def _process_progress(self, task_id: int, fraction: float, message: str | None) -> None:
+        worker = self._by_task.get(task_id)
+        if worker is not None:
+            # Fire and forget: the process does not wait; the store keeps the batch alive.
+            self._progress(self._running[worker], fraction, message)
+
+    def cancel(self, task_id: int) -> bool:
+        """Cancel a running task. Returns ``False`` when no worker runs it.
+
+        An ``async`` callback gets ``CancelledError`` at its current ``await``; a
+        thread or process callback runs on but its result is discarded.
+        """
+        worker = self._by_task.get(task_id)
+        if worker is None:
+            return False
+        self._cancel_requested.add(task_id)
+        self._workers[worker].cancel()
+        return True
+
+    async def stop(self, grace: float) -> list[Task]:
+        """Stop taking tasks; give running ones ``grace`` seconds, then interrupt them.
+
+        Returns the tasks that were interrupted: they are handed back unchanged in
+        state ``running`` for the caller to re-queue. Shuts the executors down.
+        """
+        self._stopping = True
+        idle = [w for i, w in enumerate(self._workers) if i not in self._running]
+        for worker in idle:
+            worker.cancel()
+        busy = [self._workers[i] for i in self._running]
+        interrupted: list[Task] = []
+        if busy:
+            _, pending = await asyncio.wait(busy, timeout=grace)
+            interrupted = [
+                self._running[i]
+                for i, w in enumerate(self._workers)
+                if w in pending and i in self._running
+            ]
+            for worker in pending:
+                worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)
+            self._progress_queue.put(None)
+        return interrupted
+
+    async def _work(self, worker_id: int) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while not self._stopping:
+            task = await self._get()
+            self._running[worker_id] = task
+            self._by_task[task.id] = worker_id
+            try:
+                await self._execute(task, worker_id, me)
+            finally:
+                del self._running[worker_id]
+                del self._by_task[task.id]
+                self._cancel_requested.discard(task.id)
+            self.done += 1
+
+    async def _execute(self, task: Task, worker_id: int, me: asyncio.Task[None]) -> None:
+        task.state = TaskState.RUNNING
+        task.attempts += 1
+        task.started_at = self._clock()
+        task.progress = task.message = task.error = task.traceback = None
+        self._report(task, EventType.STARTED, {"worker": worker_id})
+        try:
+            result = await self._call(self._task_cb, task, worker_id, task.timeout)
+        except asyncio.CancelledError:
+            if task.id not in self._cancel_requested:
+                raise  # the pool is stopping: the caller re-queues the task
+            me.uncancel()
+            self._end(task, TaskState.CANCELLED, EventType.CANCELLED, None)
+            return
+        except TimeoutError:
+            self._failed(
+                task,
+                f"TimeoutError: the task ran longer than its timeout of {task.timeout:g}s",
+                None,
+                permanent=False,
+            )
+            return
+        except Exception as exc:
+            tb = "".join(traceback.format_exception(exc))
+            self._failed(
+                task, f"{type(exc).__name__}: {exc}", tb, permanent=isinstance(exc, PermanentError)
+            )
+            return
+        task.result = result
+        try:
+            await self._call(self._finish_cb, task, worker_id, None, result)
+        except asyncio.CancelledError:
+            if task.id not in self._cancel_requested:
+                raise
+            me.uncancel()  # the task itself is done; a late cancel changes nothing
+        except Exception as exc:
+            log.exception("finish callback failed for task %d", task.id)
+            task.finish_error = f"{type(exc).__name__}: {exc}"
+        self._end(task, TaskState.SUCCEEDED, EventType.FINISHED, {"result": result})
+
+    async def _call(
+        self, cb: Callback, task: Task, worker_id: int, timeout: float | None, *args: Any
+    ) -> Any:
+        async with asyncio.timeout(timeout or None):
+            if cb.kind == "async":
+                return await cb.fn(TaskContext(task, worker_id, self._progress), *args)
+            loop = asyncio.get_running_loop()
+            executor: Executor | None
+            if cb.kind == "thread":
+                ctx: Any = SyncTaskContext(task, worker_id, self._progress, loop)
+                executor = self._threads
+            else:
+                ctx = ProcessTaskContext(task.id, task.data, task.attempts, worker_id)
+                executor = self._processes
+            try:
+                if cb.kind == "process":
+                    return await loop.run_in_executor(executor, _run_in_process, cb.fn, ctx, *args)
+                return await loop.run_in_executor(executor, cb.fn, ctx, *args)
+            except asyncio.CancelledError:
+                if isinstance(ctx, BaseContext):
+                    ctx.cancelled = True
+                raise
+
+    def _failed(self, task: Task, error: str, tb: str | None, *, permanent: bool) -> None:
+        task.error, task.traceback = error, tb
+        if permanent or task.attempts >= task.max_attempts:
+            self._end(task, TaskState.FAILED, EventType.FAILED, {"error": error})
+        else:
+            task.state = TaskState.RETRYING
+            task.finished_at = None
+            self._report(task, EventType.RETRYING, {"error": error})
+
+    def _end(
+        self, task: Task, state: TaskState, type_: EventType, extra: dict[str, Any] | None
+    ) -> None:
+        task.state = state
+        task.finished_at = self._clock()
+        try:
+            self._report(task, type_, extra)
+        except Exception as exc:  # the result could not be stored (not JSON): fail instead
+            task.result = None
+            task.state = TaskState.FAILED
+            task.error = f"{type(exc).__name__}: {exc}"
+            self._report(task, EventType.FAILED, {"error": task.error})
