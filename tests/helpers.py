@@ -1,0 +1,98 @@
+"""Module-level callbacks and setup functions the tests hand to real servers.
+
+Everything here must be importable by name (``tests.helpers:...``): the CLI
+loads setups with ``--app``, and a spawned pool process imports CPU-bound
+callbacks by module and name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import time
+from typing import Any
+
+from taskserver import ProcessTaskContext, TaskContext, TaskServer
+
+
+def stored_progress_events(db: str, task_id: int) -> list[tuple[int, str]]:
+    """``(event id, json)`` of the progress events stored for ``task_id``, read directly."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT id, data FROM events WHERE task_id = ? AND type = 'progress' ORDER BY id",
+            (task_id,),
+        ).fetchall()
+    return [(int(row[0]), str(row[1])) for row in rows]
+
+
+# --- a CPU-bound callback, run in a spawned process ------------------------------------
+
+
+def cpu_task(ctx: ProcessTaskContext) -> dict[str, Any]:
+    """Report progress, wait (bounded) until the server stored it, and say where it ran."""
+    ctx.progress(0.5, "half way")
+    db = ctx.data["db"]
+    deadline = time.monotonic() + 10.0
+    seen = False
+    while time.monotonic() < deadline:
+        if stored_progress_events(db, ctx.id):
+            seen = True
+            break
+        time.sleep(0.01)
+    return {
+        "pid": os.getpid(),
+        "id": ctx.id,
+        "data": ctx.data,
+        "attempt": ctx.attempt,
+        "worker_id": ctx.worker_id,
+        "progress_stored": seen,
+    }
+
+
+# --- setups for `taskserver run --app tests.helpers:<name>` -----------------------------
+
+
+async def _finish(ctx: TaskContext, result: Any) -> None:
+    return None
+
+
+async def _echo(ctx: TaskContext) -> Any:
+    return {"echo": ctx.data}
+
+
+def setup_missing_finish(server: TaskServer) -> None:
+    """Registers a task callback only: the server must refuse to start."""
+    server.on("task", _echo)
+
+
+def setup_missing_task(server: TaskServer) -> None:
+    """Registers a finish callback only: the server must refuse to start."""
+    server.on("finish", _finish)
+
+
+async def sleepy_task(ctx: TaskContext) -> dict[str, Any]:
+    """Sleep ``data["sleep"]`` seconds; with ``data["until_file"]``, wait until it exists.
+
+    ``data["die"]`` kills the whole server process (``kill -9`` on itself), as a
+    task that crashes the interpreter would.
+    """
+    data = ctx.data if isinstance(ctx.data, dict) else {}
+    if data.get("die"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    await asyncio.sleep(float(data.get("sleep", 0.0)))
+    gate = data.get("until_file")
+    if gate is not None:
+        # Polled in a thread: the gate is a file so another process (the test) can open it.
+        while True:
+            if await asyncio.to_thread(os.path.exists, gate):
+                break
+            await asyncio.sleep(0.02)
+    return {"slept": data.get("sleep", 0.0), "attempt": ctx.attempt}
+
+
+def setup_sleepy(server: TaskServer) -> None:
+    """Tasks that take a little while (see ``sleepy_task``)."""
+    server.on("task", sleepy_task)
+    server.on("finish", _finish)
