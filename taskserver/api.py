@@ -14,7 +14,8 @@ import orjson
 from aiohttp import web
 
 from .errors import Conflict, ServerBusy, TaskNotFound, TaskServerError, ValidationError
-from .models import TaskState
+from .models import TERMINAL, TaskState
+from .options import OPTIONS, TaskSpec
 from .server import TaskServer
 from .sse import stream_events
 
@@ -24,7 +25,11 @@ PROBLEM = "application/problem+json"
 JSON = "application/json"
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-TASK_FIELDS = frozenset({"data", "timeout", "max_attempts"})
+TASK_FIELDS = frozenset({"data"}) | OPTIONS
+#: Most tasks one ``POST /tasks:batch`` may carry.
+MAX_BATCH = 10_000
+#: Longest ``?wait=`` long poll, in seconds.
+MAX_WAIT = 60
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -150,28 +155,123 @@ def _links(request: web.Request, server: TaskServer, task_id: int) -> dict[str, 
     return {"url": str(url), "events_url": str(events), "topic": server.topic(task_id)}
 
 
+def _spec(body: dict[str, Any], where: str = "") -> TaskSpec:
+    if "data" not in body:
+        raise ValidationError("data is required (any JSON value)", field=f"{where}data")
+    options = {k: v for k, v in body.items() if k != "data"}
+    return TaskSpec(body["data"], options)
+
+
 async def create_task(request: web.Request) -> web.Response:
-    """``POST /tasks {"data", "timeout"?, "max_attempts"?}`` → 202 with the new id."""
+    """``POST /tasks {"data", options...}`` → 202 with the new id (200 for a unique match)."""
     server = request.app[SERVER]
     body = await read_json_object(request, TASK_FIELDS)
-    if "data" not in body:
-        raise ValidationError("data is required (any JSON value)", field="data")
-    task_id = await server.task(
-        body["data"], timeout=body.get("timeout"), max_attempts=body.get("max_attempts")
-    )
-    links = _links(request, server, task_id)
+    spec = _spec(body)
+    submitted = await server.submit(spec.data, **spec.options)
+    links = _links(request, server, submitted.id)
+    if submitted.existing:
+        task = await server.get(submitted.id)
+        return json_response(
+            {"id": task.id, "state": task.state.value, "existing": True, **links},
+            status=200,
+            headers={"Location": links["url"]},
+        )
     return json_response(
-        {"id": task_id, "state": TaskState.QUEUED.value, **links},
+        {"id": submitted.id, "state": "queued", "existing": False, **links},
         status=202,
         headers={"Location": links["url"]},
     )
 
 
-async def get_task(request: web.Request) -> web.Response:
-    """``GET /tasks/{id}`` → the task."""
+async def create_batch(request: web.Request) -> web.Response:
+    """``POST /tasks:batch {"tasks": [{"data", options...}, ...]}`` → 202, all or nothing."""
     server = request.app[SERVER]
-    task = await server.get(task_id_of(request))
+    body = await read_json_object(request, frozenset({"tasks"}))
+    items = body.get("tasks")
+    if not isinstance(items, list) or not items:
+        raise ValidationError("tasks must be a non-empty array of task objects", field="tasks")
+    if len(items) > MAX_BATCH:
+        raise ValidationError(f"at most {MAX_BATCH} tasks per batch", field="tasks")
+    specs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValidationError("each task must be an object", field=f"tasks[{i}]")
+        for key in item:
+            if key not in TASK_FIELDS:
+                raise ValidationError(f"unknown field {key!r}", field=f"tasks[{i}].{key}")
+        specs.append(_spec(item, f"tasks[{i}]."))
+    submitted = await server.task_many(specs)
+    return json_response(
+        {
+            "tasks": [
+                {"id": s.id, "existing": s.existing, **_links(request, server, s.id)}
+                for s in submitted
+            ]
+        },
+        status=202,
+    )
+
+
+async def get_task(request: web.Request) -> web.Response:
+    """``GET /tasks/{id}[?wait=s]`` → the task; ``wait`` long-polls until it ends."""
+    server = request.app[SERVER]
+    task_id = task_id_of(request)
+    wait = int_param(request, "wait", 0, 0, MAX_WAIT)
+    task = await server.get(task_id)
+    if wait and task.state not in TERMINAL:
+        try:
+            task = await server.wait_terminal(task_id, timeout=wait)
+        except TimeoutError:
+            task = await server.get(task_id)
     return json_response({**task.to_json(), **_links(request, server, task.id)})
+
+
+async def retry_task(request: web.Request) -> web.Response:
+    """``POST /tasks/{id}/retry`` → the task, queued again (409 unless failed/cancelled)."""
+    server = request.app[SERVER]
+    task = await server.retry(task_id_of(request))
+    return json_response({**task.to_json(), **_links(request, server, task.id)})
+
+
+async def admin_retry(request: web.Request) -> web.Response:
+    """``POST /tasks:retry {"ids": [...]} | {"failed": true}`` → ids re-queued, errors per id."""
+    server = request.app[SERVER]
+    body = await read_json_object(request, frozenset({"ids", "failed"}))
+    if body.get("failed") is True:
+        return json_response({"retried": await server.retry_failed(), "errors": {}})
+    ids = body.get("ids")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and i > 0 for i in ids):
+        raise ValidationError('give "ids": [positive integers] or "failed": true', field="ids")
+    retried: list[int] = []
+    errors: dict[str, str] = {}
+    for task_id in ids:
+        try:
+            await server.retry(task_id)
+            retried.append(task_id)
+        except (TaskNotFound, Conflict) as exc:
+            errors[str(task_id)] = str(exc)
+    return json_response({"retried": retried, "errors": errors})
+
+
+async def admin_purge(request: web.Request) -> web.Response:
+    """``POST /tasks:purge {"older_than": s, "states"?: [...]}`` → how many were deleted."""
+    server = request.app[SERVER]
+    body = await read_json_object(request, frozenset({"older_than", "states"}))
+    older_than = body.get("older_than")
+    if isinstance(older_than, bool) or not isinstance(older_than, int | float) or older_than < 0:
+        raise ValidationError("older_than must be a number of seconds >= 0", field="older_than")
+    raw_states = body.get("states", ["succeeded", "failed", "cancelled"])
+    ended = {s.value for s in TERMINAL}
+    if (
+        not isinstance(raw_states, list)
+        or not raw_states
+        or any(s not in ended for s in raw_states)
+    ):
+        raise ValidationError(
+            f"states must be a list of {', '.join(sorted(ended))}", field="states"
+        )
+    purged = await server.purge(float(older_than), [TaskState(s) for s in raw_states])
+    return json_response({"purged": purged})
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -250,8 +350,12 @@ async def all_events(request: web.Request) -> web.StreamResponse:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """``GET /stats`` → worker and task counters."""
-    return json_response(request.app[SERVER].stats())
+    """``GET /stats`` → worker and task counters, and active tasks per queue."""
+    server = request.app[SERVER]
+    body = server.stats()
+    for name, counts in (await server.queue_stats()).items():
+        body["queues"].setdefault(name, {}).update(counts)
+    return json_response(body)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -264,6 +368,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 ROUTES: tuple[tuple[str, str, Handler, str | None], ...] = (
     ("POST", "/tasks", create_task, "tasks"),
+    ("POST", "/tasks:batch", create_batch, None),
+    ("POST", "/tasks:retry", admin_retry, None),
+    ("POST", "/tasks:purge", admin_purge, None),
+    ("POST", "/tasks/{id}/retry", retry_task, None),
     ("GET", "/tasks", list_tasks, None),
     ("GET", "/tasks/{id}", get_task, "task"),
     ("DELETE", "/tasks/{id}", cancel_task, None),

@@ -93,6 +93,36 @@ class Settings:
     default_max_attempts: int = _setting(
         1, "attempts per task unless the task says otherwise", _range(1, 1000)
     )
+    retry_base: float = _setting(1.0, "seconds before the first retry of a failed task", _range(0))
+    retry_factor: float = _setting(
+        2.0, "each further retry waits this many times longer", _range(1, 100)
+    )
+    retry_cap: float = _setting(
+        960.0, "longest wait between retries, in seconds (16 min)", _range(0)
+    )
+    retry_jitter: float = _setting(
+        0.1, "random spread of retry delays, as a fraction", _range(0, 1)
+    )
+    process_max_tasks: int = _setting(
+        0, "recycle a cpu_bound worker process after this many tasks (0: never)", _range(0)
+    )
+    process_max_memory_mb: int = _setting(
+        0,
+        "recycle a cpu_bound worker process once its peak memory passes this (0: never)",
+        _range(0),
+    )
+    retention: float = _setting(
+        14 * 86400.0,
+        "seconds ended tasks are kept before automatic purge (0: forever)",
+        _range(0),
+    )
+    event_retention: float = _setting(
+        7 * 86400.0, "seconds events are kept for replay (0: forever)", _range(0)
+    )
+    max_events: int = _setting(
+        1_000_000, "events kept for replay at most, newest first (0: no limit)", _range(0)
+    )
+    maintenance_interval: float = _setting(300.0, "seconds between retention runs", _range(0.01))
     grace_period: float = _setting(
         10.0,
         "seconds running tasks get to finish on shutdown before they are re-queued",

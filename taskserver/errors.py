@@ -8,10 +8,15 @@
     ├── Conflict             the task is not in a state that allows it (HTTP 409)
     ├── ServerBusy           a bounded buffer is full (HTTP 503 with Retry-After)
     │   └── ServerClosed     the server is stopping and takes no new work
-    └── TaskError            raised *by a task callback* to steer the outcome
-        └── PermanentError   fail now, whatever attempts remain
+    ├── TaskError            raised *by a task callback* to steer the outcome
+    │   ├── PermanentError   fail now, whatever attempts remain
+    │   └── RetryLater       wait ``delay`` seconds, without counting an attempt
+    ├── WorkerCrashed        the process running a cpu_bound task died
+    └── TaskOutcomeError     ``task_wait`` / ``wait`` saw a task end badly
+        ├── TaskFailed       it failed (``error`` holds its error)
+        └── TaskCancelled    it was cancelled
 
-A ``TaskError`` is the only branch meant to be raised by application code.
+``TaskError`` is the only branch meant to be raised by application code.
 """
 
 from __future__ import annotations
@@ -67,3 +72,41 @@ class TaskError(TaskServerError):
 
 class PermanentError(TaskError):
     """Raised by a task callback: fail the task now, do not retry it."""
+
+
+class RetryLater(TaskError):
+    """Raised by a task callback: run again after ``delay`` seconds; no attempt is counted.
+
+    The task is ``waiting`` meanwhile (and holds its serial group).
+    """
+
+    def __init__(self, delay: float, message: str = "") -> None:
+        super().__init__(message or f"retry in {delay:g}s")
+        self.delay = max(0.0, float(delay))
+
+
+class WorkerCrashed(TaskServerError):
+    """The process running a cpu_bound task died (the task may be retried)."""
+
+
+class TaskOutcomeError(TaskServerError):
+    """A waited-for task ended without a result."""
+
+    def __init__(self, task_id: int, message: str) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+
+
+class TaskFailed(TaskOutcomeError):
+    """The waited-for task failed; ``error`` is its recorded error."""
+
+    def __init__(self, task_id: int, error: str | None) -> None:
+        super().__init__(task_id, f"task {task_id} failed: {error}")
+        self.error = error
+
+
+class TaskCancelled(TaskOutcomeError):
+    """The waited-for task was cancelled."""
+
+    def __init__(self, task_id: int) -> None:
+        super().__init__(task_id, f"task {task_id} was cancelled")

@@ -45,6 +45,7 @@ class EventType(StrEnum):
     STARTED = "started"
     PROGRESS = "progress"
     RETRYING = "retrying"
+    WAITING = "waiting"
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -54,6 +55,29 @@ class EventType(StrEnum):
 TERMINAL_EVENTS: frozenset[EventType] = frozenset(
     {EventType.FINISHED, EventType.FAILED, EventType.CANCELLED}
 )
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How long to wait before attempt ``n + 1`` after attempt ``n`` failed.
+
+    delay = min(cap, base * factor^(n-1)), then spread by +/-``jitter`` (a
+    fraction) so that tasks failing together do not retry together. The
+    default cap of 16 minutes follows ADT BackgroundQueue's doubling backoff.
+    """
+
+    base: float = 1.0
+    factor: float = 2.0
+    cap: float = 960.0
+    jitter: float = 0.1
+
+    def delay(self, attempt: int, rand: float = 0.5) -> float:
+        """The delay after failed attempt ``attempt`` (1-based); ``rand`` in [0, 1)."""
+        raw = min(self.cap, self.base * self.factor ** max(0, attempt - 1))
+        return max(0.0, min(self.cap, raw * (1 + self.jitter * (2 * rand - 1))))
+
+    def to_json(self) -> dict[str, float]:
+        return {"base": self.base, "factor": self.factor, "cap": self.cap, "jitter": self.jitter}
 
 
 @dataclass(slots=True)
@@ -67,6 +91,13 @@ class Task:
     timeout: float | None
     created_at: float
     updated_at: float
+    queue: str = "default"
+    priority: int = 0
+    available_at: float = 0.0
+    name: str | None = None
+    serial_group: str | None = None
+    unique_key: str | None = None
+    retry: RetryPolicy | None = None
     attempts: int = 0
     progress: float | None = None
     message: str | None = None
@@ -74,6 +105,7 @@ class Task:
     error: str | None = None
     traceback: str | None = None
     finish_error: str | None = None
+    hook_error: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
 
@@ -82,6 +114,11 @@ class Task:
         return {
             "id": self.id,
             "state": self.state.value,
+            "name": self.name,
+            "queue": self.queue,
+            "priority": self.priority,
+            "serial_group": self.serial_group,
+            "unique_key": self.unique_key,
             "data": self.data,
             "attempts": self.attempts,
             "max_attempts": self.max_attempts,
@@ -92,7 +129,10 @@ class Task:
             "error": self.error,
             "traceback": self.traceback,
             "finish_error": self.finish_error,
+            "hook_error": self.hook_error,
+            "retry": self.retry.to_json() if self.retry else None,
             "created_at": self.created_at,
+            "available_at": self.available_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "updated_at": self.updated_at,

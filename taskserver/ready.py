@@ -1,132 +1,226 @@
-"""The bounded in-memory ready queue.
+"""The bounded in-memory ready queue: queues, priorities and serial groups.
 
-It holds a *window* of at most ``capacity`` queued tasks, in id order (FIFO).
-Everything else that is queued waits on disk, in the store: when a task is
-offered to a full window, the queue notes that a backlog exists and refuses it;
-when the window drains below half, it asks (through ``page_in``, handed to it)
-for the next page of queued tasks with ids above the last one it has seen. So a
-backlog of millions costs disk, not memory, and order is kept.
+Each named queue holds a *window* of at most ``capacity`` queued tasks, ordered
+by task priority (higher first), then id (FIFO). Everything else that is queued
+waits on disk, in the store: a task offered to a full window is refused and the
+queue notes a backlog; when the window drains below half, it asks (through
+``page_in``, handed to it) for the first tasks of that queue in run order and
+takes the ones it does not hold. A backlog of millions costs disk, not memory,
+and a long import in one queue never fills another queue's window.
 
-The queue never touches the store itself: ``page_in(after_id, limit)`` is a
-function the server hands it, and the answer comes back through ``deliver``.
+A worker takes the best task of the highest-priority queue that has one and is
+under its concurrency limit. Tasks of a *serial group* run one at a time in id
+order: only the group's owner (its oldest task) is eligible; the rest are held
+until the owner ends (``release``).
+
+Due times are not kept here: delayed and retrying tasks wait on disk and are
+offered when due. The queue never touches the store itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import Callable
+import heapq
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from .models import Task
 
 
-class ReadyQueue:
-    """FIFO of ready tasks with removal by id and paging from disk.
+@dataclass(slots=True)
+class _Queue:
+    name: str
+    priority: int = 0
+    concurrency: int | None = None
+    heap: list[tuple[int, int, Task]] = field(default_factory=list)
+    #: every task of this queue in memory: eligible or held by its serial group
+    present: dict[int, Task] = field(default_factory=dict)
+    running: int = 0
+    backlog: bool = False
+    paging: bool = False
+    requested: int = 0
 
-    ``page_in(after_id, limit)`` must eventually call ``deliver`` exactly once.
-    ``skip(task_id)`` tells ``deliver`` a task is already held elsewhere (running).
+    def has_room_to_run(self) -> bool:
+        return self.concurrency is None or self.running < self.concurrency
+
+
+class ReadyQueue:
+    """Ready tasks by queue, with removal by id and paging from disk.
+
+    ``page_in(queue, limit)`` must eventually call ``deliver(queue, tasks)`` once.
+    ``skip(task_id)`` tells ``deliver``/``offer`` a task is already held by a worker.
     """
 
     def __init__(
         self,
         capacity: int,
-        page_in: Callable[[int, int], None],
+        page_in: Callable[[str, int], None],
         skip: Callable[[int], bool] = lambda task_id: False,
     ) -> None:
         self.capacity = capacity
         self._page_in = page_in
         self._skip = skip
-        self._items: deque[Task] = deque()
-        self._present: dict[int, Task] = {}
-        self._removed: set[int] = set()
+        self._queues: dict[str, _Queue] = {}
+        self._order: list[_Queue] = []
+        self._getters: list[asyncio.Future[None]] = []
         self._tombstones: set[int] = set()
-        self._getters: deque[asyncio.Future[None]] = deque()
-        #: Queued tasks may wait on disk beyond the window.
-        self._backlog = False
-        self._paging = False
-        self._requested = 0
-        #: The highest id the window has taken in (from offers or pages).
-        self._cursor = 0
+        self._owner: dict[str, int] = {}
+        self._held: dict[str, list[tuple[int, Task]]] = {}
 
     def __len__(self) -> int:
-        return len(self._present)
+        return sum(len(q.present) for q in self._order)
 
     def __contains__(self, task_id: int) -> bool:
-        return task_id in self._present
+        return any(task_id in q.present for q in self._order)
 
     def __repr__(self) -> str:
-        flags = " backlog" if self._backlog else ""
-        idle = len(self._getters)
-        return f"<ReadyQueue {len(self)}/{self.capacity}{flags} idle_workers={idle}>"
+        backlog = [q.name for q in self._order if q.backlog]
+        flags = f" backlog={','.join(backlog)}" if backlog else ""
+        return (
+            f"<ReadyQueue {len(self)} in {len(self._order)} queues{flags} "
+            f"idle_workers={len(self._getters)}>"
+        )
+
+    # --- queues ------------------------------------------------------------------
+
+    def configure(self, name: str, *, priority: int = 0, concurrency: int | None = None) -> None:
+        """Set a queue's priority (higher runs first) and concurrency limit (None: none)."""
+        queue = self._queue(name)
+        queue.priority, queue.concurrency = priority, concurrency
+        self._order.sort(key=lambda q: -q.priority)
+
+    def _queue(self, name: str) -> _Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = _Queue(name)
+            self._order.append(queue)
+            self._order.sort(key=lambda q: -q.priority)
+        return queue
+
+    def snapshot(self) -> dict[str, dict[str, int | bool | None]]:
+        """Per queue: tasks in memory, running, limit, priority and backlog flag."""
+        return {
+            q.name: {
+                "in_memory": len(q.present),
+                "running": q.running,
+                "concurrency": q.concurrency,
+                "priority": q.priority,
+                "backlog_on_disk": q.backlog,
+            }
+            for q in self._order
+        }
 
     @property
     def has_backlog(self) -> bool:
-        """True when queued tasks may be waiting on disk, outside the window."""
-        return self._backlog
+        """True when queued tasks may be waiting on disk, outside a window."""
+        return any(q.backlog for q in self._order)
+
+    # --- in ----------------------------------------------------------------------------
 
     def offer(self, task: Task) -> bool:
-        """Take ``task`` into the window if it fits and nothing older waits on disk.
+        """Take a queued ``task`` in if its queue's window has room and nothing waits on disk.
 
         Returns ``False`` when refused; the task then stays queued on disk and a
         later page brings it in.
         """
-        if self._backlog or len(self._present) >= self.capacity:
-            self._backlog = True
-            # A task re-queued with an old id must not fall behind the cursor.
-            self._cursor = min(self._cursor, task.id - 1)
-            self._maybe_page()
+        queue = self._queue(task.queue)
+        if task.id in queue.present or task.id in self._tombstones or self._skip(task.id):
+            return True
+        if queue.backlog or len(queue.present) >= self.capacity:
+            queue.backlog = True
+            self._maybe_page(queue)
             return False
-        self._push(task)
+        self._admit(queue, task)
         return True
 
-    def start_from_disk(self) -> None:
-        """Mark that queued tasks wait on disk (e.g. after a restart) and page them in."""
-        self._backlog = True
-        self._cursor = 0
-        self._maybe_page()
+    def start_from_disk(self, queues: Iterable[str]) -> None:
+        """Mark that queued tasks of ``queues`` wait on disk (a restart) and page them in."""
+        for name in queues:
+            queue = self._queue(name)
+            queue.backlog = True
+            self._maybe_page(queue)
 
-    def deliver(self, tasks: list[Task]) -> None:
-        """Take in a page answered by ``page_in``; called with at most ``limit`` tasks."""
-        self._paging = False
-        requested = self._requested
+    def deliver(self, name: str, tasks: list[Task]) -> None:
+        """Take in a page answered by ``page_in`` for queue ``name``, in run order."""
+        queue = self._queue(name)
+        queue.paging = False
         for task in tasks:
-            self._cursor = max(self._cursor, task.id)
-            if task.id in self._present or task.id in self._tombstones or self._skip(task.id):
+            if len(queue.present) >= self.capacity:
+                break
+            if task.id in queue.present or task.id in self._tombstones or self._skip(task.id):
                 continue
-            self._push(task)
-        if len(tasks) < requested:
-            self._backlog = False
-        self._maybe_page()
+            self._admit(queue, task)
+        else:
+            if len(tasks) < queue.requested:
+                queue.backlog = False
+        self._maybe_page(queue)
 
-    def _push(self, task: Task) -> None:
-        self._items.append(task)
-        self._present[task.id] = task
-        self._cursor = max(self._cursor, task.id)
+    def _admit(self, queue: _Queue, task: Task) -> None:
+        queue.present[task.id] = task
+        group = task.serial_group
+        if group is not None:
+            owner = self._owner.get(group)
+            if owner is not None and owner != task.id:
+                heapq.heappush(self._held.setdefault(group, []), (task.id, task))
+                return
+            self._owner[group] = task.id
+        heapq.heappush(queue.heap, (-task.priority, task.id, task))
         self._wake_one()
 
-    def _wake_one(self) -> None:
-        while self._getters:
-            getter = self._getters.popleft()
-            if not getter.done():
-                getter.set_result(None)
-                return
+    def _maybe_page(self, queue: _Queue) -> None:
+        room = self.capacity - len(queue.present)
+        if queue.backlog and not queue.paging and room >= max(1, self.capacity // 2):
+            queue.paging = True
+            # Ask for enough to find `room` tasks we do not hold yet.
+            queue.requested = room + len(queue.present)
+            self._page_in(queue.name, queue.requested)
 
-    def _maybe_page(self) -> None:
-        room = self.capacity - len(self._present)
-        if self._backlog and not self._paging and room >= max(1, self.capacity // 2):
-            self._paging = True
-            self._requested = room
-            self._page_in(self._cursor, room)
+    # --- serial groups -----------------------------------------------------------
+
+    def set_owner(self, group: str, task_id: int) -> None:
+        """Record that ``task_id`` holds ``group`` while it waits on disk (after a restart)."""
+        self._owner.setdefault(group, task_id)
+
+    def release(self, task: Task | int, group: str | None = None) -> None:
+        """``task`` has ended: if it held its serial group, let the group's next task run."""
+        task_id = task if isinstance(task, int) else task.id
+        if group is None and not isinstance(task, int):
+            group = task.serial_group
+        if group is None or self._owner.get(group) != task_id:
+            return
+        del self._owner[group]
+        held = self._held.get(group)
+        while held:
+            _, nxt = heapq.heappop(held)
+            queue = self._queue(nxt.queue)
+            if nxt.id in queue.present:
+                self._owner[group] = nxt.id
+                heapq.heappush(queue.heap, (-nxt.priority, nxt.id, nxt))
+                self._wake_one()
+                break
+        if not held:
+            self._held.pop(group, None)
+
+    def group_of_owner(self, task_id: int) -> str | None:
+        """The serial group ``task_id`` holds, if any."""
+        for group, owner in self._owner.items():
+            if owner == task_id:
+                return group
+        return None
+
+    # --- out -----------------------------------------------------------------------
 
     def remove(self, task_id: int) -> Task | None:
-        """Take a waiting task out of the window; ``None`` if it is not there."""
-        task = self._present.pop(task_id, None)
-        if task is not None:
-            self._removed.add(task_id)
-        return task
+        """Take a waiting task out of memory; ``None`` if it is not there."""
+        for queue in self._order:
+            task = queue.present.pop(task_id, None)
+            if task is not None:
+                self._maybe_page(queue)
+                return task
+        return None
 
     def tombstone(self, task_id: int) -> None:
-        """Keep ``task_id`` out of pages delivered until ``untombstone`` (a cancel in flight)."""
+        """Keep ``task_id`` out of what is offered or delivered until ``untombstone``."""
         self._tombstones.add(task_id)
 
     def untombstone(self, task_id: int) -> None:
@@ -134,19 +228,29 @@ class ReadyQueue:
         self._tombstones.discard(task_id)
 
     def get_nowait(self) -> Task | None:
-        """The oldest waiting task, or ``None``."""
-        while self._items:
-            task = self._items.popleft()
-            if task.id in self._removed:
-                self._removed.discard(task.id)
+        """The best eligible task (counted as running in its queue), or ``None``."""
+        for queue in self._order:
+            if not queue.has_room_to_run():
                 continue
-            del self._present[task.id]
-            self._maybe_page()
-            return task
+            heap = queue.heap
+            while heap:
+                _, task_id, task = heapq.heappop(heap)
+                if queue.present.pop(task_id, None) is None:
+                    continue  # removed (cancelled) while it waited
+                queue.running += 1
+                self._maybe_page(queue)
+                return task
         return None
 
+    def done(self, task: Task) -> None:
+        """A worker is finished with ``task`` (whatever the outcome): free its slot."""
+        queue = self._queue(task.queue)
+        queue.running = max(0, queue.running - 1)
+        if queue.heap:
+            self._wake_one()
+
     async def get(self) -> Task:
-        """Wait for and take the oldest task. Cancel-safe: a cancelled wait takes nothing."""
+        """Wait for and take the best eligible task. Cancel-safe: a cancelled wait takes none."""
         while True:
             task = self.get_nowait()
             if task is not None:
@@ -158,7 +262,13 @@ class ReadyQueue:
             except asyncio.CancelledError:
                 if getter in self._getters:
                     self._getters.remove(getter)
-                # Woken and cancelled at once: pass the wake-up on, or a task waits forever.
-                elif getter.done() and not getter.cancelled() and self._items:
-                    self._wake_one()
+                elif getter.done() and not getter.cancelled():
+                    self._wake_one()  # pass the wake-up on, or a task could wait forever
                 raise
+
+    def _wake_one(self) -> None:
+        while self._getters:
+            getter = self._getters.pop(0)
+            if not getter.done():
+                getter.set_result(None)
+                return

@@ -5,83 +5,68 @@ Data flows one way::
     task() ─▶ Store (group commit) ─on_commit─▶ ReadyQueue ─▶ WorkerPool ─report─▶ Store
                                     └─────────▶ EventHub ─▶ SSE subscribers
 
-The public surface is ``on()`` to register callbacks, ``task()`` to enqueue,
-``get()`` / ``list_tasks()`` / ``cancel()`` / ``wait()`` / ``stats()`` to look and act,
-and ``start()`` / ``stop()`` for the lifecycle (``app.py`` runs them in one
-``cleanup_ctx``).
+The public surface: ``on()`` / ``queue()`` / ``defaults()`` / ``schedule()`` at
+setup; ``task()``, ``submit()``, ``task_many()`` to enqueue; ``get()``,
+``list_tasks()``, ``cancel()``, ``retry()``, ``purge()``, ``wait()``,
+``task_wait()``, ``stats()`` to look and act; ``start()`` / ``stop()`` for the
+lifecycle (``app.py`` runs them in one ``cleanup_ctx``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, TypeVar, overload
-
-import orjson
 
 from .config import Settings
 from .errors import (
     ConfigError,
     Conflict,
-    NotSerializable,
     ServerBusy,
     ServerClosed,
+    TaskCancelled,
+    TaskFailed,
     TaskNotFound,
     ValidationError,
 )
 from .events import EventHub, Subscription
-from .models import TERMINAL, TERMINAL_EVENTS, Event, EventType, Task, TaskState
+from .models import TERMINAL, TERMINAL_EVENTS, Event, EventType, RetryPolicy, Task, TaskState
+from .options import Defaults, TaskSpec, prepare
+from .periodic import Schedule
 from .ready import ReadyQueue
-from .store import Committed, Store
-from .workers import Callback, WorkerPool
+from .store import Committed, NewTask, Store
+from .workers import Callback, Limits, WorkerPool
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-CallbackName = Literal["task", "finish"]
+CallbackName = Literal["task", "finish", "before", "after", "error"]
+CALLBACKS = ("task", "finish", "before", "after", "error")
 
 #: Waiters for task outcomes (``wait``, ``cancel``) held at once; past it, ServerBusy.
 MAX_WAITERS = 100_000
+#: Due tasks promoted per writer round.
+DUE_PAGE = 1_000
 
 
-def encode_payload(data: Any, field: str = "data") -> tuple[str, Any]:
-    """JSON-encode ``data`` and decode it back: what is stored and what a worker will see.
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """What ``submit`` did: the task id, and whether a unique key matched an existing task."""
 
-    Raises ``NotSerializable`` naming ``field`` before anything is written.
-    """
-    try:
-        raw = orjson.dumps(data)
-    except TypeError as exc:
-        raise NotSerializable(f"{field} cannot be encoded as JSON: {exc}", field=field) from None
-    return raw.decode(), orjson.loads(raw)
-
-
-def _check_options(timeout: float | None, max_attempts: int | None) -> None:
-    if timeout is not None and (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or timeout <= 0
-    ):
-        raise ValidationError("timeout must be a positive number of seconds", field="timeout")
-    if max_attempts is not None and (
-        isinstance(max_attempts, bool)
-        or not isinstance(max_attempts, int)
-        or not 1 <= max_attempts <= 1000
-    ):
-        raise ValidationError(
-            "max_attempts must be an integer from 1 to 1000", field="max_attempts"
-        )
+    id: int
+    existing: bool = False
 
 
 class TaskServer:
     """A task server: register callbacks with ``on()``, then ``start()``.
 
-    ``clock`` returns seconds since the epoch; tests inject their own.
+    ``clock`` returns seconds since the epoch; tests inject their own and call
+    ``poke()`` after moving it, so delays and backoff test without sleeping.
     """
 
     def __init__(
@@ -103,6 +88,19 @@ class TaskServer:
         self._closing = False
         self._started = False
         self._topic_prefix = f"{self.settings.public_url}/tasks/"
+        self._retry = RetryPolicy(
+            base=self.settings.retry_base,
+            factor=self.settings.retry_factor,
+            cap=self.settings.retry_cap,
+            jitter=self.settings.retry_jitter,
+        )
+        self._queue_defaults: dict[str, Defaults] = {}
+        self._name_defaults: dict[str, Defaults] = {}
+        self._schedules: dict[str, Schedule] = {}
+        self._unique: dict[str, int] = {}
+        self._unique_by_id: dict[int, str] = {}
+        self._due_wake = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else ("running" if self._started else "idle")
@@ -129,20 +127,19 @@ class TaskServer:
     def on(
         self, event: CallbackName, fn: F | None = None, *, cpu_bound: bool = False
     ) -> F | Callable[[F], F]:
-        """Register the ``task`` or ``finish`` callback, as Swoole's ``$server->on()``.
+        """Register a callback, as Swoole's ``$server->on()``; a second one replaces the first.
 
-        Use as ``server.on("task", handler)`` or as a decorator. Registering a
-        second callback for the same event replaces the first. ``task(ctx)``
-        returns the result (JSON-encodable); ``finish(ctx, result)`` then runs in
-        this process. ``async def`` runs on the loop, a plain function in a
-        thread, a plain ``task`` function with ``cpu_bound=True`` in a process.
+        ``task(ctx)`` returns the result (JSON-encodable); ``finish(ctx, result)``
+        then runs in this process. Hooks: ``before(ctx)``, ``after(ctx, result)``,
+        ``error(ctx, exc)`` run around every task; a failing hook is recorded in
+        the task's ``hook_error``. ``async def`` runs on the loop, a plain function
+        in a thread, a plain ``task`` function with ``cpu_bound=True`` in a process.
+        Use as ``server.on("task", handler)`` or as a decorator.
         """
-        if event not in ("task", "finish"):
-            raise ConfigError(f"unknown callback {event!r}: use 'task' or 'finish'")
-        if cpu_bound and event == "finish":
-            raise ConfigError(
-                "the finish callback runs in the server process; cpu_bound applies to 'task' only"
-            )
+        if event not in CALLBACKS:
+            raise ConfigError(f"unknown callback {event!r}: use one of {', '.join(CALLBACKS)}")
+        if cpu_bound and event != "task":
+            raise ConfigError(f"cpu_bound applies to the 'task' callback only, not {event!r}")
         if self._started:
             raise ConfigError("callbacks must be registered before the server starts")
 
@@ -154,6 +151,53 @@ class TaskServer:
             return callback
 
         return register if fn is None else register(fn)
+
+    def queue(
+        self,
+        name: str,
+        *,
+        priority: int = 0,
+        concurrency: int | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        """Declare a named queue: its priority (higher runs first), concurrency limit and
+        defaults for its tasks. Tasks may use undeclared queues (priority 0, no limit).
+        """
+        if concurrency is not None and concurrency < 1:
+            raise ConfigError(f"queue {name!r}: concurrency must be at least 1")
+        self._ready.configure(name, priority=priority, concurrency=concurrency)
+        self._queue_defaults[name] = Defaults(
+            max_attempts=max_attempts, timeout=timeout, retry=retry
+        )
+
+    def defaults(
+        self,
+        name: str,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        """Defaults for tasks enqueued with ``name=name``; call options override them."""
+        self._name_defaults[name] = Defaults(
+            queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout, retry=retry
+        )
+
+    def schedule(
+        self, name: str, cron: str, data: Any = None, *, tz: str = "UTC", **options: Any
+    ) -> None:
+        """Enqueue ``data`` (with ``options``, as for ``task``) at every due time of ``cron``.
+
+        Each due time is enqueued once, across restarts; runs missed while the
+        server was down are enqueued when it starts.
+        """
+        schedule = Schedule(name, cron, data, dict(options), tz)
+        schedule.check()
+        self._schedules[name] = schedule
 
     def check(self) -> None:
         """Raise ``ConfigError`` when workers are configured but a callback is missing."""
@@ -169,7 +213,7 @@ class TaskServer:
     # --- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the store (recovering dead work), start the workers, page in the backlog."""
+        """Open the store (recovering dead work), start the workers and the schedulers."""
         self.check()
         if self._started:
             raise RuntimeError("TaskServer.start() called twice")
@@ -182,22 +226,35 @@ class TaskServer:
         )
         await self._store.open()
         self._counts = await self._store.count_by_state()
+        self._unique = await self._store.active_unique_keys()
+        self._unique_by_id = {task_id: key for key, task_id in self._unique.items()}
+        for group, owner in (await self._store.serial_owners()).items():
+            self._ready.set_owner(group, owner)
         if self.settings.task_workers > 0:
+            s = self.settings
             self._pool = WorkerPool(
-                self.settings.task_workers,
+                s.task_workers,
                 get=self._ready.get,
+                done=self._ready.done,
                 report=self._report,
                 progress=self._record_progress,
-                task=self._callbacks["task"],
-                finish=self._callbacks["finish"],
-                process_workers=self.settings.process_workers,
+                callbacks=self._callbacks,
+                retry=self._retry,
+                limits=Limits(s.process_workers, s.process_max_tasks, s.process_max_memory_mb),
                 clock=self._clock,
             )
             self._pool.start()
         self._started = True
         self._closing = False
-        if self._counts[TaskState.QUEUED]:
-            self._ready.start_from_disk()
+        self._ready.start_from_disk(await self._store.queues_with_work())
+        self._background = [
+            asyncio.create_task(self._due_loop(), name="taskserver-due"),
+            asyncio.create_task(self._maintenance_loop(), name="taskserver-maintenance"),
+        ]
+        if self._schedules:
+            self._background.append(
+                asyncio.create_task(self._schedule_loop(), name="taskserver-periodic")
+            )
         log.info(
             "taskserver started: %d workers, %d queued, db %s",
             self.settings.task_workers,
@@ -212,21 +269,23 @@ class TaskServer:
     async def stop(self) -> None:
         """Stop: refuse new tasks, give running ones the grace period, re-queue the rest.
 
-        Whatever is queued stays queued on disk for the next start.
+        Whatever is queued, waiting or retrying stays on disk for the next start.
         """
         if not self._started:
             return
         self._closing = True
         self.hub.close()
+        for job in self._background:
+            job.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._pool is not None:
             interrupted = await self._pool.stop(self.settings.grace_period)
-            assert self._store is not None
             for task in interrupted:
                 # Not the task's fault: hand the attempt back.
                 task.state = TaskState.QUEUED
                 task.attempts = max(0, task.attempts - 1)
                 task.started_at = None
-                self._store.update_task(task, EventType.QUEUED, {"interrupted": True})
+                self.store.update_task(task, EventType.QUEUED, {"interrupted": True})
             if interrupted:
                 log.warning(
                     "re-queued %d tasks still running after the %gs grace period",
@@ -239,54 +298,130 @@ class TaskServer:
                     future.set_exception(ServerClosed("the server is stopping"))
                     future.exception()
         self._waiters.clear()
-        if self._store is not None:
-            await self._store.close()
+        await self.store.close()
         self._started = False
-
-    # --- enqueue ---------------------------------------------------------------
 
     @property
     def store(self) -> Store:
+        """The store; ``ServerClosed`` when the server is not running."""
         if self._store is None:
             raise ServerClosed("the task server is not running")
         return self._store
 
+    def poke(self) -> None:
+        """Re-check due times now (after an injected clock moved)."""
+        self._due_wake.set()
+
+    # --- enqueue ---------------------------------------------------------------
+
     def _admit(self, count: int) -> Store:
         if self._closing or not self._started:
             raise ServerClosed("the server is not accepting tasks (stopping or not started)")
-        if self._counts[TaskState.QUEUED] + count > self.settings.max_queued:
+        active = self._counts[TaskState.QUEUED] + self._counts[TaskState.WAITING]
+        if active + count > self.settings.max_queued:
             raise ServerBusy(
-                f"{self._counts[TaskState.QUEUED]} tasks are queued, the limit is "
-                f"{self.settings.max_queued}",
+                f"{active} tasks are waiting to run, the limit is {self.settings.max_queued}",
                 retry_after=5.0,
             )
         return self.store
 
-    async def task(
-        self, data: Any, *, timeout: float | None = None, max_attempts: int | None = None
-    ) -> int:
-        """Enqueue one task and return its id once the task is durable.
-
-        ``data`` must be JSON-encodable (``NotSerializable`` otherwise, nothing
-        written); ``timeout`` (seconds) and ``max_attempts`` default to the
-        settings. Raises ``ServerBusy`` when the queue or the write buffer is
-        full and ``ServerClosed`` while stopping. Ids increase.
-        """
-        _check_options(timeout, max_attempts)
-        payload = encode_payload(data)
-        store = self._admit(1)
-        tasks, committed = store.insert_tasks(
-            (payload,),
-            max_attempts=max_attempts or self.settings.default_max_attempts,
-            timeout=timeout or self.settings.default_timeout or None,
+    def _prepare(self, spec: TaskSpec, where: str = "") -> NewTask:
+        name_defaults = self._name_defaults.get(spec.options.get("name") or "")
+        queue = spec.options.get("queue") or (name_defaults.queue if name_defaults else None)
+        return prepare(
+            spec,
+            where=where,
+            now=self._clock(),
+            settings=self.settings,
+            by_name=name_defaults,
+            by_queue=self._queue_defaults.get(queue or "default"),
         )
-        self._counts[TaskState.QUEUED] += 1
-        await asyncio.shield(committed)
-        return tasks[0].id
+
+    async def submit(self, data: Any, **options: Any) -> Submitted:
+        """Enqueue one task; like ``task`` but says whether a unique key matched.
+
+        Options: ``name``, ``queue``, ``priority``, ``delay`` (s) or ``available_at``
+        (epoch s), ``serial_group``, ``unique_key``, ``unique_for`` (s: a task with
+        the key that succeeded that recently also counts), ``timeout`` (s),
+        ``max_attempts``, ``retry`` (a ``RetryPolicy``). Raises
+        ``ValidationError``/``NotSerializable`` naming the field (nothing written),
+        ``ServerBusy`` when full, ``ServerClosed`` while stopping.
+        """
+        return (await self._insert([TaskSpec(data, options)]))[0]
+
+    async def task(self, data: Any, **options: Any) -> int:
+        """Enqueue one task and return its id once it is durable. Options as ``submit``."""
+        return (await self._insert([TaskSpec(data, options)]))[0].id
+
+    async def task_many(self, items: Iterable[Any], **options: Any) -> list[Submitted]:
+        """Enqueue many tasks in one transaction: all or none.
+
+        Each item is a ``TaskSpec`` (its options override ``options``) or plain data.
+        A bad item raises ``ValidationError`` naming it (``items[3].timeout``) and
+        nothing is written.
+        """
+        specs = [
+            item.with_defaults(options)
+            if isinstance(item, TaskSpec)
+            else TaskSpec(item, dict(options))
+            for item in items
+        ]
+        if not specs:
+            raise ValidationError("no tasks given", field="tasks")
+        return await self._insert(specs, batch=True)
+
+    async def _insert(
+        self,
+        specs: Sequence[TaskSpec],
+        *,
+        batch: bool = False,
+        schedule: tuple[str, float] | None = None,
+    ) -> list[Submitted]:
+        prepared = [
+            self._prepare(spec, f"tasks[{i}]." if batch else "") for i, spec in enumerate(specs)
+        ]
+        results: list[Submitted | None] = [None] * len(prepared)
+        fresh: list[NewTask] = []
+        positions: list[int] = []  # where each fresh task's answer goes
+        repeats: list[tuple[int, int]] = []  # (position, index in fresh): same key twice
+        first_with_key: dict[str, int] = {}
+        for i, item in enumerate(prepared):
+            key = item.unique_key
+            if key is not None:
+                existing = self._unique.get(key)
+                if existing is None and item.unique_for:
+                    existing = await self.store.recent_unique(key, self._clock() - item.unique_for)
+                if existing is not None:
+                    results[i] = Submitted(existing, existing=True)
+                    continue
+                if key in first_with_key:
+                    repeats.append((i, first_with_key[key]))
+                    continue
+                first_with_key[key] = len(fresh)
+            positions.append(i)
+            fresh.append(item)
+        if fresh:
+            tasks, committed = self._admit(len(fresh)).insert_tasks(fresh, schedule=schedule)
+            for task in tasks:
+                self._counts[task.state] += 1
+                if task.unique_key is not None:
+                    self._unique[task.unique_key] = task.id
+                    self._unique_by_id[task.id] = task.unique_key
+            await asyncio.shield(committed)
+            for position, task in zip(positions, tasks, strict=True):
+                results[position] = Submitted(task.id)
+            for position, index in repeats:
+                results[position] = Submitted(tasks[index].id, existing=True)
+        return [r for r in results if r is not None]
 
     def topic(self, task_id: int) -> str:
         """The topic (an IRI) on which a task's events are published."""
         return f"{self._topic_prefix}{task_id}"
+
+    def set_public_url(self, url: str) -> None:
+        """Set the URL task topics are built on (the CLI calls it once the port is known)."""
+        if not self.settings.base_url:
+            self._topic_prefix = f"{url.rstrip('/')}/tasks/"
 
     # --- look and act ------------------------------------------------------------
 
@@ -304,14 +439,13 @@ class TaskServer:
         return await self.store.list_tasks(state=state, after=after, limit=limit)
 
     async def cancel(self, task_id: int) -> Task:
-        """Cancel a queued or running task and return it, cancelled.
+        """Cancel a task that has not ended and return it, cancelled.
 
         Raises ``TaskNotFound``, or ``Conflict`` when it has already ended.
         """
         store = self.store
         if self._pool is not None and self._pool.cancel(task_id):
-            await self.wait_terminal(task_id, timeout=self.settings.grace_period + 5)
-            return await self.get(task_id)
+            return await self.wait_terminal(task_id, timeout=self.settings.grace_period + 5)
         task = self._ready.remove(task_id)
         if task is not None:
             task.state = TaskState.CANCELLED
@@ -320,17 +454,71 @@ class TaskServer:
             self._counts[TaskState.CANCELLED] += 1
             await asyncio.shield(store.update_task(task, EventType.CANCELLED))
             return task
+        before = await self.get(task_id)
         self._ready.tombstone(task_id)
         try:
             changed = await asyncio.shield(store.cancel_pending(task_id))
         finally:
             self._ready.untombstone(task_id)
+        if changed:
+            self._counts[before.state] -= 1
+            self._counts[TaskState.CANCELLED] += 1
+            return await self.get(task_id)
         current = await self.get(task_id)
-        if not changed and current.state in TERMINAL:
+        if current.state in TERMINAL:
             raise Conflict(f"task {task_id} has already ended ({current.state.value})")
-        if not changed:
-            raise Conflict(f"task {task_id} is {current.state.value} and cannot be cancelled now")
-        return current
+        raise Conflict(f"task {task_id} is {current.state.value} and cannot be cancelled now")
+
+    async def retry(self, task_id: int) -> Task:
+        """Re-queue a failed or cancelled task, attempts reset; ``Conflict`` otherwise."""
+        before = await self.get(task_id)
+        if before.state not in (TaskState.FAILED, TaskState.CANCELLED):
+            raise Conflict(
+                f"task {task_id} is {before.state.value}; only failed or cancelled "
+                "tasks can be retried"
+            )
+        if before.unique_key is not None and before.unique_key in self._unique:
+            raise Conflict(
+                f"task {self._unique[before.unique_key]} with the same unique_key is still active"
+            )
+        if not await asyncio.shield(self.store.retry_ended(task_id)):
+            raise Conflict(f"task {task_id} changed state meanwhile; try again")
+        self._counts[before.state] -= 1
+        self._counts[TaskState.QUEUED] += 1
+        task = await self.get(task_id)
+        if task.unique_key is not None:
+            self._unique[task.unique_key] = task.id
+            self._unique_by_id[task.id] = task.unique_key
+        if task.state is TaskState.QUEUED:
+            self._ready.offer(task)
+        return task
+
+    async def retry_failed(self, limit: int = 10_000) -> list[int]:
+        """Re-queue up to ``limit`` failed tasks; returns the ids re-queued."""
+        done: list[int] = []
+        for task_id in await self.store.ids_in_state(TaskState.FAILED, limit):
+            with contextlib.suppress(Conflict, TaskNotFound):
+                await self.retry(task_id)
+                done.append(task_id)
+        return done
+
+    async def purge(
+        self,
+        older_than: float,
+        states: Iterable[TaskState] = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED),
+    ) -> int:
+        """Delete ended tasks (and their events) that finished over ``older_than`` s ago."""
+        chosen = tuple(states)
+        cutoff = self._clock() - older_than
+        total = 0
+        while True:
+            deleted = await asyncio.shield(self.store.purge(chosen, cutoff))
+            total += deleted
+            if deleted < 5_000:
+                break
+        if total:
+            self._counts = await self.store.count_by_state()
+        return total
 
     async def wait_terminal(self, task_id: int, timeout: float | None = None) -> Task:
         """Wait until the task has ended (its terminal event is committed); return it.
@@ -358,30 +546,63 @@ class TaskServer:
                 if not futures:
                     del self._waiters[task_id]
 
+    async def wait(self, ids: Sequence[int], timeout: float | None = None) -> list[Any]:
+        """Results of ``ids``, in order, once all succeeded (Swoole's ``taskWaitMulti``).
+
+        Raises ``TaskFailed`` / ``TaskCancelled`` for the first that ended badly,
+        ``TimeoutError`` when not all ended within ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            tasks = await asyncio.gather(*(self.wait_terminal(i) for i in ids))
+        return [_result_of(task) for task in tasks]
+
+    async def task_wait(self, data: Any, timeout: float | None = None, **options: Any) -> Any:
+        """Enqueue a task and wait for its result (Swoole's ``taskwait``).
+
+        Raises ``TaskFailed``, ``TaskCancelled``, or ``TimeoutError`` (the task
+        keeps running; its id is in the exception's notes).
+        """
+        task_id = await self.task(data, **options)
+        try:
+            task = await self.wait_terminal(task_id, timeout)
+        except TimeoutError as exc:
+            exc.add_note(f"task {task_id} is still running")
+            raise
+        return _result_of(task)
+
     def stats(self) -> dict[str, Any]:
         """Counters in the spirit of Swoole's ``stats()``; cheap, from memory."""
         busy = self._pool.busy if self._pool else 0
         total = self.settings.task_workers
         counts = {state.value: n for state, n in self._counts.items()}
+        processes = self._pool.processes if self._pool else None
         return {
             "workers": {"total": total, "busy": busy, "idle": total - busy},
             "tasks": counts,
-            "queued": counts["queued"],
-            "running": counts["running"],
-            "succeeded": counts["succeeded"],
-            "failed": counts["failed"],
-            "cancelled": counts["cancelled"],
+            **{k: counts[k] for k in ("queued", "running", "succeeded", "failed", "cancelled")},
             "ready": len(self._ready),
             "backlog_on_disk": self._ready.has_backlog,
+            "queues": self._ready.snapshot(),
+            "processes": {"recycled": processes.recycled, "crashed": processes.crashed}
+            if processes
+            else None,
             "subscribers": len(self.hub),
             "commits": self._store.commits if self._store else 0,
             "last_event_id": self._store.last_event_id if self._store else 0,
         }
 
+    async def queue_stats(self) -> dict[str, dict[str, int]]:
+        """Tasks that have not ended, per queue and state, from the store."""
+        counts = await self.store.count_by_queue()
+        return {
+            queue: {state.value: n for state, n in by_state.items()}
+            for queue, by_state in counts.items()
+        }
+
     # --- events --------------------------------------------------------------------
 
     def subscribe(self, task_id: int | None = None) -> Subscription[Event]:
-        """A subscription to one task's events, or to all tasks'. Close it when done."""
+        """A subscription to one task's events, or to all. Close it when done."""
         if task_id is None:
             return self.hub.subscribe(match_all=True)
         return self.hub.subscribe((self.topic(task_id),))
@@ -405,56 +626,145 @@ class TaskServer:
     # --- wiring (called by the store and the pool) ------------------------------------
 
     def _committed(self, committed: Committed) -> None:
-        # Runs in the writer after every commit: feed the window, then push events.
-        offer = self._ready.offer
-        for task in committed.inserted:
-            offer(task)
-        for _ in committed.cancelled:
-            self._counts[TaskState.QUEUED] -= 1
-            self._counts[TaskState.CANCELLED] += 1
+        # Runs in the writer after every commit: feed the windows, then push events.
+        ready = self._ready
+        for task in committed.ready:
+            ready.offer(task)
+        if committed.delayed:
+            self._due_wake.set()
         publish = self.hub.publish
         prefix = self._topic_prefix
-        waiters = self._waiters
         for event in committed.events:
             if event.task_id is None:
                 publish(event.topics, event)
                 continue
             publish((f"{prefix}{event.task_id}",), event)
-            if waiters and event.type in TERMINAL_EVENTS:
-                for future in waiters.get(event.task_id, ()):
-                    if not future.done():
-                        future.set_result(None)
+            if event.type in TERMINAL_EVENTS:
+                self._ended(event.task_id)
 
-    def _page_in(self, after_id: int, limit: int) -> None:
-        self.store.page_queued(after_id, limit, self._ready.deliver)
+    def _ended(self, task_id: int) -> None:
+        self._ready.release(task_id, self._ready.group_of_owner(task_id))
+        key = self._unique_by_id.pop(task_id, None)
+        if key is not None and self._unique.get(key) == task_id:
+            del self._unique[key]
+        for future in self._waiters.get(task_id, ()):
+            if not future.done():
+                future.set_result(None)
+
+    def _page_in(self, queue: str, limit: int) -> None:
+        self.store.page_queued(queue, limit, lambda tasks: self._ready.deliver(queue, tasks))
 
     def _is_running(self, task_id: int) -> bool:
         return self._pool is not None and self._pool.is_running(task_id)
 
     def _report(self, task: Task, type_: EventType, extra: dict[str, Any] | None) -> None:
-        store = self.store
-        store.update_task(task, type_, extra)  # NotSerializable propagates to the pool
+        self.store.update_task(task, type_, extra)  # NotSerializable propagates to the pool
         counts = self._counts
         if type_ is EventType.STARTED:
             counts[TaskState.QUEUED] -= 1
             counts[TaskState.RUNNING] += 1
-        elif type_ is EventType.RETRYING:
-            # No backoff yet: the task goes straight back to the queue.
-            task.state = TaskState.QUEUED
-            task.started_at = None
-            requeued = store.update_task(task, EventType.QUEUED, {"retry": True})
-            requeued.add_done_callback(partial(self._offer_when_stored, task))
-            counts[TaskState.RUNNING] -= 1
-            counts[TaskState.QUEUED] += 1
-        else:
+        elif type_ is not EventType.PROGRESS:
             counts[TaskState.RUNNING] -= 1
             counts[task.state] += 1
-
-    def _offer_when_stored(self, task: Task, stored: asyncio.Future[None]) -> None:
-        if not stored.cancelled() and stored.exception() is None:
-            self._ready.offer(task)
 
     def _record_progress(self, task: Task, fraction: float, message: str | None) -> Any:
         task.progress, task.message = fraction, message
         extra: dict[str, Any] = {"progress": fraction, "message": message}
         return asyncio.shield(self.store.update_task(task, EventType.PROGRESS, extra))
+
+    # --- background loops ---------------------------------------------------------------
+
+    async def _due_loop(self) -> None:
+        """Move waiting and retrying tasks to ``queued`` when due; sleep until the next."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._due_wake.clear()  # before the query: a commit after it wakes us again
+            try:
+                next_due = await self.store.next_due()
+                now = self._clock()
+                if next_due is not None and next_due <= now:
+                    promoted: asyncio.Future[asyncio.Future[None] | None] = loop.create_future()
+                    self.store.due_tasks(now, DUE_PAGE, partial(self._promote, promoted))
+                    stored = await promoted
+                    if stored is not None:
+                        await asyncio.shield(stored)  # or the next query sees them again
+                    continue
+            except ServerBusy:
+                pass  # the store is closing
+            except Exception:
+                log.exception("scheduling due tasks failed; retrying in a second")
+                next_due = self._clock() + 1
+            delay = None if next_due is None else max(0.0, next_due - self._clock())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._due_wake.wait()
+
+    def _promote(
+        self, promoted: asyncio.Future[asyncio.Future[None] | None], tasks: list[Task]
+    ) -> None:
+        # Called by the writer between batches with due tasks as stored.
+        stored = None
+        for task in tasks:
+            previous = task.state
+            task.state = TaskState.QUEUED
+            stored = self.store.update_task(task, EventType.QUEUED, {"due": True}, ready=True)
+            self._counts[previous] -= 1
+            self._counts[TaskState.QUEUED] += 1
+        promoted.set_result(stored)
+
+    async def _maintenance_loop(self) -> None:
+        """Apply retention: purge old ended tasks and trim the event history."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.maintenance_interval)
+            try:
+                if s.retention > 0:
+                    purged = await self.purge(s.retention)
+                    if purged:
+                        log.info("retention: purged %d ended tasks", purged)
+                before = self._clock() - s.event_retention if s.event_retention > 0 else None
+                keep = s.max_events or None
+                if before is not None or keep is not None:
+                    while await asyncio.shield(self.store.trim_events(before=before, keep=keep)):
+                        pass
+            except (ServerBusy, ServerClosed):
+                return
+            except Exception:
+                log.exception("retention maintenance failed")
+
+    async def _schedule_loop(self) -> None:
+        """Enqueue each periodic schedule's runs once per due time, catching up after a stop."""
+        last = await self.store.schedules()
+        now = self._clock()
+        next_due: dict[str, float] = {}
+        for name, schedule in self._schedules.items():
+            if name in last:
+                missed = schedule.due_after(last[name], now)
+                if missed:
+                    await self._enqueue_runs(schedule, missed)
+                next_due[name] = schedule.next_after(max(last[name], now))
+            else:
+                next_due[name] = schedule.next_after(now)
+        while True:
+            name = min(next_due, key=next_due.__getitem__)
+            await asyncio.sleep(max(0.0, next_due[name] - self._clock()))
+            schedule = self._schedules[name]
+            due = next_due[name]
+            try:
+                await self._enqueue_runs(schedule, [due])
+            except (ServerBusy, ValidationError) as exc:
+                log.error("schedule %r: could not enqueue the run due at %s: %s", name, due, exc)
+            next_due[name] = schedule.next_after(due)
+
+    async def _enqueue_runs(self, schedule: Schedule, dues: list[float]) -> None:
+        for due in dues:
+            options = {"name": schedule.name, **schedule.options}
+            await self._insert([TaskSpec(schedule.data, options)], schedule=(schedule.name, due))
+
+
+def _result_of(task: Task) -> Any:
+    if task.state is TaskState.SUCCEEDED:
+        return task.result
+    if task.state is TaskState.CANCELLED:
+        raise TaskCancelled(task.id)
+    raise TaskFailed(task.id, task.error)

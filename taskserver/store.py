@@ -5,21 +5,23 @@ The contract, method by method, is on each method. The whole of it:
 * **One writer.** Every write (a new task, a state change, an event) is appended
   to the current *batch* in memory, synchronously, and a single writer coroutine
   commits whole batches, each in one transaction. Callers that need durability
-  await the batch (``await store.insert_task(...)[1]``); callers that do not
-  (workers reporting outcomes) just append. While one batch commits the next one
-  fills, so the cost of an fsync is shared by everything that arrived meanwhile.
+  await the batch's future; callers that do not (workers reporting outcomes)
+  just append. While one batch commits the next one fills, so the cost of a
+  commit is shared by everything that arrived meanwhile.
 * **Ids are assigned in memory**, at append time, for tasks and events. Batches
   commit in order, so ids are committed in increasing order: once an event id is
   visible, no smaller one will ever appear (``Last-Event-ID`` replay relies on it).
   A batch that fails to commit leaves gaps, never duplicates.
 * **Nothing is pushed before it is stored.** After a commit the writer calls
-  ``on_commit`` with the batch's tasks and events, synchronously, before it starts
-  the next batch; that is where the server feeds the ready queue and the hub.
-* **Reads** that must see a consistent order with writes (paging queued tasks
-  into memory, conditional cancels) run inside the writer; plain queries use a
-  second, read-only connection so they never wait behind a commit (WAL).
+  ``on_commit`` with what the batch made durable, synchronously, before it
+  starts the next batch; that is where the server feeds the ready queue and the hub.
+* **Reads that must be ordered with writes** (paging queued tasks into memory,
+  finding due tasks, conditional cancels and retries, purges) run inside the
+  writer; plain queries use a second, read-only connection so they never wait
+  behind a commit (WAL).
 
-Only this module knows SQL. A PostgreSQL store would implement the same methods.
+Only this module and ``schema.py`` know SQL. A PostgreSQL store would implement
+the same methods.
 """
 
 from __future__ import annotations
@@ -28,201 +30,96 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiosqlite
-import orjson
 
+from . import schema as sql
 from .errors import NotSerializable, ServerBusy
-from .models import Event, EventType, Task, TaskState
+from .models import TERMINAL, Event, EventType, Task, TaskState
 
 log = logging.getLogger(__name__)
 
-# --- schema -----------------------------------------------------------------
-
-#: Numbered migrations; ``PRAGMA user_version`` records how many have run.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE tasks (
-        id            INTEGER PRIMARY KEY,
-        state         TEXT    NOT NULL,
-        data          TEXT    NOT NULL,
-        attempts      INTEGER NOT NULL DEFAULT 0,
-        max_attempts  INTEGER NOT NULL,
-        timeout       REAL,
-        progress      REAL,
-        message       TEXT,
-        result        TEXT,
-        error         TEXT,
-        traceback     TEXT,
-        finish_error  TEXT,
-        created_at    REAL    NOT NULL,
-        started_at    REAL,
-        finished_at   REAL,
-        updated_at    REAL    NOT NULL
-    );
-    CREATE INDEX tasks_by_state ON tasks (state, id);
-    CREATE TABLE events (
-        id       INTEGER PRIMARY KEY,
-        task_id  INTEGER,          -- NULL for updates published to the Mercure hub
-        type     TEXT,
-        data     TEXT    NOT NULL,
-        topics   TEXT,             -- JSON array, published updates only
-        private  INTEGER NOT NULL DEFAULT 0,
-        uid      TEXT,             -- the publisher's id of a published update
-        retry    INTEGER
-    );
-    CREATE INDEX events_by_task ON events (task_id, id) WHERE task_id IS NOT NULL;
-    CREATE UNIQUE INDEX events_by_uid ON events (uid) WHERE uid IS NOT NULL;
-    """,
-)
-
-PRAGMAS = (
-    "PRAGMA journal_mode = WAL",
-    "PRAGMA busy_timeout = 5000",
-    "PRAGMA temp_store = MEMORY",
-    # 64 MiB of page cache: the hot part of the tasks table and its index.
-    "PRAGMA cache_size = -65536",
-)
-
-TASK_COLUMNS = (
-    "id, state, data, attempts, max_attempts, timeout, progress, message, result, error,"
-    " traceback, finish_error, created_at, started_at, finished_at, updated_at"
-)
-INSERT_TASK = (
-    "INSERT INTO tasks (id, state, data, attempts, max_attempts, timeout, created_at, updated_at)"
-    " VALUES (?, ?, ?, 0, ?, ?, ?, ?)"
-)
-UPDATE_TASK = (
-    "UPDATE tasks SET state = ?, attempts = ?, progress = ?, message = ?, result = ?, error = ?,"
-    " traceback = ?, finish_error = ?, started_at = ?, finished_at = ?, updated_at = ?"
-    " WHERE id = ?"
-)
-CANCEL_PENDING = (
-    "UPDATE tasks SET state = 'cancelled', finished_at = ?, updated_at = ?"
-    " WHERE id = ? AND state IN ('queued', 'waiting', 'retrying')"
-)
-INSERT_EVENT = (
-    "INSERT INTO events (id, task_id, type, data, topics, private, uid, retry)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-EVENT_COLUMNS = "id, task_id, type, data, topics, private, uid, retry"
-SELECT_EVENT_BY_UID = "SELECT id FROM events WHERE uid = ?"
-SELECT_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
-SELECT_QUEUED_PAGE = (
-    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'queued' AND id > ? ORDER BY id LIMIT ?"
-)
-SELECT_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id > ? ORDER BY id LIMIT ?"
-SELECT_TASKS_BY_STATE = (
-    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? AND id > ? ORDER BY id LIMIT ?"
-)
-SELECT_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?"
-SELECT_ALL_TASK_EVENTS_AFTER = (
-    f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? AND task_id IS NOT NULL ORDER BY id LIMIT ?"
-)
-SELECT_TASK_EVENTS_AFTER = (
-    f"SELECT {EVENT_COLUMNS} FROM events WHERE task_id = ? AND id > ? ORDER BY id LIMIT ?"
-)
-COUNT_BY_STATE = "SELECT state, count(*) FROM tasks GROUP BY state"
-SELECT_RUNNING = "SELECT id, attempts, max_attempts FROM tasks WHERE state = 'running'"
-RECOVER_FAILED = (
-    "UPDATE tasks SET state = 'failed', error = ?, finished_at = ?, updated_at = ? WHERE id = ?"
-)
-RECOVER_QUEUED = (
-    "UPDATE tasks SET state = 'queued', progress = NULL, message = NULL, updated_at = ?"
-    " WHERE id = ?"
-)
-
-
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-def event_json(task: Task, type_: EventType, extra: dict[str, Any] | None, now: float) -> str:
-    """The stored and pushed payload of one event about ``task``."""
-    payload: dict[str, Any] = {
-        "task_id": task.id,
-        "type": type_.value,
-        "state": task.state.value,
-        "attempt": task.attempts,
-        "at": now,
-    }
-    if extra:
-        payload.update(extra)
-    return _dumps(payload)
-
-
-def _task_from_row(row: Any) -> Task:
-    return Task(
-        id=row[0],
-        state=TaskState(row[1]),
-        data=orjson.loads(row[2]),
-        attempts=row[3],
-        max_attempts=row[4],
-        timeout=row[5],
-        progress=row[6],
-        message=row[7],
-        result=None if row[8] is None else orjson.loads(row[8]),
-        error=row[9],
-        traceback=row[10],
-        finish_error=row[11],
-        created_at=row[12],
-        started_at=row[13],
-        finished_at=row[14],
-        updated_at=row[15],
-    )
-
-
-def _event_from_row(row: Any) -> Event:
-    topics = tuple(orjson.loads(row[4])) if row[4] else ()
-    return Event(row[0], row[1], row[2], row[3], topics, bool(row[5]), row[6], row[7])
-
-
-def _event_row(e: Event) -> tuple[Any, ...]:
-    topics = _dumps(list(e.topics)) if e.topics else None
-    return (e.id, e.task_id, e.type, e.json, topics, int(e.private), e.uid, e.retry)
+Deliver = Callable[[list[Task]], None]
 
 
 @dataclass(slots=True)
 class Committed:
     """What one batch made durable, handed to ``on_commit`` in commit order."""
 
-    inserted: list[Task]
+    #: Tasks that became ``queued`` (new, due, retried by the worker): offer them.
+    ready: list[Task]
     events: list[Event]
-    #: ids of tasks a conditional cancel moved to ``cancelled`` in this batch.
+    #: ids of tasks a conditional cancel moved to ``cancelled``.
     cancelled: list[int]
+    #: ids of ended tasks a manual retry moved back to ``queued``.
+    retried: list[int]
+    #: new tasks that are not ready yet (delayed): the scheduler may need to wake.
+    delayed: bool
 
 
 @dataclass(slots=True)
-class _Cancel:
+class _Conditional:
+    sql: str
+    params: tuple[Any, ...]
     task_id: int
     event_id: int
-    at: float
+    state: TaskState
+    type: EventType
+    extra: dict[str, Any] | None
     future: asyncio.Future[bool]
 
 
 @dataclass(slots=True)
+class _Exec:
+    statements: list[tuple[str, tuple[Any, ...]]]
+    future: asyncio.Future[int]
+
+
+@dataclass(slots=True)
 class _Page:
-    after_id: int
-    limit: int
-    deliver: Callable[[list[Task]], None]
+    sql: str
+    params: tuple[Any, ...]
+    deliver: Deliver
 
 
 @dataclass(slots=True)
 class _Batch:
     future: asyncio.Future[None]
     inserts: list[tuple[Any, ...]] = field(default_factory=list)
-    inserted: list[Task] = field(default_factory=list)
+    ready: list[Task] = field(default_factory=list)
     # One full-row write per task; a later state of the same task replaces an earlier one.
     updates: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    statements: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    cancels: list[_Cancel] = field(default_factory=list)
+    conditionals: list[_Conditional] = field(default_factory=list)
+    execs: list[_Exec] = field(default_factory=list)
     pages: list[_Page] = field(default_factory=list)
+    delayed: bool = False
 
     def __len__(self) -> int:
-        return len(self.inserts) + len(self.updates) + len(self.events) + len(self.cancels)
+        return len(self.inserts) + len(self.updates) + len(self.events)
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A validated task to insert: JSON text of its data and everything resolved."""
+
+    text: str
+    data: Any
+    max_attempts: int
+    timeout: float | None
+    queue: str = "default"
+    priority: int = 0
+    available_at: float | None = None
+    name: str | None = None
+    serial_group: str | None = None
+    unique_key: str | None = None
+    retry: Any = None
+    #: not stored: how long a succeeded task with the same key still counts (s)
+    unique_for: float | None = None
 
 
 class Store:
@@ -269,20 +166,20 @@ class Store:
     async def open(self) -> None:
         """Connect, migrate, load the id counters, recover dead work and start the writer."""
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        for pragma in (*PRAGMAS, f"PRAGMA synchronous = {self._synchronous}"):
+        for pragma in (*sql.PRAGMAS, f"PRAGMA synchronous = {self._synchronous}"):
             await self._db.execute(pragma)
         await self._migrate(self._db)
         if self.path == ":memory:":
             self._reader = self._db  # a second connection would open another, empty database
         else:
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            for pragma in (*PRAGMAS, "PRAGMA query_only = 1"):
+            for pragma in (*sql.PRAGMAS, "PRAGMA query_only = 1"):
                 await self._reader.execute(pragma)
-        for sql, attr in (
+        for query, attr in (
             ("SELECT coalesce(max(id), 0) FROM tasks", "_next_task_id"),
             ("SELECT coalesce(max(id), 0) FROM events", "_next_event_id"),
         ):
-            rows = list(await self._db.execute_fetchall(sql))
+            rows = list(await self._db.execute_fetchall(query))
             setattr(self, attr, int(rows[0][0]) + 1)
         await self._recover(self._db)
         self._closing = False
@@ -304,12 +201,12 @@ class Store:
     async def _migrate(self, db: aiosqlite.Connection) -> None:
         rows = list(await db.execute_fetchall("PRAGMA user_version"))
         version = int(rows[0][0])
-        if version > len(MIGRATIONS):
+        if version > len(sql.MIGRATIONS):
             raise RuntimeError(
                 f"{self.path} has schema version {version}, newer than this taskserver knows "
-                f"({len(MIGRATIONS)}); upgrade taskserver"
+                f"({len(sql.MIGRATIONS)}); upgrade taskserver"
             )
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        for number, script in enumerate(sql.MIGRATIONS[version:], start=version + 1):
             await db.execute("BEGIN IMMEDIATE")
             for statement in filter(str.strip, script.split(";")):
                 await db.execute(statement)
@@ -324,7 +221,7 @@ class Store:
         kills the process every time ends ``failed`` after ``max_attempts``. Runs
         in ``open`` before the writer starts, in one transaction with its events.
         """
-        rows = list(await db.execute_fetchall(SELECT_RUNNING))
+        rows = list(await db.execute_fetchall(sql.SELECT_RUNNING))
         if not rows:
             return
         now = self._clock()
@@ -346,20 +243,21 @@ class Store:
             )
             if out_of_attempts:
                 self.recovered_failed += 1
-                updates.append((RECOVER_FAILED, (error, now, now, task_id)))
+                updates.append((sql.RECOVER_FAILED, (error, now, now, task_id)))
                 type_, extra = EventType.FAILED, {"error": error}
             else:
                 self.recovered_queued += 1
-                updates.append((RECOVER_QUEUED, (now, task_id)))
+                updates.append((sql.RECOVER_QUEUED, (now, now, task_id)))
                 type_, extra = EventType.QUEUED, {"recovered": True}
-            events.append(
-                (self._next_event_id, task_id, type_.value, event_json(stub, type_, extra, now))
+            event = Event(
+                self._next_event_id, task_id, type_.value, sql.event_json(stub, type_, extra, now)
             )
+            events.append(sql.event_row(event, now))
             self._next_event_id += 1
         await db.execute("BEGIN IMMEDIATE")
-        for sql, params in updates:
-            await db.execute(sql, params)
-        await db.executemany(INSERT_EVENT, events)
+        for statement, params in updates:
+            await db.execute(statement, params)
+        await db.executemany(sql.INSERT_EVENT, events)
         await db.execute("COMMIT")
         log.warning(
             "recovered tasks left running: %d re-queued, %d failed (no attempts left)",
@@ -376,91 +274,102 @@ class Store:
         return self._batch
 
     def _check_room(self, extra: int) -> _Batch:
-        batch = self._current()
         if self._closing:
             raise ServerBusy("the store is closing")
+        batch = self._current()
         if len(batch) + extra > self._max_pending:
             raise ServerBusy("too many writes are waiting for the disk", retry_after=1.0)
         return batch
 
     def _new_event(
         self, batch: _Batch, task: Task, type_: EventType, extra: dict[str, Any] | None, now: float
-    ) -> Event:
-        event = Event(
-            self._next_event_id, task.id, type_.value, event_json(task, type_, extra, now)
+    ) -> None:
+        batch.events.append(
+            Event(
+                self._next_event_id, task.id, type_.value, sql.event_json(task, type_, extra, now)
+            )
         )
         self._next_event_id += 1
-        batch.events.append(event)
-        return event
 
     def insert_tasks(
-        self, payloads: Iterable[tuple[str, Any]], *, max_attempts: int, timeout: float | None
+        self, items: Sequence[NewTask], *, schedule: tuple[str, float] | None = None
     ) -> tuple[list[Task], asyncio.Future[None]]:
-        """Append new ``queued`` tasks and their ``queued`` events to the current batch.
+        """Append new tasks and their events to the current batch; all commit together.
 
-        ``payloads`` holds ``(json_text, decoded_value)`` pairs, already validated.
-        All of them land in the same transaction. Returns the tasks (ids assigned,
-        increasing) and the batch future, done when they are committed. Raises
-        ``ServerBusy`` when the batch is full; then nothing was appended.
+        A task whose ``available_at`` is in the future starts ``waiting``, else
+        ``queued``. ``schedule`` = ``(name, due)`` records in the same transaction
+        that a periodic schedule has enqueued its run for ``due``. Returns the
+        tasks (ids assigned, increasing) and the batch future, done at commit.
+        Raises ``ServerBusy`` when the batch is full; then nothing was appended.
         """
-        items = list(payloads)
         batch = self._check_room(2 * len(items))
         now = self._clock()
         tasks: list[Task] = []
-        for text, value in items:
+        for item in items:
+            due = now if item.available_at is None else item.available_at
             task = Task(
                 id=self._next_task_id,
-                data=value,
-                state=TaskState.QUEUED,
-                max_attempts=max_attempts,
-                timeout=timeout,
+                data=item.data,
+                state=TaskState.QUEUED if due <= now else TaskState.WAITING,
+                max_attempts=item.max_attempts,
+                timeout=item.timeout,
                 created_at=now,
                 updated_at=now,
+                queue=item.queue,
+                priority=item.priority,
+                available_at=due,
+                name=item.name,
+                serial_group=item.serial_group,
+                unique_key=item.unique_key,
+                retry=item.retry,
             )
             self._next_task_id += 1
-            batch.inserts.append((task.id, "queued", text, max_attempts, timeout, now, now))
-            batch.inserted.append(task)
-            self._new_event(batch, task, EventType.QUEUED, None, now)
+            batch.inserts.append(sql.insert_row(task, item.text))
+            if task.state is TaskState.QUEUED:
+                batch.ready.append(task)
+                self._new_event(batch, task, EventType.QUEUED, None, now)
+            else:
+                batch.delayed = True
+                self._new_event(batch, task, EventType.QUEUED, {"available_at": due}, now)
             tasks.append(task)
+        if schedule is not None:
+            batch.statements.append((sql.UPSERT_SCHEDULE, schedule))
         return tasks, batch.future
 
     def update_task(
-        self, task: Task, type_: EventType, extra: dict[str, Any] | None = None
+        self,
+        task: Task,
+        type_: EventType,
+        extra: dict[str, Any] | None = None,
+        *,
+        ready: bool = False,
     ) -> asyncio.Future[None]:
         """Write ``task``'s current state as a whole row, with an event, in the current batch.
 
         The caller owns ``task`` (a worker while it runs, the ready queue while it
         waits), so a full-row write cannot undo someone else's change. A task
         that succeeded has its ``result`` encoded here: ``NotSerializable`` is raised
-        (and nothing appended) when it cannot be. Never blocks; the returned future
-        is the batch's, done at commit.
+        (and nothing appended) when it cannot be. ``ready`` hands the task to
+        ``on_commit`` as ready to run. Never refused: outcomes of running work
+        must not be lost. The returned future is the batch's, done at commit.
         """
         result = None
         if task.state is TaskState.SUCCEEDED and task.result is not None:
             try:
-                result = _dumps(task.result)
+                result = sql.dumps(task.result)
             except TypeError as exc:
                 raise NotSerializable(
                     f"the task's result cannot be encoded as JSON: {exc}", field="result"
                 ) from None
-        batch = self._current()  # never refused: outcomes of running work must not be lost
+        batch = self._current()
         now = self._clock()
         task.updated_at = now
-        batch.updates[task.id] = (
-            task.state.value,
-            task.attempts,
-            task.progress,
-            task.message,
-            result,
-            task.error,
-            task.traceback,
-            task.finish_error,
-            task.started_at,
-            task.finished_at,
-            now,
-            task.id,
-        )
+        batch.updates[task.id] = sql.update_row(task, result)
         self._new_event(batch, task, type_, extra, now)
+        if ready:
+            batch.ready.append(task)
+        elif task.state in (TaskState.WAITING, TaskState.RETRYING):
+            batch.delayed = True
         return batch.future
 
     def publish_update(
@@ -486,35 +395,113 @@ class Store:
         batch.events.append(event)
         return event, batch.future
 
-    async def find_event(self, uid: str) -> int | None:
-        """The sequence number of the stored event with publisher id ``uid``, or ``None``."""
-        rows = await self._fetch(SELECT_EVENT_BY_UID, (uid,))
-        return int(rows[0][0]) if rows else None
+    def _conditional(
+        self,
+        statement: str,
+        params: tuple[Any, ...],
+        task_id: int,
+        state: TaskState,
+        type_: EventType,
+        extra: dict[str, Any] | None = None,
+    ) -> asyncio.Future[bool]:
+        batch = self._check_room(2)
+        # The event id is taken now, so ids stay in commit order; unused, it is a gap.
+        op = _Conditional(
+            statement,
+            params,
+            task_id,
+            self._next_event_id,
+            state,
+            type_,
+            extra,
+            asyncio.get_running_loop().create_future(),
+        )
+        self._next_event_id += 1
+        batch.conditionals.append(op)
+        return op.future
 
     def cancel_pending(self, task_id: int) -> asyncio.Future[bool]:
         """Cancel a task that waits on disk (queued, waiting or retrying), atomically.
 
         Resolves to ``True`` when this call moved it to ``cancelled`` (its event is
-        then committed and in ``Committed.cancelled``), ``False`` when it was in
-        another state or does not exist.
+        then committed and its id in ``Committed.cancelled``), ``False`` when it was
+        in another state or does not exist.
         """
-        batch = self._check_room(2)
-        # The event id is taken now, so ids stay in commit order; unused, it is a gap.
-        op = _Cancel(
-            task_id, self._next_event_id, self._clock(), asyncio.get_running_loop().create_future()
+        now = self._clock()
+        return self._conditional(
+            sql.CANCEL_PENDING,
+            (now, now, task_id),
+            task_id,
+            TaskState.CANCELLED,
+            EventType.CANCELLED,
         )
-        self._next_event_id += 1
-        batch.cancels.append(op)
+
+    def retry_ended(self, task_id: int) -> asyncio.Future[bool]:
+        """Re-queue a failed or cancelled task with its attempts reset, atomically.
+
+        Resolves to ``True`` when it moved (then in ``Committed.retried``).
+        """
+        now = self._clock()
+        return self._conditional(
+            sql.RETRY_ENDED,
+            (now, now, task_id),
+            task_id,
+            TaskState.QUEUED,
+            EventType.QUEUED,
+            {"manual_retry": True},
+        )
+
+    def purge(
+        self, states: Iterable[TaskState], before: float, *, chunk: int = 5_000
+    ) -> asyncio.Future[int]:
+        """Delete up to ``chunk`` ended tasks in ``states`` finished before ``before``.
+
+        Their events go too. Resolves to the number of tasks deleted; call again
+        until it is below ``chunk``.
+        """
+        names = [TaskState(s) for s in states]
+        if not names or any(s not in TERMINAL for s in names):
+            raise ValueError("purge only deletes ended tasks (succeeded, failed, cancelled)")
+        marks = ", ".join("?" for _ in names)
+        params = (*(s.value for s in names), before, chunk)
+        statements = [
+            (sql.PURGE_TASK_EVENTS.format(states=marks), params),
+            (sql.PURGE_TASKS.format(states=marks), params),
+        ]
+        return self._exec(statements)
+
+    def trim_events(
+        self, *, before: float | None, keep: int | None, chunk: int = 20_000
+    ) -> asyncio.Future[int]:
+        """Delete up to ``chunk`` events older than ``before`` or beyond the newest ``keep``."""
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        if before is not None:
+            statements.append((sql.TRIM_EVENTS_BY_AGE, (before, chunk)))
+        if keep is not None:
+            statements.append((sql.TRIM_EVENTS_BY_COUNT, (self._next_event_id - 1 - keep, chunk)))
+        return self._exec(statements)
+
+    def _exec(self, statements: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[int]:
+        op = _Exec(statements, asyncio.get_running_loop().create_future())
+        self._check_room(1).execs.append(op)
         return op.future
 
-    def page_queued(self, after_id: int, limit: int, deliver: Callable[[list[Task]], None]) -> None:
-        """Ask the writer for up to ``limit`` queued tasks with ids above ``after_id``.
+    def page_queued(self, queue: str, limit: int, deliver: Deliver) -> None:
+        """Ask the writer for the first ``limit`` queued tasks of ``queue``, in run order.
 
-        ``deliver`` is called from the writer, after the current batch commits and
-        before the next starts, so no commit can slip between the query and the
-        delivery. It must not block.
+        ``deliver`` is called from the writer after the current batch commits and
+        before the next starts, so no commit slips between query and delivery.
+        It must not block.
         """
-        self._current().pages.append(_Page(after_id, limit, deliver))
+        self._current().pages.append(_Page(sql.SELECT_QUEUED_PAGE, (queue, limit), deliver))
+
+    def due_tasks(self, now: float, limit: int, deliver: Deliver) -> None:
+        """Ask the writer for up to ``limit`` waiting/retrying tasks due by ``now``.
+
+        ``deliver`` gets them as the writer sees them, and may append updates
+        (which land in the next batch, with ids in order).
+        """
+        self._current().pages.append(_Page(sql.SELECT_DUE, (now, limit), deliver))
 
     async def _write_loop(self) -> None:
         while True:
@@ -530,8 +517,12 @@ class Store:
             except Exception as exc:
                 log.exception("commit of %d writes failed", len(batch))
                 await self._rollback()
-                for op in batch.cancels:
-                    op.future.set_exception(exc)
+                for cond in batch.conditionals:
+                    if not cond.future.done():
+                        cond.future.set_exception(exc)
+                for ex in batch.execs:
+                    if not ex.future.done():
+                        ex.future.set_exception(exc)
                 batch.future.set_exception(exc)
                 # Nobody may be awaiting (workers append without waiting): mark it seen.
                 batch.future.exception()
@@ -542,79 +533,101 @@ class Store:
             except Exception:
                 log.exception("on_commit hook failed")
             for page in batch.pages:
-                await self._deliver_page(page)
+                await self._deliver(page)
             batch.future.set_result(None)
 
     async def _commit(self, batch: _Batch) -> Committed:
         db = self._db
         assert db is not None
         cancelled: list[int] = []
+        retried: list[int] = []
+        now = self._clock()
         await db.execute("BEGIN IMMEDIATE")
         if batch.inserts:
-            await db.executemany(INSERT_TASK, batch.inserts)
+            await db.executemany(sql.INSERT_TASK, batch.inserts)
         if batch.updates:
-            await db.executemany(UPDATE_TASK, list(batch.updates.values()))
+            await db.executemany(sql.UPDATE_TASK, list(batch.updates.values()))
+        for statement, params in batch.statements:
+            await db.execute(statement, params)
         events = batch.events
-        for op in batch.cancels:
-            cursor = await db.execute(CANCEL_PENDING, (op.at, op.at, op.task_id))
-            if cursor.rowcount == 1:
-                cancelled.append(op.task_id)
+        moved: list[tuple[_Conditional, bool]] = []
+        for op in batch.conditionals:
+            cursor = await db.execute(op.sql, op.params)
+            changed = cursor.rowcount == 1
+            moved.append((op, changed))
+            if changed:
+                (cancelled if op.state is TaskState.CANCELLED else retried).append(op.task_id)
                 stub = Task(
                     id=op.task_id,
                     data=None,
-                    state=TaskState.CANCELLED,
+                    state=op.state,
                     max_attempts=1,
                     timeout=None,
-                    created_at=op.at,
-                    updated_at=op.at,
+                    created_at=now,
+                    updated_at=now,
                 )
                 events.append(
                     Event(
                         op.event_id,
                         op.task_id,
-                        EventType.CANCELLED,
-                        event_json(stub, EventType.CANCELLED, None, op.at),
+                        op.type.value,
+                        sql.event_json(stub, op.type, op.extra, now),
                     )
                 )
+        counts: list[int] = []
+        for ex in batch.execs:
+            total = 0
+            for statement, params in ex.statements:
+                cursor = await db.execute(statement, params)
+                total = max(0, cursor.rowcount)
+            counts.append(total)
         if events:
             events.sort(key=lambda e: e.id)
-            await db.executemany(INSERT_EVENT, [_event_row(e) for e in events])
+            await db.executemany(sql.INSERT_EVENT, [sql.event_row(e, now) for e in events])
         await db.execute("COMMIT")
-        for op in batch.cancels:
-            op.future.set_result(op.task_id in cancelled)
-        return Committed(batch.inserted, events, cancelled)
+        for op, changed in moved:
+            op.future.set_result(changed)
+        for ex, count in zip(batch.execs, counts, strict=True):
+            ex.future.set_result(count)
+        return Committed(batch.ready, events, cancelled, retried, batch.delayed)
 
     async def _rollback(self) -> None:
         if self._db is not None:
             with contextlib.suppress(Exception):
                 await self._db.execute("ROLLBACK")
 
-    async def _deliver_page(self, page: _Page) -> None:
+    async def _deliver(self, page: _Page) -> None:
         assert self._db is not None
         try:
-            rows = await self._db.execute_fetchall(SELECT_QUEUED_PAGE, (page.after_id, page.limit))
-            page.deliver([_task_from_row(r) for r in rows])
+            rows = await self._db.execute_fetchall(page.sql, page.params)
+            page.deliver([sql.task_from_row(r) for r in rows])
         except Exception:
-            log.exception("paging queued tasks into memory failed")
+            log.exception("reading tasks for the scheduler failed")
+            with contextlib.suppress(Exception):
+                page.deliver([])
 
     # --- reads ----------------------------------------------------------------
 
-    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    async def _fetch(self, query: str, params: tuple[Any, ...] = ()) -> list[Any]:
         assert self._reader is not None
-        return list(await self._reader.execute_fetchall(sql, params))
+        return list(await self._reader.execute_fetchall(query, params))
 
     async def get_task(self, task_id: int) -> Task | None:
         """The committed state of one task, or ``None``."""
-        rows = await self._fetch(SELECT_TASK, (task_id,))
-        return _task_from_row(rows[0]) if rows else None
+        rows = await self._fetch(sql.SELECT_TASK, (task_id,))
+        return sql.task_from_row(rows[0]) if rows else None
 
     async def list_tasks(self, *, state: TaskState | None, after: int, limit: int) -> list[Task]:
         """Up to ``limit`` committed tasks with ids above ``after``, in id order."""
         if state is None:
-            rows = await self._fetch(SELECT_TASKS, (after, limit))
+            rows = await self._fetch(sql.SELECT_TASKS, (after, limit))
         else:
-            rows = await self._fetch(SELECT_TASKS_BY_STATE, (state.value, after, limit))
-        return [_task_from_row(r) for r in rows]
+            rows = await self._fetch(sql.SELECT_TASKS_BY_STATE, (state.value, after, limit))
+        return [sql.task_from_row(r) for r in rows]
+
+    async def ids_in_state(self, state: TaskState, limit: int) -> list[int]:
+        """Up to ``limit`` ids of committed tasks in ``state``, oldest first."""
+        return [int(r[0]) for r in await self._fetch(sql.SELECT_IDS_BY_STATE, (state.value, limit))]
 
     async def events_after(
         self, after_id: int, *, limit: int, task_id: int | None = None, tasks_only: bool = False
@@ -623,20 +636,57 @@ class Store:
 
         ``task_id`` keeps one task's events; ``tasks_only`` drops published updates.
         """
-        if task_id is None:
-            sql = SELECT_ALL_TASK_EVENTS_AFTER if tasks_only else SELECT_EVENTS_AFTER
-            rows = await self._fetch(sql, (after_id, limit))
+        if task_id is not None:
+            rows = await self._fetch(sql.SELECT_TASK_EVENTS_AFTER, (task_id, after_id, limit))
         else:
-            rows = await self._fetch(SELECT_TASK_EVENTS_AFTER, (task_id, after_id, limit))
-        return [_event_from_row(r) for r in rows]
+            query = sql.SELECT_ALL_TASK_EVENTS_AFTER if tasks_only else sql.SELECT_EVENTS_AFTER
+            rows = await self._fetch(query, (after_id, limit))
+        return [sql.event_from_row(r) for r in rows]
+
+    async def find_event(self, uid: str) -> int | None:
+        """The sequence number of the stored event with publisher id ``uid``, or ``None``."""
+        rows = await self._fetch(sql.SELECT_EVENT_BY_UID, (uid,))
+        return int(rows[0][0]) if rows else None
 
     async def count_by_state(self) -> dict[TaskState, int]:
         """How many tasks are in each state, from the committed rows."""
-        rows = await self._fetch(COUNT_BY_STATE, ())
         counts = dict.fromkeys(TaskState, 0)
-        for state, count in rows:
+        for state, count in await self._fetch(sql.COUNT_BY_STATE):
             counts[TaskState(state)] = int(count)
         return counts
+
+    async def count_by_queue(self) -> dict[str, dict[TaskState, int]]:
+        """Active tasks per queue and state."""
+        counts: dict[str, dict[TaskState, int]] = {}
+        for queue, state, count in await self._fetch(sql.COUNT_BY_QUEUE):
+            counts.setdefault(queue, {})[TaskState(state)] = int(count)
+        return counts
+
+    async def queues_with_work(self) -> list[str]:
+        """Names of queues that have queued tasks on disk."""
+        return [str(r[0]) for r in await self._fetch(sql.SELECT_QUEUES_WITH_WORK)]
+
+    async def next_due(self) -> float | None:
+        """The earliest ``available_at`` of a waiting or retrying task, or ``None``."""
+        rows = await self._fetch(sql.SELECT_NEXT_DUE)
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
+
+    async def active_unique_keys(self) -> dict[str, int]:
+        """``unique_key -> id`` of every task that has not ended."""
+        return {str(k): int(i) for k, i in await self._fetch(sql.SELECT_ACTIVE_UNIQUE)}
+
+    async def recent_unique(self, key: str, since: float) -> int | None:
+        """The newest task with ``key`` that succeeded at or after ``since``."""
+        rows = await self._fetch(sql.SELECT_RECENT_UNIQUE, (key, since))
+        return int(rows[0][0]) if rows else None
+
+    async def serial_owners(self) -> dict[str, int]:
+        """``serial_group -> id`` of the task holding each group while it waits to retry."""
+        return {str(g): int(i) for g, i in await self._fetch(sql.SELECT_GROUP_OWNERS)}
+
+    async def schedules(self) -> dict[str, float]:
+        """``name -> last due time enqueued`` of every periodic schedule."""
+        return {str(n): float(d) for n, d in await self._fetch(sql.SELECT_SCHEDULES)}
 
     @property
     def last_event_id(self) -> int:

@@ -9,10 +9,12 @@ at most that many tasks run at once. How a callback runs depends on what it is:
   way past the GIL; it must be importable (a module-level function) and its
   data and result picklable.
 
-The pool decides outcomes (succeeded, retrying, failed, cancelled) and reports
-them through the ``report`` function it is handed; it never touches the store
-or the hub itself. Reports are synchronous appends to the next group commit:
-a worker does not wait for the disk between tasks.
+The pool decides outcomes (succeeded, retrying, waiting, failed, cancelled) and
+reports them through the ``report`` function it is handed; it never touches the
+store or the hub itself. Hooks (``before``, ``after``, ``error``) run around every
+task with the same context; a failing hook is recorded, never fatal. Reports
+are synchronous appends to the next group commit: a worker does not wait for
+the disk between tasks.
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ import inspect
 import logging
 import multiprocessing
 import os
+import random
 import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from .errors import PermanentError
-from .models import EventType, Task, TaskState
+from .errors import PermanentError, RetryLater
+from .models import EventType, RetryPolicy, Task, TaskState
+from .processes import ProcessSlots
 
 log = logging.getLogger(__name__)
 
@@ -166,27 +170,45 @@ class Report(Protocol):
     def __call__(self, task: Task, type_: EventType, extra: dict[str, Any] | None) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Recycling limits for the process slots of cpu_bound callbacks (0: none)."""
+
+    processes: int = 0
+    max_tasks: int = 0
+    max_memory_mb: int = 0
+
+
 class WorkerPool:
-    """``size`` workers taking tasks from ``get``, running ``task`` then ``finish``."""
+    """``size`` workers taking tasks from ``get``, running ``task`` then ``finish``.
+
+    ``done(task)`` is called when a worker is through with a task, whatever the
+    outcome, so the ready queue can free its concurrency slot.
+    """
 
     def __init__(
         self,
         size: int,
         *,
         get: Callable[[], Awaitable[Task]],
+        done: Callable[[Task], None],
         report: Report,
         progress: ProgressSink,
-        task: Callback,
-        finish: Callback,
-        process_workers: int = 0,
+        callbacks: dict[str, Callback],
+        retry: RetryPolicy,
+        limits: Limits = Limits(),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.size = size
         self._get = get
+        self._done = done
         self._report = report
         self._progress = progress
-        self._task_cb = task
-        self._finish_cb = finish
+        self._callbacks = callbacks
+        self._task_cb = callbacks["task"]
+        self._finish_cb = callbacks["finish"]
+        self._retry = retry
+        self._limits = limits
         self._clock = clock
         self._workers: list[asyncio.Task[None]] = []
         #: worker id -> the task it runs now
@@ -195,20 +217,24 @@ class WorkerPool:
         self._cancel_requested: set[int] = set()
         self._stopping = False
         self._threads: ThreadPoolExecutor | None = None
-        self._processes: ProcessPoolExecutor | None = None
-        self._process_workers = process_workers or os.cpu_count() or 1
+        self._slots: ProcessSlots | None = None
         self._progress_queue: Any = None
         self._progress_thread: threading.Thread | None = None
         self.done = 0
 
     def __repr__(self) -> str:
         state = " stopping" if self._stopping else ""
-        return f"<WorkerPool busy={len(self._running)}/{self.size}{state}>"
+        return f"<WorkerPool busy={len(self._running)}/{self.size} done={self.done}{state}>"
 
     @property
     def busy(self) -> int:
         """Workers running a task right now."""
         return len(self._running)
+
+    @property
+    def processes(self) -> ProcessSlots | None:
+        """The process slots of cpu_bound callbacks, if any."""
+        return self._slots
 
     def is_running(self, task_id: int) -> bool:
         """True while a worker holds ``task_id``."""
@@ -217,16 +243,15 @@ class WorkerPool:
     def start(self) -> None:
         """Start the workers (and the executors the callbacks need)."""
         loop = asyncio.get_running_loop()
-        kinds = {self._task_cb.kind, self._finish_cb.kind}
+        kinds = {cb.kind for cb in self._callbacks.values()}
         if "thread" in kinds:
             self._threads = ThreadPoolExecutor(self.size, thread_name_prefix="taskserver-task")
         if "process" in kinds:
-            # spawn, not fork: this process has threads (SQLite, executors) a fork would copy.
-            ctx = multiprocessing.get_context("spawn")
-            self._progress_queue = ctx.Queue(maxsize=10_000)
-            self._processes = ProcessPoolExecutor(
-                self._process_workers,
-                mp_context=ctx,
+            self._progress_queue = multiprocessing.get_context("spawn").Queue(maxsize=10_000)
+            self._slots = ProcessSlots(
+                self._limits.processes or os.cpu_count() or 1,
+                max_tasks=self._limits.max_tasks,
+                max_memory_mb=self._limits.max_memory_mb,
                 initializer=_init_process,
                 initargs=(self._progress_queue,),
             )
@@ -243,7 +268,7 @@ class WorkerPool:
         ]
 
     def _forward_progress(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Reads progress sent by process-pool callbacks and hands it to the loop.
+        # Reads progress sent by process-slot callbacks and hands it to the loop.
         while True:
             item = self._progress_queue.get()
             if item is None:
@@ -262,7 +287,8 @@ class WorkerPool:
         """Cancel a running task. Returns ``False`` when no worker runs it.
 
         An ``async`` callback gets ``CancelledError`` at its current ``await``; a
-        thread or process callback runs on but its result is discarded.
+        process callback's process is killed; a thread callback runs on (threads
+        cannot be stopped) but its result is discarded and ``ctx.cancelled`` is set.
         """
         worker = self._by_task.get(task_id)
         if worker is None:
@@ -274,29 +300,25 @@ class WorkerPool:
     async def stop(self, grace: float) -> list[Task]:
         """Stop taking tasks; give running ones ``grace`` seconds, then interrupt them.
 
-        Returns the tasks that were interrupted: they are handed back unchanged in
-        state ``running`` for the caller to re-queue. Shuts the executors down.
+        Returns the tasks that were interrupted, still in state ``running``, for
+        the caller to re-queue. Shuts the executors down.
         """
         self._stopping = True
-        idle = [w for i, w in enumerate(self._workers) if i not in self._running]
-        for worker in idle:
-            worker.cancel()
+        for i, worker in enumerate(self._workers):
+            if i not in self._running:
+                worker.cancel()
         busy = [self._workers[i] for i in self._running]
         interrupted: list[Task] = []
         if busy:
             _, pending = await asyncio.wait(busy, timeout=grace)
-            interrupted = [
-                self._running[i]
-                for i, w in enumerate(self._workers)
-                if w in pending and i in self._running
-            ]
+            interrupted = [task for i, task in self._running.items() if self._workers[i] in pending]
             for worker in pending:
                 worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
-        if self._processes is not None:
-            self._processes.shutdown(wait=False, cancel_futures=True)
+        if self._slots is not None:
+            self._slots.shutdown()
             self._progress_queue.put(None)
         return interrupted
 
@@ -313,14 +335,16 @@ class WorkerPool:
                 del self._running[worker_id]
                 del self._by_task[task.id]
                 self._cancel_requested.discard(task.id)
+                self._done(task)
             self.done += 1
 
     async def _execute(self, task: Task, worker_id: int, me: asyncio.Task[None]) -> None:
         task.state = TaskState.RUNNING
         task.attempts += 1
         task.started_at = self._clock()
-        task.progress = task.message = task.error = task.traceback = None
+        task.progress = task.message = task.error = task.traceback = task.hook_error = None
         self._report(task, EventType.STARTED, {"worker": worker_id})
+        await self._hook("before", task, worker_id)
         try:
             result = await self._call(self._task_cb, task, worker_id, task.timeout)
         except asyncio.CancelledError:
@@ -329,21 +353,22 @@ class WorkerPool:
             me.uncancel()
             self._end(task, TaskState.CANCELLED, EventType.CANCELLED, None)
             return
-        except TimeoutError:
-            self._failed(
-                task,
-                f"TimeoutError: the task ran longer than its timeout of {task.timeout:g}s",
-                None,
-                permanent=False,
-            )
+        except RetryLater as exc:
+            await self._hook("error", task, worker_id, exc)
+            self._postpone(task, exc.delay)
             return
         except Exception as exc:
-            tb = "".join(traceback.format_exception(exc))
-            self._failed(
-                task, f"{type(exc).__name__}: {exc}", tb, permanent=isinstance(exc, PermanentError)
-            )
+            if isinstance(exc, TimeoutError):
+                error = f"TimeoutError: the task ran longer than its timeout of {task.timeout:g}s"
+                tb = None
+            else:
+                error = f"{type(exc).__name__}: {exc}"
+                tb = "".join(traceback.format_exception(exc))
+            await self._hook("error", task, worker_id, exc)
+            self._failed(task, error, tb, permanent=isinstance(exc, PermanentError))
             return
         task.result = result
+        await self._hook("after", task, worker_id, result)
         try:
             await self._call(self._finish_cb, task, worker_id, None, result)
         except asyncio.CancelledError:
@@ -355,37 +380,55 @@ class WorkerPool:
             task.finish_error = f"{type(exc).__name__}: {exc}"
         self._end(task, TaskState.SUCCEEDED, EventType.FINISHED, {"result": result})
 
+    async def _hook(self, name: str, task: Task, worker_id: int, *args: Any) -> None:
+        hook = self._callbacks.get(name)
+        if hook is None:
+            return
+        try:
+            await self._call(hook, task, worker_id, None, *args)
+        except Exception as exc:
+            log.exception("%s hook failed for task %d", name, task.id)
+            note = f"{name} hook: {type(exc).__name__}: {exc}"
+            task.hook_error = f"{task.hook_error}; {note}" if task.hook_error else note
+
     async def _call(
         self, cb: Callback, task: Task, worker_id: int, timeout: float | None, *args: Any
     ) -> Any:
         async with asyncio.timeout(timeout or None):
             if cb.kind == "async":
                 return await cb.fn(TaskContext(task, worker_id, self._progress), *args)
-            loop = asyncio.get_running_loop()
-            executor: Executor | None
-            if cb.kind == "thread":
-                ctx: Any = SyncTaskContext(task, worker_id, self._progress, loop)
-                executor = self._threads
-            else:
+            if cb.kind == "process":
+                assert self._slots is not None
                 ctx = ProcessTaskContext(task.id, task.data, task.attempts, worker_id)
-                executor = self._processes
+                return await self._slots.run(_run_in_process, cb.fn, ctx, *args)
+            loop = asyncio.get_running_loop()
+            sync_ctx = SyncTaskContext(task, worker_id, self._progress, loop)
             try:
-                if cb.kind == "process":
-                    return await loop.run_in_executor(executor, _run_in_process, cb.fn, ctx, *args)
-                return await loop.run_in_executor(executor, cb.fn, ctx, *args)
+                return await loop.run_in_executor(self._threads, cb.fn, sync_ctx, *args)
             except asyncio.CancelledError:
-                if isinstance(ctx, BaseContext):
-                    ctx.cancelled = True
+                sync_ctx.cancelled = True
                 raise
+
+    def _postpone(self, task: Task, delay: float) -> None:
+        # RetryLater: wait without spending an attempt.
+        task.attempts -= 1
+        task.state = TaskState.WAITING
+        task.available_at = self._clock() + delay
+        self._report(task, EventType.WAITING, {"available_at": task.available_at})
 
     def _failed(self, task: Task, error: str, tb: str | None, *, permanent: bool) -> None:
         task.error, task.traceback = error, tb
         if permanent or task.attempts >= task.max_attempts:
             self._end(task, TaskState.FAILED, EventType.FAILED, {"error": error})
-        else:
-            task.state = TaskState.RETRYING
-            task.finished_at = None
-            self._report(task, EventType.RETRYING, {"error": error})
+            return
+        delay = (task.retry or self._retry).delay(task.attempts, random.random())
+        task.state = TaskState.RETRYING
+        task.available_at = self._clock() + delay
+        self._report(
+            task,
+            EventType.RETRYING,
+            {"error": error, "available_at": task.available_at, "delay": delay},
+        )
 
     def _end(
         self, task: Task, state: TaskState, type_: EventType, extra: dict[str, Any] | None

@@ -1,0 +1,66 @@
+"""Periodic tasks: cron schedules declared at setup, each due time enqueued exactly once.
+
+The store records, per schedule, the latest due time already enqueued, in the
+same transaction as the task it enqueued. So a restart neither repeats a run nor
+drops one: runs missed while the server was down are enqueued when it starts
+(up to ``MAX_CATCH_UP`` per schedule; beyond that the oldest are skipped and a
+warning says how many).
+
+Cron expressions are parsed by ``cronsim`` (5 fields, plus an optional seconds
+field; the healthchecks.io parser), evaluated in UTC unless ``tz`` says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from cronsim import CronSim, CronSimError
+
+from .errors import ConfigError
+
+#: Missed runs enqueued at start, per schedule, before older ones are skipped.
+MAX_CATCH_UP = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A named cron schedule and the task it enqueues."""
+
+    name: str
+    cron: str
+    data: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+    tz: str = "UTC"
+
+    def zone(self) -> tzinfo:
+        return UTC if self.tz == "UTC" else ZoneInfo(self.tz)
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` naming the schedule when the expression or zone is bad."""
+        try:
+            self.zone()
+            CronSim(self.cron, datetime.now(UTC))
+        except (CronSimError, ValueError, KeyError) as exc:
+            raise ConfigError(f"schedule {self.name!r}: bad cron {self.cron!r}: {exc}") from None
+
+    def due_after(self, after: float, until: float) -> list[float]:
+        """Due times in ``(after, until]``, oldest first, at most ``MAX_CATCH_UP`` (the newest)."""
+        times: list[float] = []
+        start = datetime.fromtimestamp(after, self.zone())
+        for moment in CronSim(self.cron, start):
+            ts = moment.timestamp()
+            if ts > until:
+                break
+            times.append(ts)
+            if len(times) > 10 * MAX_CATCH_UP:
+                # A long outage with a fast schedule: keep only the newest.
+                times = times[-MAX_CATCH_UP:]
+        return times
+
+    def next_after(self, after: float) -> float:
+        """The first due time after ``after``."""
+        start = datetime.fromtimestamp(after, self.zone())
+        return next(iter(CronSim(self.cron, start))).timestamp()

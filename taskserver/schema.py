@@ -1,0 +1,282 @@
+"""SQLite schema, numbered migrations, the SQL the store runs, and row mapping.
+
+Only ``store.py`` imports this module: it is the store's, split out so that the
+store's logic reads without the SQL text in the way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .models import Event, EventType, RetryPolicy, Task, TaskState
+
+#: Numbered migrations; ``PRAGMA user_version`` records how many have run.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE tasks (
+        id            INTEGER PRIMARY KEY,
+        state         TEXT    NOT NULL,
+        name          TEXT,
+        queue         TEXT    NOT NULL DEFAULT 'default',
+        priority      INTEGER NOT NULL DEFAULT 0,
+        serial_group  TEXT,
+        unique_key    TEXT,
+        data          TEXT    NOT NULL,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        max_attempts  INTEGER NOT NULL,
+        timeout       REAL,
+        retry         TEXT,              -- JSON RetryPolicy, resolved at enqueue
+        progress      REAL,
+        message       TEXT,
+        result        TEXT,
+        error         TEXT,
+        traceback     TEXT,
+        finish_error  TEXT,
+        hook_error    TEXT,
+        created_at    REAL    NOT NULL,
+        available_at  REAL    NOT NULL,  -- when a waiting/retrying task becomes queued
+        started_at    REAL,
+        finished_at   REAL,
+        updated_at    REAL    NOT NULL
+    );
+    CREATE INDEX tasks_by_state ON tasks (state, id);
+    CREATE INDEX tasks_ready ON tasks (queue, priority DESC, id) WHERE state = 'queued';
+    CREATE INDEX tasks_due ON tasks (available_at) WHERE state IN ('waiting', 'retrying');
+    CREATE INDEX tasks_unique ON tasks (unique_key) WHERE unique_key IS NOT NULL;
+    CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE TABLE events (
+        id       INTEGER PRIMARY KEY,
+        task_id  INTEGER,          -- NULL for updates published to the Mercure hub
+        type     TEXT,
+        data     TEXT    NOT NULL,
+        topics   TEXT,             -- JSON array, published updates only
+        private  INTEGER NOT NULL DEFAULT 0,
+        uid      TEXT,             -- the publisher's id of a published update
+        retry    INTEGER,
+        at       REAL    NOT NULL
+    );
+    CREATE INDEX events_by_task ON events (task_id, id) WHERE task_id IS NOT NULL;
+    CREATE UNIQUE INDEX events_by_uid ON events (uid) WHERE uid IS NOT NULL;
+    CREATE TABLE schedules (
+        name      TEXT PRIMARY KEY,
+        last_due  REAL NOT NULL    -- the latest due time already enqueued
+    );
+    """,
+)
+
+PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA busy_timeout = 5000",
+    "PRAGMA temp_store = MEMORY",
+    # 64 MiB of page cache: the hot part of the tasks table and its indexes.
+    "PRAGMA cache_size = -65536",
+)
+
+TASK_COLUMNS = (
+    "id, state, name, queue, priority, serial_group, unique_key, data, attempts, max_attempts,"
+    " timeout, retry, progress, message, result, error, traceback, finish_error, hook_error,"
+    " created_at, available_at, started_at, finished_at, updated_at"
+)
+INSERT_TASK = (
+    "INSERT INTO tasks (id, state, name, queue, priority, serial_group, unique_key, data,"
+    " max_attempts, timeout, retry, created_at, available_at, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+UPDATE_TASK = (
+    "UPDATE tasks SET state = ?, attempts = ?, progress = ?, message = ?, result = ?, error = ?,"
+    " traceback = ?, finish_error = ?, hook_error = ?, available_at = ?, started_at = ?,"
+    " finished_at = ?, updated_at = ? WHERE id = ?"
+)
+CANCEL_PENDING = (
+    "UPDATE tasks SET state = 'cancelled', finished_at = ?, updated_at = ?"
+    " WHERE id = ? AND state IN ('queued', 'waiting', 'retrying')"
+)
+RETRY_ENDED = (
+    "UPDATE tasks SET state = 'queued', attempts = 0, progress = NULL, message = NULL,"
+    " result = NULL, error = NULL, traceback = NULL, finish_error = NULL, hook_error = NULL,"
+    " started_at = NULL, finished_at = NULL, available_at = ?, updated_at = ?"
+    " WHERE id = ? AND state IN ('failed', 'cancelled')"
+)
+INSERT_EVENT = (
+    "INSERT INTO events (id, task_id, type, data, topics, private, uid, retry, at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+EVENT_COLUMNS = "id, task_id, type, data, topics, private, uid, retry"
+SELECT_EVENT_BY_UID = "SELECT id FROM events WHERE uid = ?"
+SELECT_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
+SELECT_QUEUED_PAGE = (
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'queued' AND queue = ?"
+    " ORDER BY priority DESC, id LIMIT ?"
+)
+SELECT_QUEUES_WITH_WORK = "SELECT DISTINCT queue FROM tasks WHERE state = 'queued'"
+SELECT_DUE = (
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('waiting', 'retrying')"
+    " AND available_at <= ? ORDER BY available_at, id LIMIT ?"
+)
+SELECT_NEXT_DUE = "SELECT min(available_at) FROM tasks WHERE state IN ('waiting', 'retrying')"
+SELECT_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id > ? ORDER BY id LIMIT ?"
+SELECT_TASKS_BY_STATE = (
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? AND id > ? ORDER BY id LIMIT ?"
+)
+SELECT_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?"
+SELECT_ALL_TASK_EVENTS_AFTER = (
+    f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? AND task_id IS NOT NULL ORDER BY id LIMIT ?"
+)
+SELECT_TASK_EVENTS_AFTER = (
+    f"SELECT {EVENT_COLUMNS} FROM events WHERE task_id = ? AND id > ? ORDER BY id LIMIT ?"
+)
+COUNT_BY_STATE = "SELECT state, count(*) FROM tasks GROUP BY state"
+COUNT_BY_QUEUE = (
+    "SELECT queue, state, count(*) FROM tasks WHERE state IN"
+    " ('queued', 'waiting', 'running', 'retrying') GROUP BY queue, state"
+)
+SELECT_RUNNING = "SELECT id, attempts, max_attempts FROM tasks WHERE state = 'running'"
+SELECT_ACTIVE_UNIQUE = (
+    "SELECT unique_key, id FROM tasks WHERE unique_key IS NOT NULL"
+    " AND state IN ('queued', 'waiting', 'running', 'retrying')"
+)
+SELECT_RECENT_UNIQUE = (
+    "SELECT id FROM tasks WHERE unique_key = ? AND state = 'succeeded' AND finished_at >= ?"
+    " ORDER BY id DESC LIMIT 1"
+)
+SELECT_GROUP_OWNERS = (
+    "SELECT serial_group, min(id) FROM tasks WHERE serial_group IS NOT NULL"
+    " AND state IN ('waiting', 'retrying') GROUP BY serial_group"
+)
+SELECT_IDS_BY_STATE = "SELECT id FROM tasks WHERE state = ? ORDER BY id LIMIT ?"
+RECOVER_FAILED = (
+    "UPDATE tasks SET state = 'failed', error = ?, finished_at = ?, updated_at = ? WHERE id = ?"
+)
+RECOVER_QUEUED = (
+    "UPDATE tasks SET state = 'queued', progress = NULL, message = NULL, available_at = ?,"
+    " updated_at = ? WHERE id = ?"
+)
+# Purging works in chunks so one call never holds the writer for long.
+PURGE_TASK_EVENTS = (
+    "DELETE FROM events WHERE task_id IN (SELECT id FROM tasks WHERE state IN ({states})"
+    " AND finished_at < ? LIMIT ?)"
+)
+PURGE_TASKS = (
+    "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE state IN ({states})"
+    " AND finished_at < ? LIMIT ?)"
+)
+TRIM_EVENTS_BY_AGE = (
+    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ? ORDER BY id LIMIT ?)"
+)
+TRIM_EVENTS_BY_COUNT = (
+    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id <= ? ORDER BY id LIMIT ?)"
+)
+SELECT_SCHEDULES = "SELECT name, last_due FROM schedules"
+UPSERT_SCHEDULE = (
+    "INSERT INTO schedules (name, last_due) VALUES (?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET last_due = excluded.last_due"
+)
+
+
+def dumps(value: Any) -> str:
+    """JSON text of ``value`` (raises ``TypeError`` when it cannot be encoded)."""
+    return orjson.dumps(value).decode()
+
+
+def event_json(task: Task, type_: EventType, extra: dict[str, Any] | None, now: float) -> str:
+    """The stored and pushed payload of one event about ``task``."""
+    payload: dict[str, Any] = {
+        "task_id": task.id,
+        "type": type_.value,
+        "state": task.state.value,
+        "attempt": task.attempts,
+        "queue": task.queue,
+        "at": now,
+    }
+    if extra:
+        payload.update(extra)
+    return dumps(payload)
+
+
+def _retry(text: str | None) -> RetryPolicy | None:
+    return RetryPolicy(**orjson.loads(text)) if text else None
+
+
+def task_from_row(row: Any) -> Task:
+    """A ``Task`` from a row selected with ``TASK_COLUMNS``."""
+    return Task(
+        id=row[0],
+        state=TaskState(row[1]),
+        name=row[2],
+        queue=row[3],
+        priority=row[4],
+        serial_group=row[5],
+        unique_key=row[6],
+        data=orjson.loads(row[7]),
+        attempts=row[8],
+        max_attempts=row[9],
+        timeout=row[10],
+        retry=_retry(row[11]),
+        progress=row[12],
+        message=row[13],
+        result=None if row[14] is None else orjson.loads(row[14]),
+        error=row[15],
+        traceback=row[16],
+        finish_error=row[17],
+        hook_error=row[18],
+        created_at=row[19],
+        available_at=row[20],
+        started_at=row[21],
+        finished_at=row[22],
+        updated_at=row[23],
+    )
+
+
+def insert_row(task: Task, data_text: str) -> tuple[Any, ...]:
+    """Parameters of ``INSERT_TASK`` for a new task."""
+    retry = dumps(task.retry.to_json()) if task.retry else None
+    return (
+        task.id,
+        task.state.value,
+        task.name,
+        task.queue,
+        task.priority,
+        task.serial_group,
+        task.unique_key,
+        data_text,
+        task.max_attempts,
+        task.timeout,
+        retry,
+        task.created_at,
+        task.available_at,
+        task.updated_at,
+    )
+
+
+def update_row(task: Task, result_text: str | None) -> tuple[Any, ...]:
+    """Parameters of ``UPDATE_TASK``: the task's whole mutable state."""
+    return (
+        task.state.value,
+        task.attempts,
+        task.progress,
+        task.message,
+        result_text,
+        task.error,
+        task.traceback,
+        task.finish_error,
+        task.hook_error,
+        task.available_at,
+        task.started_at,
+        task.finished_at,
+        task.updated_at,
+        task.id,
+    )
+
+
+def event_from_row(row: Any) -> Event:
+    """An ``Event`` from a row selected with ``EVENT_COLUMNS``."""
+    topics = tuple(orjson.loads(row[4])) if row[4] else ()
+    return Event(row[0], row[1], row[2], row[3], topics, bool(row[5]), row[6], row[7])
+
+
+def event_row(e: Event, at: float) -> tuple[Any, ...]:
+    """Parameters of ``INSERT_EVENT``."""
+    topics = dumps(list(e.topics)) if e.topics else None
+    return (e.id, e.task_id, e.type, e.json, topics, int(e.private), e.uid, e.retry, at)
