@@ -16,7 +16,8 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from .app import create_app, load_setup
+from . import admin
+from .app import TASKSERVER, create_app, load_setup
 from .config import FIELDS, Settings, load_settings
 from .errors import ConfigError
 
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{field.metadata['help']} [default: {field.default}]",
         )
+    admin.add_commands(commands, _Parser)
     return parser
 
 
@@ -74,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except ConfigError as exc:
             _fail(str(exc))
         raise SystemExit(run(settings))
+    raise SystemExit(admin.run(args))
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -118,6 +121,7 @@ async def _serve(app: web.Application, settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         address: Any = runner.addresses[0] if runner.addresses else (settings.host, settings.port)
+        app[TASKSERVER].set_public_url(f"http://{address[0]}:{address[1]}")
         # Parsed by tests and scripts that start on port 0: keep the wording.
         log.info("taskserver listening on http://%s:%s", address[0], address[1])
         await stop.wait()

@@ -1,0 +1,190 @@
+"""``taskserver tasks …`` and ``taskserver stats``: the admin commands.
+
+They talk to a running server over its HTTP API (``--url``, default from
+``TASKSERVER_URL`` or ``http://127.0.0.1:8080``), so they work the same on the
+server's machine and from a laptop through a tunnel. Tables for people,
+``--json`` for scripts.
+
+Exit codes scripts can trust: 0 done; 1 the server refused (e.g. 409: the task
+already ended); 2 bad usage; 3 no such task; 4 the server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
+UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+LIST_COLUMNS = ("id", "state", "queue", "name", "attempts", "progress", "error")
+
+
+def duration(text: str) -> float:
+    """``14d``, ``12h``, ``30m``, ``45s`` or plain seconds, as seconds (argparse type)."""
+    match = DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 14d, 12h, 30m or 90")
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def add_commands(commands: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    """Add ``tasks`` and ``stats`` to the CLI's subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=os.environ.get("TASKSERVER_URL", "http://127.0.0.1:8080"),
+        help="the running server (default: $TASKSERVER_URL or %(default)s)",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    stats = commands.add_parser("stats", parents=[common], help="worker and task counters")
+    stats.set_defaults(action="stats")
+
+    tasks = commands.add_parser("tasks", help="list, show, cancel, retry or purge tasks")
+    verbs = tasks.add_subparsers(dest="verb", required=True, parser_class=parser_class)
+    listing = verbs.add_parser("list", parents=[common], help="one page of tasks")
+    listing.add_argument("--state", help="only tasks in this state")
+    listing.add_argument("--limit", type=int, default=50, help="rows (default %(default)s)")
+    listing.add_argument("--after", type=int, default=0, help="ids above this one")
+    listing.set_defaults(action="list")
+    show = verbs.add_parser("show", parents=[common], help="one task, whole")
+    show.add_argument("id", type=int)
+    show.set_defaults(action="show")
+    cancel = verbs.add_parser("cancel", parents=[common], help="cancel a task")
+    cancel.add_argument("id", type=int)
+    cancel.set_defaults(action="cancel")
+    retry = verbs.add_parser("retry", parents=[common], help="re-queue failed/cancelled tasks")
+    retry.add_argument("ids", type=int, nargs="*", metavar="ID")
+    retry.add_argument("--failed", action="store_true", help="every failed task")
+    retry.set_defaults(action="retry")
+    purge = verbs.add_parser("purge", parents=[common], help="delete ended tasks")
+    purge.add_argument(
+        "--older-than",
+        type=duration,
+        required=True,
+        metavar="AGE",
+        help="finished longer ago than this: 14d, 12h, 30m, 90 (seconds)",
+    )
+    which = purge.add_argument_group("which ended tasks (default: all of them)")
+    which.add_argument(
+        "--finished", action="store_true", help="succeeded, failed and cancelled tasks"
+    )
+    which.add_argument("--succeeded", action="store_true")
+    which.add_argument("--failed", action="store_true")
+    which.add_argument("--cancelled", action="store_true")
+    purge.set_defaults(action="purge")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out an admin command; returns the exit code."""
+    if args.action == "retry" and not args.ids and not args.failed:
+        print("taskserver: error: give task ids or --failed", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(_run(args))
+    except aiohttp.ClientConnectionError as exc:
+        print(f"taskserver: error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+
+async def _run(args: argparse.Namespace) -> int:
+    base = args.url.rstrip("/")
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(base, timeout=timeout) as http:
+        method, path, body = _request(args)
+        async with http.request(method, path, json=body) as response:
+            payload = orjson.loads(await response.read() or b"null")
+            if response.status >= 400:
+                detail = payload.get("detail") if isinstance(payload, dict) else payload
+                print(f"taskserver: error: {detail} (HTTP {response.status})", file=sys.stderr)
+                return (
+                    EXIT_NOT_FOUND
+                    if response.status == 404
+                    else (EXIT_USAGE if response.status in (400, 422) else EXIT_REFUSED)
+                )
+    if args.json:
+        sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(_human(args.action, payload))
+    if args.action == "retry" and payload.get("errors"):
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def _request(args: argparse.Namespace) -> tuple[str, str, Any]:
+    action = args.action
+    if action == "stats":
+        return "GET", "/stats", None
+    if action == "list":
+        query = f"?limit={args.limit}&after={args.after}"
+        if args.state:
+            query += f"&state={args.state}"
+        return "GET", f"/tasks{query}", None
+    if action == "show":
+        return "GET", f"/tasks/{args.id}", None
+    if action == "cancel":
+        return "DELETE", f"/tasks/{args.id}", None
+    if action == "retry":
+        body: dict[str, Any] = {"failed": True} if args.failed else {"ids": args.ids}
+        return "POST", "/tasks:retry", body
+    states = [s for s in ("succeeded", "failed", "cancelled") if getattr(args, s)]
+    if args.finished or not states:
+        states = ["succeeded", "failed", "cancelled"]
+    return "POST", "/tasks:purge", {"older_than": args.older_than, "states": states}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as an aligned text table."""
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _human(action: str, payload: Any) -> str:
+    if action == "list":
+        text = table(payload["tasks"], LIST_COLUMNS) if payload["tasks"] else "no tasks"
+        if payload.get("next_after"):
+            text += f"\nmore: --after {payload['next_after']}"
+        return text
+    if action in ("show", "cancel"):
+        width = max(len(k) for k in payload)
+        return "\n".join(
+            f"{k.ljust(width)}  {_cell(v) if k != 'traceback' else v or '-'}"
+            for k, v in payload.items()
+        )
+    if action == "retry":
+        lines = [f"re-queued {len(payload['retried'])} task(s)"]
+        lines += [f"task {k}: {v}" for k, v in payload["errors"].items()]
+        return "\n".join(lines)
+    if action == "purge":
+        return f"purged {payload['purged']} task(s)"
+    workers = payload["workers"]
+    lines = [
+        f"workers  {workers['busy']} busy / {workers['total']} total",
+        "tasks    " + ", ".join(f"{k} {v}" for k, v in payload["tasks"].items()),
+    ]
+    queues = payload.get("queues") or {}
+    if queues:
+        rows = [{"queue": name, **counts} for name, counts in queues.items()]
+        lines += ["", table(rows, ("queue", "queued", "waiting", "running", "retrying"))]
+    return "\n".join(lines)
