@@ -7,15 +7,21 @@ from .errors import (
     Conflict,
     NotSerializable,
     PermanentError,
+    RetryLater,
     ServerBusy,
     ServerClosed,
+    TaskCancelled,
     TaskError,
+    TaskFailed,
     TaskNotFound,
+    TaskOutcomeError,
     TaskServerError,
     ValidationError,
+    WorkerCrashed,
 )
-from .models import ACTIVE, TERMINAL, Event, EventType, Task, TaskState
-from .server import TaskServer
+from .models import ACTIVE, TERMINAL, Event, EventType, RetryPolicy, Task, TaskState
+from .options import TaskSpec
+from .server import Submitted, TaskServer
 from .workers import ProcessTaskContext, SyncTaskContext, TaskContext
 
 __version__ = "0.1.0"
@@ -31,18 +37,26 @@ __all__ = [
     "NotSerializable",
     "PermanentError",
     "ProcessTaskContext",
+    "RetryLater",
+    "RetryPolicy",
     "ServerBusy",
     "ServerClosed",
     "Settings",
+    "Submitted",
     "SyncTaskContext",
     "Task",
+    "TaskCancelled",
     "TaskContext",
     "TaskError",
+    "TaskFailed",
     "TaskNotFound",
+    "TaskOutcomeError",
     "TaskServer",
     "TaskServerError",
+    "TaskSpec",
     "TaskState",
     "ValidationError",
+    "WorkerCrashed",
     "attach",
     "create_app",
     "load_settings",
