@@ -1,0 +1,357 @@
+"""In-process measurements: durable task throughput and enqueue→finish latency, with baselines.
+
+Run by ``bench.py`` as ``python -m benchmarks.inproc SCENARIO ...``, one fresh
+process per scenario, so each figure gets its own peak RSS and no scenario
+inherits another's heap. Prints one ``BENCH-RESULT {json}`` line.
+
+Scenarios:
+
+``throughput``
+    ``TaskServer`` with an ``async`` no-op ``task`` callback: ``--producers``
+    coroutines each loop on ``await server.task(data)`` until ``--tasks`` are
+    issued; the clock stops when the ``finish`` callback has run for all of them.
+    So a task counts once it was committed (queued), run, and finished.
+``baseline-throughput``
+    The same number of rows written by a bare aiosqlite loop: ``executemany`` of
+    ``--batch`` rows, one ``BEGIN IMMEDIATE … COMMIT`` per batch, WAL,
+    ``synchronous=NORMAL``. It does no work besides inserting one row per task,
+    so it bounds what SQLite-through-aiosqlite can take on this machine.
+``latency``
+    At low load, the time from calling ``server.task(data)`` to its ``finish``
+    callback running, per task; first with one task in flight at a time, then
+    open-loop at ``--rate`` tasks/s (measured from each task's scheduled start, so
+    a stall is not hidden). Baseline: one aiosqlite ``INSERT`` plus ``commit()``
+    round trip in the same process and conditions, the least a durable enqueue
+    can cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from taskserver import Settings, TaskContext, TaskServer
+
+from .common import cpu_seconds_self, emit, now, peak_rss_self, percentile, run
+
+#: A schema like the product's ``tasks`` table (same columns and state index).
+BASELINE_SCHEMA = (
+    """CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY, state TEXT NOT NULL, data TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL, timeout REAL,
+        progress REAL, message TEXT, result TEXT, error TEXT, traceback TEXT,
+        finish_error TEXT, created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+        updated_at REAL NOT NULL)""",
+    "CREATE INDEX tasks_by_state ON tasks (state, id)",
+)
+BASELINE_INSERT = (
+    "INSERT INTO tasks (id, state, data, attempts, max_attempts, timeout, created_at, updated_at)"
+    " VALUES (?, 'queued', ?, 0, 1, NULL, ?, ?)"
+)
+
+
+def _settings(db: str, workers: int) -> Settings:
+    return Settings(db=db, task_workers=workers, port=0, synchronous="NORMAL", grace_period=5.0)
+
+
+class Finishes:
+    """Counts ``finish`` callbacks and wakes whoever waits for a given count."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._target = -1
+        self._reached: asyncio.Event = asyncio.Event()
+        #: ``data["seq"]`` -> future resolved with the time ``finish`` ran (latency runs).
+        self.waiting: dict[int, asyncio.Future[float]] = {}
+
+    async def task(self, ctx: TaskContext) -> None:
+        """The ``task`` callback: an ``async`` no-op."""
+
+    async def finish(self, ctx: TaskContext, result: Any) -> None:
+        """The ``finish`` callback: count, and resolve the latency waiter of this task."""
+        self.count += 1
+        if self.count == self._target:
+            self._reached.set()
+        if self.waiting:
+            future = self.waiting.pop(ctx.data["seq"], None)
+            if future is not None and not future.done():
+                future.set_result(now())
+
+    async def until(self, target: int, timeout: float) -> bool:
+        """Wait until ``target`` finishes were counted; ``False`` on timeout."""
+        if self.count >= target:
+            return True
+        self._target = target
+        self._reached.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._reached.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+async def _start_server(db: str, workers: int, finishes: Finishes) -> TaskServer:
+    server = TaskServer(_settings(db, workers))
+    server.on("task", finishes.task)
+    server.on("finish", finishes.finish)
+    await server.start()
+    return server
+
+
+async def taskserver_throughput(
+    db: str, *, tasks: int, producers: int, workers: int, warmup: int, time_limit: float
+) -> dict[str, Any]:
+    """Durable no-op tasks per second, ``await server.task()`` to ``finish`` for all."""
+    finishes = Finishes()
+    server = await _start_server(db, workers, finishes)
+    try:
+        issued = 0
+
+        async def produce(limit: int) -> None:
+            nonlocal issued
+            while issued < limit:
+                issued += 1
+                await server.task({"n": issued})
+
+        async def drive(count: int) -> tuple[float, float, bool]:
+            """Issue ``count`` more tasks; seconds to all acked, to all finished, finished?"""
+            target = issued + count
+            start = now()
+            jobs = [asyncio.create_task(produce(target)) for _ in range(producers)]
+            try:
+                async with asyncio.timeout(time_limit):
+                    await asyncio.gather(*jobs)
+            except TimeoutError:
+                for job in jobs:
+                    job.cancel()
+                await asyncio.gather(*jobs, return_exceptions=True)
+                return now() - start, now() - start, False
+            acked = now() - start
+            left = max(0.1, time_limit - acked)
+            ok = await finishes.until(target, left)
+            return acked, now() - start, ok
+
+        if warmup:
+            await drive(warmup)
+        commits_before = server.stats()["commits"]
+        cpu_before = cpu_seconds_self()
+        acked, elapsed, ok = await drive(tasks)
+        cpu = cpu_seconds_self() - cpu_before
+        commits = server.stats()["commits"] - commits_before
+    finally:
+        await server.stop()
+    return {
+        "tasks": tasks,
+        "finished": finishes.count - warmup,
+        "completed": ok,
+        "seconds": elapsed,
+        "per_second": tasks / elapsed if ok else (finishes.count - warmup) / elapsed,
+        "acked_per_second": tasks / acked if ok else None,
+        "commits": commits,
+        "cpu_percent": 100 * cpu / elapsed,
+        "peak_rss": peak_rss_self(),
+    }
+
+
+async def baseline_throughput(
+    db: str, *, tasks: int, batch: int, time_limit: float
+) -> dict[str, Any]:
+    """Rows per second of a bare aiosqlite executemany loop, one commit per ``batch`` rows."""
+    conn = await aiosqlite.connect(db, isolation_level=None)
+    try:
+        for pragma in ("PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL"):
+            await conn.execute(pragma)
+        for statement in BASELINE_SCHEMA:
+            await conn.execute(statement)
+        next_id = 1
+        written = 0
+        cpu_before = cpu_seconds_self()
+        start = now()
+        deadline = start + time_limit
+        while written < tasks and now() < deadline:
+            size = min(batch, tasks - written)
+            at = now()
+            rows = [
+                (next_id + i, orjson.dumps({"n": next_id + i}).decode(), at, at)
+                for i in range(size)
+            ]
+            await conn.execute("BEGIN IMMEDIATE")
+            await conn.executemany(BASELINE_INSERT, rows)
+            await conn.execute("COMMIT")
+            next_id += size
+            written += size
+        elapsed = now() - start
+        cpu = cpu_seconds_self() - cpu_before
+    finally:
+        await conn.close()
+    return {
+        "tasks": tasks,
+        "finished": written,
+        "completed": written == tasks,
+        "seconds": elapsed,
+        "per_second": written / elapsed,
+        "commits": -(-written // batch),
+        "cpu_percent": 100 * cpu / elapsed,
+        "peak_rss": peak_rss_self(),
+    }
+
+
+def _summary(samples: list[float]) -> dict[str, Any]:
+    """p50/p99/max of latencies given in seconds, reported in microseconds."""
+    return {
+        "samples": len(samples),
+        "p50_us": percentile(samples, 50) * 1e6,
+        "p99_us": percentile(samples, 99) * 1e6,
+        "max_us": max(samples) * 1e6 if samples else None,
+    }
+
+
+async def _sample(
+    count: int, time_limit: float, once: Callable[[int], Any], *, warmup: int
+) -> list[float]:
+    """Call ``await once(i)`` (which returns a latency in seconds) ``count`` times, in turn."""
+    samples: list[float] = []
+    deadline = now() + time_limit
+    for i in range(warmup + count):
+        if now() > deadline:
+            break
+        latency = await once(i)
+        if i >= warmup:
+            samples.append(latency)
+    return samples
+
+
+async def latency(
+    db: str, *, samples: int, rate: float, workers: int, time_limit: float
+) -> dict[str, Any]:
+    """Enqueue→finish latency at low load, and the aiosqlite insert+commit round trip."""
+    loop = asyncio.get_running_loop()
+    warmup = max(10, samples // 20)
+    base_db = db + ".baseline"  # beside the server's, in the caller's temporary directory
+    conn = await aiosqlite.connect(base_db)
+    try:
+        for pragma in ("PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL"):
+            await conn.execute(pragma)
+        for statement in BASELINE_SCHEMA:
+            await conn.execute(statement)
+        await conn.commit()
+
+        async def insert_commit(i: int) -> float:
+            start = now()
+            text = orjson.dumps({"seq": i}).decode()
+            await conn.execute(BASELINE_INSERT, (i + 1, text, start, start))
+            await conn.commit()
+            return now() - start
+
+        base = await _sample(samples, time_limit / 3, insert_commit, warmup=warmup)
+    finally:
+        await conn.close()
+
+    finishes = Finishes()
+    server = await _start_server(db, workers, finishes)
+    acks: list[float] = []
+    try:
+
+        async def one(i: int) -> float:
+            future: asyncio.Future[float] = loop.create_future()
+            finishes.waiting[i] = future
+            start = now()
+            await server.task({"seq": i})
+            acks.append(now() - start)
+            async with asyncio.timeout(10):
+                return await future - start
+
+        serial = await _sample(samples, time_limit / 3, one, warmup=warmup)
+        acks = acks[warmup:]
+
+        # Open loop: task i is due at start + i / rate, whatever happened to the others.
+        paced: list[float] = []
+        seq = warmup + samples + 1_000_000
+        count = samples
+        start = now() + 0.01
+        jobs: list[asyncio.Task[None]] = []
+
+        async def due(i: int, at: float) -> None:
+            future: asyncio.Future[float] = loop.create_future()
+            finishes.waiting[i] = future
+            await server.task({"seq": i})
+            paced.append(await future - at)
+
+        for i in range(count):
+            at = start + i / rate
+            wait = at - now()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if now() - start > time_limit / 3:
+                break
+            jobs.append(asyncio.create_task(due(seq + i, at)))
+        async with asyncio.timeout(10):
+            await asyncio.gather(*jobs)
+    finally:
+        await server.stop()
+    return {
+        "serial": _summary(serial),
+        "ack": _summary(acks),
+        "paced": {**_summary(paced), "rate": rate},
+        "baseline": _summary(base),
+        "peak_rss": peak_rss_self(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.inproc")
+    parser.add_argument(
+        "scenario", choices=("throughput", "baseline-throughput", "latency"), help="what to measure"
+    )
+    parser.add_argument("--tasks", type=int, default=50_000)
+    parser.add_argument("--producers", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=2000)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=2000.0)
+    parser.add_argument("--time-limit", type=float, default=60.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="taskserver-bench-") as tmp:
+        db = os.path.join(tmp, "bench.db")
+        result: dict[str, Any]
+        if args.scenario == "throughput":
+            result = run(
+                taskserver_throughput(
+                    db,
+                    tasks=args.tasks,
+                    producers=args.producers,
+                    workers=args.workers,
+                    warmup=args.warmup,
+                    time_limit=args.time_limit,
+                )
+            )
+        elif args.scenario == "baseline-throughput":
+            result = run(
+                baseline_throughput(
+                    db, tasks=args.tasks, batch=args.batch, time_limit=args.time_limit
+                )
+            )
+        else:
+            result = run(
+                latency(
+                    db,
+                    samples=args.samples,
+                    rate=args.rate,
+                    workers=args.workers,
+                    time_limit=args.time_limit,
+                )
+            )
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
