@@ -140,6 +140,35 @@ class Settings:
     log_level: str = _setting(
         "INFO", "logging level", _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     )
+    # --- the Mercure hub at /.well-known/mercure (taskserver/mercure.py) ---
+    mercure_jwt_alg: str = _setting(
+        "HS256", "JWT algorithm of the Mercure keys; tokens must use it", _choice("HS256", "RS256")
+    )
+    mercure_publisher_jwt_key: str = _setting(
+        "",
+        "Mercure publisher key: HS256 secret, or RS256 public key as PEM text or a PEM file path",
+    )
+    mercure_subscriber_jwt_key: str = _setting(
+        "", "Mercure subscriber key, same forms (empty: the publisher key)"
+    )
+    mercure_anonymous: bool = _setting(
+        False, "let Mercure subscribers without a token connect (public updates only)"
+    )
+    mercure_cors_origins: str = _setting(
+        "", "origins allowed to use the hub cross-origin, space or comma separated ('*': any)"
+    )
+    mercure_publish_origins: str = _setting(
+        "", "origins allowed to publish with the cookie, space or comma separated ('*': any)"
+    )
+    mercure_cookie_name: str = _setting(
+        "mercureAuthorization", "cookie holding a Mercure token for browsers"
+    )
+    mercure_private_tasks: bool = _setting(
+        False, "send task events to Mercure subscribers authorized for the task's topic only"
+    )
+    mercure_subscriptions: bool = _setting(
+        True, "serve the Mercure subscriptions API (/.well-known/mercure/subscriptions)"
+    )
 
     @property
     def public_url(self) -> str:
@@ -148,6 +177,10 @@ class Settings:
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+#: Booleans as written in the environment or on the command line (TOML has its own).
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _type_of(name: str) -> str:
@@ -167,6 +200,13 @@ def coerce(name: str, value: Any, source: str) -> Any:
             if "None" not in kind:
                 raise ValueError
             converted: Any = None
+        elif kind == "bool":
+            if isinstance(value, bool):
+                converted = value
+            elif isinstance(value, str) and value.strip().lower() in _BOOLS:
+                converted = _BOOLS[value.strip().lower()]
+            else:
+                raise ValueError
         elif kind == "int":
             if isinstance(value, bool | float):
                 raise ValueError
