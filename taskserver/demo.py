@@ -1,7 +1,8 @@
 """The built-in demo, served when ``taskserver run`` is given no ``--app``.
 
-A page at ``/`` with a button that starts a task: a few seconds of work that
-reports progress, its row updating live over ``EventSource``.
+A live dashboard at ``/`` (``static/dashboard.*``): counts, running tasks,
+recent tasks and failures, updated over ``EventSource``, and a button that
+starts a task: a few seconds of work that reports progress.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +21,8 @@ from .workers import TaskContext
 
 log = logging.getLogger(__name__)
 
+#: The dashboard's HTML, CSS and JS, served under ``/static/``.
+STATIC = Path(__file__).with_name("static")
 #: Steps a demo task takes; each reports progress.
 STEPS = 10
 
@@ -41,12 +45,13 @@ async def demo_finish(ctx: TaskContext, result: Any) -> None:
 
 
 async def index(request: web.Request) -> web.Response:
-    page = resources.files("taskserver").joinpath("static/demo.html").read_text("utf-8")
+    page = resources.files("taskserver").joinpath("static/dashboard.html").read_text("utf-8")
     return web.Response(text=page, content_type="text/html")
 
 
 def setup(server: TaskServer, app: web.Application) -> None:
-    """Register the demo callbacks and the page at ``/``."""
+    """Register the demo callbacks, the dashboard at ``/`` and its files under ``/static/``."""
     server.on("task", demo_task)
     server.on("finish", demo_finish)
     app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC)
