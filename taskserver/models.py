@@ -139,7 +139,7 @@ class Task:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every state change, and frozen is slower
 class Event:
     """One stored event: a task's state change, or an update published to the Mercure hub.
 

@@ -175,6 +175,35 @@ UPSERT_SCHEDULE = (
 )
 
 
+def insert_many(
+    prefix: str, width: int, rows: list[tuple[Any, ...]]
+) -> list[tuple[str, list[Any]]]:
+    """Multi-row ``INSERT`` statements for ``rows``: ``(sql, flat parameters)`` pairs.
+
+    One statement per up to ``ROWS_PER_INSERT`` rows instead of one step per row:
+    fewer round trips between the writer thread and the GIL, which the event
+    loop's thread holds most of the time.
+    """
+    out: list[tuple[str, list[Any]]] = []
+    one = "(" + ", ".join("?" * width) + ")"
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[start : start + ROWS_PER_INSERT]
+        params = [value for row in chunk for value in row]
+        out.append((f"{prefix} VALUES {', '.join([one] * len(chunk))}", params))
+    return out
+
+
+#: Rows per multi-row INSERT; 500 x 14 parameters stays under SQLite's 32,766.
+ROWS_PER_INSERT = 500
+INSERT_TASK_PREFIX = (
+    "INSERT INTO tasks (id, state, name, queue, priority, serial_group, unique_key, data,"
+    " max_attempts, timeout, retry, created_at, available_at, updated_at)"
+)
+INSERT_EVENT_PREFIX = (
+    "INSERT INTO events (id, task_id, type, data, topics, private, uid, retry, at)"
+)
+
+
 def dumps(value: Any) -> str:
     """JSON text of ``value`` (raises ``TypeError`` when it cannot be encoded)."""
     return orjson.dumps(value).decode()
@@ -184,8 +213,8 @@ def event_json(task: Task, type_: EventType, extra: dict[str, Any] | None, now: 
     """The stored and pushed payload of one event about ``task``."""
     payload: dict[str, Any] = {
         "task_id": task.id,
-        "type": type_.value,
-        "state": task.state.value,
+        "type": type_,
+        "state": task.state,
         "attempt": task.attempts,
         "queue": task.queue,
         "at": now,
@@ -234,7 +263,7 @@ def insert_row(task: Task, data_text: str) -> tuple[Any, ...]:
     retry = dumps(task.retry.to_json()) if task.retry else None
     return (
         task.id,
-        task.state.value,
+        task.state,
         task.name,
         task.queue,
         task.priority,
@@ -253,7 +282,7 @@ def insert_row(task: Task, data_text: str) -> tuple[Any, ...]:
 def update_row(task: Task, result_text: str | None) -> tuple[Any, ...]:
     """Parameters of ``UPDATE_TASK``: the task's whole mutable state."""
     return (
-        task.state.value,
+        task.state,
         task.attempts,
         task.progress,
         task.message,

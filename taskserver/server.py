@@ -36,7 +36,7 @@ from .errors import (
 )
 from .events import EventHub, Subscription
 from .models import TERMINAL, TERMINAL_EVENTS, Event, EventType, RetryPolicy, Task, TaskState
-from .options import Defaults, TaskSpec, prepare
+from .options import Defaults, TaskSpec, encode_payload, prepare
 from .periodic import Schedule
 from .ready import ReadyQueue
 from .store import Committed, NewTask, Store
@@ -101,6 +101,8 @@ class TaskServer:
         self._unique_by_id: dict[int, str] = {}
         self._due_wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        #: a task with no options, resolved once (``_prepare``'s fast path)
+        self._plain: NewTask | None = None
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else ("running" if self._started else "idle")
@@ -168,6 +170,7 @@ class TaskServer:
         if concurrency is not None and concurrency < 1:
             raise ConfigError(f"queue {name!r}: concurrency must be at least 1")
         self._ready.configure(name, priority=priority, concurrency=concurrency)
+        self._plain = None
         self._queue_defaults[name] = Defaults(
             max_attempts=max_attempts, timeout=timeout, retry=retry
         )
@@ -183,6 +186,7 @@ class TaskServer:
         retry: RetryPolicy | None = None,
     ) -> None:
         """Defaults for tasks enqueued with ``name=name``; call options override them."""
+        self._plain = None
         self._name_defaults[name] = Defaults(
             queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout, retry=retry
         )
@@ -326,6 +330,29 @@ class TaskServer:
         return self.store
 
     def _prepare(self, spec: TaskSpec, where: str = "") -> NewTask:
+        if not spec.options:
+            # The common case: no options. Resolve the defaults once, encode the data only.
+            if self._plain is None:
+                self._plain = self._resolve(TaskSpec(None), where)
+            text, value = encode_payload(spec.data)
+            p = self._plain
+            return NewTask(
+                text,
+                value,
+                p.max_attempts,
+                p.timeout,
+                p.queue,
+                p.priority,
+                None,
+                None,
+                None,
+                None,
+                p.retry,
+                None,
+            )
+        return self._resolve(spec, where)
+
+    def _resolve(self, spec: TaskSpec, where: str) -> NewTask:
         name_defaults = self._name_defaults.get(spec.options.get("name") or "")
         queue = spec.options.get("queue") or (name_defaults.queue if name_defaults else None)
         return prepare(
@@ -351,7 +378,16 @@ class TaskServer:
 
     async def task(self, data: Any, **options: Any) -> int:
         """Enqueue one task and return its id once it is durable. Options as ``submit``."""
-        return (await self._insert([TaskSpec(data, options)]))[0].id
+        spec = TaskSpec(data, options)
+        if "unique_key" in options:
+            return (await self._insert([spec]))[0].id
+        # The hot path: one task, no uniqueness to check.
+        item = self._prepare(spec)
+        tasks, committed = self._admit(1).insert_tasks((item,))
+        task = tasks[0]
+        self._counts[task.state] += 1
+        await asyncio.shield(committed)
+        return task.id
 
     async def task_many(self, items: Iterable[Any], **options: Any) -> list[Submitted]:
         """Enqueue many tasks in one transaction: all or none.

@@ -29,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +60,16 @@ class Committed:
     retried: list[int]
     #: new tasks that are not ready yet (delayed): the scheduler may need to wake.
     delayed: bool
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the writer thread did with a batch (the loop resolves the futures)."""
+
+    committed: Committed = field(default_factory=lambda: Committed([], [], [], [], False))
+    changed: list[bool] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    pages: list[list[Task]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -103,7 +115,7 @@ class _Batch:
         return len(self.inserts) + len(self.updates) + len(self.events)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewTask:
     """A validated task to insert: JSON text of its data and everything resolved."""
 
@@ -143,7 +155,11 @@ class Store:
         self._max_pending = max_pending_writes
         self._on_commit = on_commit or (lambda committed: None)
         self._clock = clock
-        self._db: aiosqlite.Connection | None = None
+        # The writer's connection is used only on the writer thread, so one batch is
+        # one thread hop (aiosqlite would hop once per statement; on a busy loop
+        # every hop waits for a loop iteration). Reads use aiosqlite.
+        self._conn: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
         self._next_task_id = 1
         self._next_event_id = 1
@@ -158,32 +174,38 @@ class Store:
 
     def __repr__(self) -> str:
         pending = len(self._batch) if self._batch else 0
-        state = "closing" if self._closing else ("open" if self._db else "closed")
+        state = "closing" if self._closing else ("open" if self._conn else "closed")
         return f"<Store {self.path!r} {state} pending={pending} commits={self.commits}>"
 
     # --- lifecycle ----------------------------------------------------------
 
     async def open(self) -> None:
         """Connect, migrate, load the id counters, recover dead work and start the writer."""
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        for pragma in (*sql.PRAGMAS, f"PRAGMA synchronous = {self._synchronous}"):
-            await self._db.execute(pragma)
-        await self._migrate(self._db)
-        if self.path == ":memory:":
-            self._reader = self._db  # a second connection would open another, empty database
-        else:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="taskserver-writer")
+        await self._in_writer(self._open_sync)
+        if self.path != ":memory:":  # a second connection to :memory: is another database
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in (*sql.PRAGMAS, "PRAGMA query_only = 1"):
                 await self._reader.execute(pragma)
-        for query, attr in (
-            ("SELECT coalesce(max(id), 0) FROM tasks", "_next_task_id"),
-            ("SELECT coalesce(max(id), 0) FROM events", "_next_event_id"),
-        ):
-            rows = list(await self._db.execute_fetchall(query))
-            setattr(self, attr, int(rows[0][0]) + 1)
-        await self._recover(self._db)
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop(), name="taskserver-store-writer")
+
+    async def _in_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _open_sync(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        for pragma in (*sql.PRAGMAS, f"PRAGMA synchronous = {self._synchronous}"):
+            conn.execute(pragma)
+        self._migrate(conn)
+        self._next_task_id = (
+            conn.execute("SELECT coalesce(max(id), 0) FROM tasks").fetchone()[0] + 1
+        )
+        self._next_event_id = (
+            conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0] + 1
+        )
+        self._recover(conn)
+        self._conn = conn
 
     async def close(self) -> None:
         """Commit whatever is pending, stop the writer and close the connections."""
@@ -192,42 +214,44 @@ class Store:
         if self._writer is not None:
             await self._writer
             self._writer = None
-        if self._reader is not None and self._reader is not self._db:
+        if self._reader is not None:
             await self._reader.close()
-        if self._db is not None:
-            await self._db.close()
-        self._db = self._reader = None
+            self._reader = None
+        if self._conn is not None:
+            await self._in_writer(self._conn.close)
+            self._conn = None
+        if self._thread is not None:
+            self._thread.shutdown()
+            self._thread = None
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        rows = list(await db.execute_fetchall("PRAGMA user_version"))
-        version = int(rows[0][0])
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
         if version > len(sql.MIGRATIONS):
             raise RuntimeError(
                 f"{self.path} has schema version {version}, newer than this taskserver knows "
                 f"({len(sql.MIGRATIONS)}); upgrade taskserver"
             )
         for number, script in enumerate(sql.MIGRATIONS[version:], start=version + 1):
-            await db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             for statement in filter(str.strip, script.split(";")):
-                await db.execute(statement)
-            await db.execute(f"PRAGMA user_version = {number}")
-            await db.execute("COMMIT")
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+            db.execute("COMMIT")
             log.info("migrated %s to schema version %d", self.path, number)
 
-    async def _recover(self, db: aiosqlite.Connection) -> None:
+    def _recover(self, db: sqlite3.Connection) -> None:
         """Return tasks a dead process left ``running`` to ``queued``; fail those out of attempts.
 
         The attempt they were on was counted when they started, so a task that
         kills the process every time ends ``failed`` after ``max_attempts``. Runs
         in ``open`` before the writer starts, in one transaction with its events.
         """
-        rows = list(await db.execute_fetchall(sql.SELECT_RUNNING))
+        rows = db.execute(sql.SELECT_RUNNING).fetchall()
         if not rows:
             return
         now = self._clock()
         error = "the server stopped while the task ran, and no attempts are left"
-        updates: list[tuple[str, tuple[Any, ...]]] = []
-        events: list[tuple[Any, ...]] = []
+        db.execute("BEGIN IMMEDIATE")
         extra: dict[str, Any]
         for task_id, attempts, max_attempts in rows:
             out_of_attempts = attempts >= max_attempts
@@ -243,22 +267,18 @@ class Store:
             )
             if out_of_attempts:
                 self.recovered_failed += 1
-                updates.append((sql.RECOVER_FAILED, (error, now, now, task_id)))
+                db.execute(sql.RECOVER_FAILED, (error, now, now, task_id))
                 type_, extra = EventType.FAILED, {"error": error}
             else:
                 self.recovered_queued += 1
-                updates.append((sql.RECOVER_QUEUED, (now, now, task_id)))
+                db.execute(sql.RECOVER_QUEUED, (now, now, task_id))
                 type_, extra = EventType.QUEUED, {"recovered": True}
             event = Event(
-                self._next_event_id, task_id, type_.value, sql.event_json(stub, type_, extra, now)
+                self._next_event_id, task_id, type_, sql.event_json(stub, type_, extra, now)
             )
-            events.append(sql.event_row(event, now))
+            db.execute(sql.INSERT_EVENT, sql.event_row(event, now))
             self._next_event_id += 1
-        await db.execute("BEGIN IMMEDIATE")
-        for statement, params in updates:
-            await db.execute(statement, params)
-        await db.executemany(sql.INSERT_EVENT, events)
-        await db.execute("COMMIT")
+        db.execute("COMMIT")
         log.warning(
             "recovered tasks left running: %d re-queued, %d failed (no attempts left)",
             self.recovered_queued,
@@ -285,9 +305,7 @@ class Store:
         self, batch: _Batch, task: Task, type_: EventType, extra: dict[str, Any] | None, now: float
     ) -> None:
         batch.events.append(
-            Event(
-                self._next_event_id, task.id, type_.value, sql.event_json(task, type_, extra, now)
-            )
+            Event(self._next_event_id, task.id, type_, sql.event_json(task, type_, extra, now))
         )
         self._next_event_id += 1
 
@@ -513,10 +531,9 @@ class Store:
                     return
                 continue
             try:
-                committed = await self._commit(batch)
+                outcome = await self._in_writer(self._commit_sync, batch)
             except Exception as exc:
                 log.exception("commit of %d writes failed", len(batch))
-                await self._rollback()
                 for cond in batch.conditionals:
                     if not cond.future.done():
                         cond.future.set_exception(exc)
@@ -528,88 +545,97 @@ class Store:
                 batch.future.exception()
                 continue
             self.commits += 1
+            for cond, changed in zip(batch.conditionals, outcome.changed, strict=True):
+                cond.future.set_result(changed)
+            for ex, count in zip(batch.execs, outcome.counts, strict=True):
+                ex.future.set_result(count)
             try:
-                self._on_commit(committed)
+                self._on_commit(outcome.committed)
             except Exception:
                 log.exception("on_commit hook failed")
-            for page in batch.pages:
-                await self._deliver(page)
+            for page, tasks in zip(batch.pages, outcome.pages, strict=True):
+                try:
+                    page.deliver(tasks)
+                except Exception:
+                    log.exception("delivering tasks read for the scheduler failed")
             batch.future.set_result(None)
 
-    async def _commit(self, batch: _Batch) -> Committed:
-        db = self._db
+    def _commit_sync(self, batch: _Batch) -> _Outcome:
+        # On the writer thread: the whole batch, one transaction, then the reads
+        # the batch asked for (so they see exactly what on_commit will reflect).
+        db = self._conn
         assert db is not None
-        cancelled: list[int] = []
-        retried: list[int] = []
         now = self._clock()
-        await db.execute("BEGIN IMMEDIATE")
-        if batch.inserts:
-            await db.executemany(sql.INSERT_TASK, batch.inserts)
-        if batch.updates:
-            await db.executemany(sql.UPDATE_TASK, list(batch.updates.values()))
-        for statement, params in batch.statements:
-            await db.execute(statement, params)
-        events = batch.events
-        moved: list[tuple[_Conditional, bool]] = []
-        for op in batch.conditionals:
-            cursor = await db.execute(op.sql, op.params)
-            changed = cursor.rowcount == 1
-            moved.append((op, changed))
-            if changed:
-                (cancelled if op.state is TaskState.CANCELLED else retried).append(op.task_id)
-                stub = Task(
-                    id=op.task_id,
-                    data=None,
-                    state=op.state,
-                    max_attempts=1,
-                    timeout=None,
-                    created_at=now,
-                    updated_at=now,
-                )
-                events.append(
-                    Event(
-                        op.event_id,
-                        op.task_id,
-                        op.type.value,
-                        sql.event_json(stub, op.type, op.extra, now),
-                    )
-                )
-        counts: list[int] = []
-        for ex in batch.execs:
-            total = 0
-            for statement, params in ex.statements:
-                cursor = await db.execute(statement, params)
-                total = max(0, cursor.rowcount)
-            counts.append(total)
-        if events:
-            events.sort(key=lambda e: e.id)
-            await db.executemany(sql.INSERT_EVENT, [sql.event_row(e, now) for e in events])
-        await db.execute("COMMIT")
-        for op, changed in moved:
-            op.future.set_result(changed)
-        for ex, count in zip(batch.execs, counts, strict=True):
-            ex.future.set_result(count)
-        return Committed(batch.ready, events, cancelled, retried, batch.delayed)
-
-    async def _rollback(self) -> None:
-        if self._db is not None:
-            with contextlib.suppress(Exception):
-                await self._db.execute("ROLLBACK")
-
-    async def _deliver(self, page: _Page) -> None:
-        assert self._db is not None
+        outcome = _Outcome()
+        cancelled, retried = outcome.committed.cancelled, outcome.committed.retried
         try:
-            rows = await self._db.execute_fetchall(page.sql, page.params)
-            page.deliver([sql.task_from_row(r) for r in rows])
-        except Exception:
-            log.exception("reading tasks for the scheduler failed")
+            db.execute("BEGIN IMMEDIATE")
+            for statement, values in sql.insert_many(sql.INSERT_TASK_PREFIX, 14, batch.inserts):
+                db.execute(statement, values)
+            if batch.updates:
+                db.executemany(sql.UPDATE_TASK, list(batch.updates.values()))
+            for statement, params in batch.statements:
+                db.execute(statement, params)
+            events = batch.events
+            for op in batch.conditionals:
+                changed = db.execute(op.sql, op.params).rowcount == 1
+                outcome.changed.append(changed)
+                if changed:
+                    (cancelled if op.state is TaskState.CANCELLED else retried).append(op.task_id)
+                    stub = Task(
+                        id=op.task_id,
+                        data=None,
+                        state=op.state,
+                        max_attempts=1,
+                        timeout=None,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    events.append(
+                        Event(
+                            op.event_id,
+                            op.task_id,
+                            op.type,
+                            sql.event_json(stub, op.type, op.extra, now),
+                        )
+                    )
+            for ex in batch.execs:
+                count = 0
+                for statement, params in ex.statements:
+                    count = max(0, db.execute(statement, params).rowcount)
+                outcome.counts.append(count)
+            if events:
+                events.sort(key=lambda e: e.id)
+                rows = [sql.event_row(e, now) for e in events]
+                for statement, values in sql.insert_many(sql.INSERT_EVENT_PREFIX, 9, rows):
+                    db.execute(statement, values)
+            db.execute("COMMIT")
+        except BaseException:
             with contextlib.suppress(Exception):
-                page.deliver([])
+                db.execute("ROLLBACK")
+            raise
+        outcome.committed.ready = batch.ready
+        outcome.committed.events = batch.events
+        outcome.committed.delayed = batch.delayed
+        for page in batch.pages:
+            try:
+                rows = db.execute(page.sql, page.params).fetchall()
+                outcome.pages.append([sql.task_from_row(r) for r in rows])
+            except Exception:
+                log.exception("reading tasks for the scheduler failed")
+                outcome.pages.append([])
+        return outcome
 
     # --- reads ----------------------------------------------------------------
 
     async def _fetch(self, query: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        assert self._reader is not None
+        if self._reader is None:  # :memory: — the writer's connection is the only one
+
+            def read() -> list[Any]:
+                assert self._conn is not None
+                return self._conn.execute(query, params).fetchall()
+
+            return list(await self._in_writer(read))
         return list(await self._reader.execute_fetchall(query, params))
 
     async def get_task(self, task_id: int) -> Task | None:

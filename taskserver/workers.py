@@ -394,20 +394,25 @@ class WorkerPool:
     async def _call(
         self, cb: Callback, task: Task, worker_id: int, timeout: float | None, *args: Any
     ) -> Any:
-        async with asyncio.timeout(timeout or None):
-            if cb.kind == "async":
-                return await cb.fn(TaskContext(task, worker_id, self._progress), *args)
-            if cb.kind == "process":
-                assert self._slots is not None
-                ctx = ProcessTaskContext(task.id, task.data, task.attempts, worker_id)
-                return await self._slots.run(_run_in_process, cb.fn, ctx, *args)
-            loop = asyncio.get_running_loop()
-            sync_ctx = SyncTaskContext(task, worker_id, self._progress, loop)
-            try:
-                return await loop.run_in_executor(self._threads, cb.fn, sync_ctx, *args)
-            except asyncio.CancelledError:
-                sync_ctx.cancelled = True
-                raise
+        if not timeout:  # the common case skips the timeout machinery
+            return await self._invoke(cb, task, worker_id, *args)
+        async with asyncio.timeout(timeout):
+            return await self._invoke(cb, task, worker_id, *args)
+
+    async def _invoke(self, cb: Callback, task: Task, worker_id: int, *args: Any) -> Any:
+        if cb.kind == "async":
+            return await cb.fn(TaskContext(task, worker_id, self._progress), *args)
+        if cb.kind == "process":
+            assert self._slots is not None
+            ctx = ProcessTaskContext(task.id, task.data, task.attempts, worker_id)
+            return await self._slots.run(_run_in_process, cb.fn, ctx, *args)
+        loop = asyncio.get_running_loop()
+        sync_ctx = SyncTaskContext(task, worker_id, self._progress, loop)
+        try:
+            return await loop.run_in_executor(self._threads, cb.fn, sync_ctx, *args)
+        except asyncio.CancelledError:
+            sync_ctx.cancelled = True
+            raise
 
     def _postpone(self, task: Task, delay: float) -> None:
         # RetryLater: wait without spending an attempt.

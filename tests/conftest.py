@@ -215,13 +215,13 @@ def run_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     def start(*args: str, env: dict[str, str] | None = None, timeout: float = 20.0
               ) -> ServerProcess:
         log = tmp_path / f"server-{len(procs)}.log"
-        out = log.open("w")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
                     **(env or {})}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "taskserver", "run", "--port", "0", *args],
-            stdout=out, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=tmp_path,
-        )
+        with log.open("w") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "taskserver", "run", "--port", "0", *args],
+                stdout=out, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=tmp_path,
+            )
         import time
 
         deadline = time.monotonic() + timeout
