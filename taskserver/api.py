@@ -275,7 +275,8 @@ async def admin_purge(request: web.Request) -> web.Response:
 
 
 async def list_tasks(request: web.Request) -> web.Response:
-    """``GET /tasks?state=&limit=&after=`` → one page and the cursor to the next."""
+    """``GET /tasks?state=&limit=&after=`` (or ``order=desc&before=``) → one page and the
+    cursor to the next."""
     server = request.app[SERVER]
     state_raw = request.query.get("state")
     state = None
@@ -288,14 +289,21 @@ async def list_tasks(request: web.Request) -> web.Response:
                 field="state",
             ) from None
     limit = int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    after = int_param(request, "after", 0, 0, 2**62)
-    tasks = await server.list_tasks(state=state, after=after, limit=limit)
-    next_after = tasks[-1].id if len(tasks) == limit else None
+    order = request.query.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise ValidationError(f"order must be asc or desc, got {order!r}", field="order")
+    cursor = "after" if order == "asc" else "before"
+    if order == "asc":
+        after, before = int_param(request, "after", 0, 0, 2**62), None
+    else:
+        after, before = 0, int_param(request, "before", 2**62, 1, 2**62)
+    tasks = await server.list_tasks(state=state, after=after, limit=limit, before=before)
+    next_cursor = tasks[-1].id if len(tasks) == limit else None
     next_url = None
-    if next_after is not None:
-        next_url = str(request.rel_url.update_query({"after": str(next_after)}))
+    if next_cursor is not None:
+        next_url = str(request.rel_url.update_query({cursor: str(next_cursor)}))
     return json_response(
-        {"tasks": [t.to_json() for t in tasks], "next_after": next_after, "next": next_url}
+        {"tasks": [t.to_json() for t in tasks], f"next_{cursor}": next_cursor, "next": next_url}
     )
 
 

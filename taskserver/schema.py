@@ -117,6 +117,10 @@ SELECT_DUE = (
 )
 SELECT_NEXT_DUE = "SELECT min(available_at) FROM tasks WHERE state IN ('waiting', 'retrying')"
 SELECT_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id > ? ORDER BY id LIMIT ?"
+SELECT_TASKS_DESC = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id < ? ORDER BY id DESC LIMIT ?"
+SELECT_TASKS_BY_STATE_DESC = (
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? AND id < ? ORDER BY id DESC LIMIT ?"
+)
 SELECT_TASKS_BY_STATE = (
     f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? AND id > ? ORDER BY id LIMIT ?"
 )

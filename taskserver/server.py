@@ -469,10 +469,15 @@ class TaskServer:
         return task
 
     async def list_tasks(
-        self, *, state: TaskState | None = None, after: int = 0, limit: int = 100
+        self,
+        *,
+        state: TaskState | None = None,
+        after: int = 0,
+        limit: int = 100,
+        before: int | None = None,
     ) -> list[Task]:
-        """One page of tasks in id order, ids above ``after``."""
-        return await self.store.list_tasks(state=state, after=after, limit=limit)
+        """One page of tasks: ids above ``after`` in id order, or below ``before`` newest first."""
+        return await self.store.list_tasks(state=state, after=after, limit=limit, before=before)
 
     async def cancel(self, task_id: int) -> Task:
         """Cancel a task that has not ended and return it, cancelled.

@@ -643,12 +643,20 @@ class Store:
         rows = await self._fetch(sql.SELECT_TASK, (task_id,))
         return sql.task_from_row(rows[0]) if rows else None
 
-    async def list_tasks(self, *, state: TaskState | None, after: int, limit: int) -> list[Task]:
-        """Up to ``limit`` committed tasks with ids above ``after``, in id order."""
-        if state is None:
+    async def list_tasks(
+        self, *, state: TaskState | None, after: int, limit: int, before: int | None = None
+    ) -> list[Task]:
+        """Up to ``limit`` committed tasks: ids above ``after`` in id order, or, with
+        ``before``, ids below it newest first."""
+        if before is not None:
+            if state is None:
+                rows = await self._fetch(sql.SELECT_TASKS_DESC, (before, limit))
+            else:
+                rows = await self._fetch(sql.SELECT_TASKS_BY_STATE_DESC, (state, before, limit))
+        elif state is None:
             rows = await self._fetch(sql.SELECT_TASKS, (after, limit))
         else:
-            rows = await self._fetch(sql.SELECT_TASKS_BY_STATE, (state.value, after, limit))
+            rows = await self._fetch(sql.SELECT_TASKS_BY_STATE, (state, after, limit))
         return [sql.task_from_row(r) for r in rows]
 
     async def ids_in_state(self, state: TaskState, limit: int) -> list[int]:
