@@ -360,10 +360,7 @@ async def all_events(request: web.Request) -> web.StreamResponse:
 async def stats(request: web.Request) -> web.Response:
     """``GET /stats`` → worker and task counters, and active tasks per queue."""
     server = request.app[SERVER]
-    body = server.stats()
-    for name, counts in (await server.queue_stats()).items():
-        body["queues"].setdefault(name, {}).update(counts)
-    return json_response(body)
+    return json_response({**server.stats(), "queues": await server.queue_stats()})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -50,6 +50,8 @@ CALLBACKS = ("task", "finish", "before", "after", "error")
 
 #: Waiters for task outcomes (``wait``, ``cancel``) held at once; past it, ServerBusy.
 MAX_WAITERS = 100_000
+#: Active states in the order people read them.
+ACTIVE_ORDER = (TaskState.QUEUED, TaskState.WAITING, TaskState.RUNNING, TaskState.RETRYING)
 #: Due tasks promoted per writer round.
 DUE_PAGE = 1_000
 
@@ -632,13 +634,21 @@ class TaskServer:
             "last_event_id": self._store.last_event_id if self._store else 0,
         }
 
-    async def queue_stats(self) -> dict[str, dict[str, int]]:
-        """Tasks that have not ended, per queue and state, from the store."""
+    async def queue_stats(self) -> dict[str, dict[str, Any]]:
+        """Per queue: tasks that have not ended, by state (from the store; zeros included),
+        and the queue's priority, concurrency limit and what it holds in memory."""
         counts = await self.store.count_by_queue()
-        return {
-            queue: {state.value: n for state, n in by_state.items()}
-            for queue, by_state in counts.items()
-        }
+        memory = self._ready.snapshot()
+        out: dict[str, dict[str, Any]] = {}
+        for name in sorted(set(counts) | set(memory)):
+            by_state = counts.get(name, {})
+            row: dict[str, Any] = {state.value: by_state.get(state, 0) for state in ACTIVE_ORDER}
+            held = memory.get(name)
+            if held is not None:
+                row["running"] = held["running"]  # live, where the store lags a commit
+                row.update({k: v for k, v in held.items() if k != "running"})
+            out[name] = row
+        return out
 
     # --- events --------------------------------------------------------------------
 

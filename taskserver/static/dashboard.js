@@ -13,14 +13,11 @@ const RECENT_LIMIT = 50;
 const FAILURE_LIMIT = 10;
 /** The API's largest page (MAX_PAGE in api.py). */
 const PAGE = 1000;
-/** Upper bound on requests spent finding the newest tasks in a sparse id range. */
-const MAX_PROBES = 64;
 /** At most one /stats request per this many ms, however fast events come. */
 const STATS_THROTTLE_MS = 250;
 /** Back-off before re-opening a stream the browser gave up on (it retries by itself otherwise). */
 const RECONNECT_MS = [1000, 2000, 5000, 10000];
 
-const STATES = ["queued", "waiting", "running", "retrying", "succeeded", "failed", "cancelled"];
 const ACTIVE = new Set(["queued", "waiting", "running", "retrying"]);
 const RETRYABLE = new Set(["failed", "cancelled"]);
 const EVENT_TYPES = [
@@ -71,49 +68,12 @@ function tasksUrl(state, after, limit) {
   return `/tasks?${query}`;
 }
 
-/**
- * The `want` newest tasks (optionally in one state), oldest first.
- *
- * GET /tasks pages upwards from a cursor, so "the newest" means finding a cursor
- * near the end. Ids are distinct positive integers, so of `count` tasks the
- * want-th newest has an id of at least count - want + 1: starting there skips
- * only older tasks, and on a dense table (the usual case) one request answers.
- * The cursor starts another `want` lower because the counts may include a few
- * tasks whose rows are not yet committed. When ids are sparse (retention deleted
- * old tasks) that page is full and more follow; rather than page through a big
- * table, gallop and then bisect on the cursor with small probes (each an indexed
- * range read): a few dozen requests at most, whatever the size.
- * Returns {tasks, exact}; exact is false only if the probe budget ran out.
- */
-async function newest(state, count, want) {
-  const probe = async (after) => (await getJSON(tasksUrl(state, after, want))).tasks;
-  const first = await getJSON(tasksUrl(state, Math.max(0, count - 2 * want), PAGE));
-  if (first.next_after == null) return { tasks: first.tasks.slice(-want), exact: true };
-  const beyond = await probe(first.next_after);
-  if (beyond.length < want) return { tasks: [...first.tasks, ...beyond].slice(-want), exact: true };
-  // Invariant: at least `want` tasks lie above lo (probe(lo) gave `top`), fewer
-  // than `want` above hi. When hi is lo + 1, `top` is exactly the newest `want`.
-  let lo = first.next_after;
-  let top = beyond;
-  let step = PAGE;
-  let hi = lo + step;
-  let probes = 0;
-  for (;;) {
-    const found = await probe(hi);
-    if (found.length < want) break;
-    [lo, top] = [hi, found];
-    step *= 2;
-    hi = Math.min(lo + step, Number.MAX_SAFE_INTEGER);
-    if (++probes >= MAX_PROBES) return { tasks: top, exact: false };
-  }
-  while (hi - lo > 1) {
-    if (++probes >= MAX_PROBES) return { tasks: top, exact: false };
-    const mid = lo + Math.floor((hi - lo) / 2);
-    const found = await probe(mid);
-    if (found.length >= want) [lo, top] = [mid, found];
-    else hi = mid;
-  }
-  return { tasks: top, exact: true };
+/** The `want` newest tasks (optionally in one state), oldest first: one request. */
+async function newest(state, want) {
+  const query = new URLSearchParams({ order: "desc", limit: String(want) });
+  if (state) query.set("state", state);
+  const page = await getJSON(`/tasks?${query}`);
+  return page.tasks.reverse();
 }
 
 // --- the model -----------------------------------------------------------------------
@@ -632,20 +592,13 @@ async function load() {
   const stats = await getJSON("/stats");
   renderStats(stats);
   lastEventId = stats.last_event_id ?? 0;
-  const counts = stats.tasks ?? {};
-  const total = STATES.reduce((sum, s) => sum + (counts[s] ?? 0), 0);
   const [recent, running, failed] = await Promise.all([
-    newest(null, total, RECENT_LIMIT),
+    newest(null, RECENT_LIMIT),
     // Running tasks are at most one per worker: one page holds them.
     getJSON(tasksUrl("running", 0, PAGE)),
-    newest("failed", counts.failed ?? 0, FAILURE_LIMIT),
+    newest("failed", FAILURE_LIMIT),
   ]);
-  for (const task of [...recent.tasks, ...running.tasks, ...failed.tasks]) upsertTask(task);
-  const note = $("recent-note");
-  note.hidden = recent.exact;
-  note.textContent = recent.exact
-    ? ""
-    : "The task table is very large; the rows shown may not be the very newest. New tasks appear live.";
+  for (const task of [...recent, ...running.tasks, ...failed]) upsertTask(task);
   loaded = true;
   render();
 }
