@@ -64,7 +64,8 @@ class ReadyQueue:
         self._order: list[_Queue] = []
         self._getters: list[asyncio.Future[None]] = []
         self._tombstones: set[int] = set()
-        self._owner: dict[str, int] = {}
+        self._owner: dict[str, int] = {}  # serial group -> the task holding it
+        self._owned: dict[int, str] = {}  # and back
         self._held: dict[str, list[tuple[int, Task]]] = {}
 
     def __len__(self) -> int:
@@ -163,7 +164,7 @@ class ReadyQueue:
             if owner is not None and owner != task.id:
                 heapq.heappush(self._held.setdefault(group, []), (task.id, task))
                 return
-            self._owner[group] = task.id
+            self._own(group, task.id)
         heapq.heappush(queue.heap, (-task.priority, task.id, task))
         self._wake_one()
 
@@ -179,14 +180,17 @@ class ReadyQueue:
 
     def set_owner(self, group: str, task_id: int) -> None:
         """Record that ``task_id`` holds ``group`` while it waits on disk (after a restart)."""
-        self._owner.setdefault(group, task_id)
+        if group not in self._owner:
+            self._own(group, task_id)
 
-    def release(self, task: Task | int, group: str | None = None) -> None:
-        """``task`` has ended: if it held its serial group, let the group's next task run."""
-        task_id = task if isinstance(task, int) else task.id
-        if group is None and not isinstance(task, int):
-            group = task.serial_group
-        if group is None or self._owner.get(group) != task_id:
+    def _own(self, group: str, task_id: int) -> None:
+        self._owner[group] = task_id
+        self._owned[task_id] = group
+
+    def release(self, task_id: int) -> None:
+        """``task_id`` has ended: if it held a serial group, let the group's next task run."""
+        group = self._owned.pop(task_id, None)
+        if group is None:
             return
         del self._owner[group]
         held = self._held.get(group)
@@ -194,19 +198,12 @@ class ReadyQueue:
             _, nxt = heapq.heappop(held)
             queue = self._queue(nxt.queue)
             if nxt.id in queue.present:
-                self._owner[group] = nxt.id
+                self._own(group, nxt.id)
                 heapq.heappush(queue.heap, (-nxt.priority, nxt.id, nxt))
                 self._wake_one()
                 break
         if not held:
             self._held.pop(group, None)
-
-    def group_of_owner(self, task_id: int) -> str | None:
-        """The serial group ``task_id`` holds, if any."""
-        for group, owner in self._owner.items():
-            if owner == task_id:
-                return group
-        return None
 
     # --- out -----------------------------------------------------------------------
 

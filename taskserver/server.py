@@ -683,18 +683,20 @@ class TaskServer:
             ready.offer(task)
         if committed.delayed:
             self._due_wake.set()
-        publish = self.hub.publish
+        publish = self.hub.publish if len(self.hub) else None  # nobody listens: skip the topics
         prefix = self._topic_prefix
         for event in committed.events:
             if event.task_id is None:
-                publish(event.topics, event)
+                if publish is not None:
+                    publish(event.topics, event)
                 continue
-            publish((f"{prefix}{event.task_id}",), event)
+            if publish is not None:
+                publish((f"{prefix}{event.task_id}",), event)
             if event.type in TERMINAL_EVENTS:
                 self._ended(event.task_id)
 
     def _ended(self, task_id: int) -> None:
-        self._ready.release(task_id, self._ready.group_of_owner(task_id))
+        self._ready.release(task_id)
         key = self._unique_by_id.pop(task_id, None)
         if key is not None and self._unique.get(key) == task_id:
             del self._unique[key]
