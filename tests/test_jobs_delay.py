@@ -13,7 +13,7 @@ import pytest
 
 from taskserver import Settings, TaskContext, ValidationError
 
-from .conftest import sse, wait_for
+from .conftest import sse
 from .jobs_harness import Clock, Jobs, all_tasks, get_json, post, refused, state_of, stored_events
 
 
@@ -217,5 +217,4 @@ async def test_python_bad_delays_name_the_field(jobs: Jobs) -> None:
     assert await server.list_tasks() == []
     # delay=0 is "now".
     task_id = await server.task(1, delay=0)
-    await wait_for(lambda: server.stats()["succeeded"] == 1)
-    assert (await server.get(task_id)).state.value == "succeeded"
+    await state_of(server, task_id, "succeeded")
