@@ -83,7 +83,7 @@ JSON_HEADERS = {"Content-Type": "application/json"}
         pytest.param(b"{}", JSON_HEADERS, VALIDATION, "data", None, id="missing-data"),
         pytest.param(b'{"timeout": 3}', JSON_HEADERS, VALIDATION, "data", None, id="only-timeout"),
         pytest.param(
-            b'{"data": 1, "priority": 3}',
+            b'{"data": 1, "colour": "blue"}',
             JSON_HEADERS,
             VALIDATION,
             "priority",
