@@ -327,15 +327,17 @@ def throughput(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
     rounds = " ".join(f"{r['per_second']:,.0f}" for r in ours)
     base_rounds = " ".join(f"{r['per_second']:,.0f}" for r in base)
     incomplete = [r for r in ours if not r["completed"]]
+    print(f"   taskserver          {fmt_rate(best['per_second'], 'tasks/s')}   (rounds {rounds})")
     print(
-        f"   taskserver          {fmt_rate(best['per_second'], 'tasks/s')}   "
-        f"rounds: {rounds}; {best['tasks'] / max(1, best['commits']):.0f} tasks/commit, "
-        f"CPU {best['cpu_percent']:.0f}% of a core"
+        f"{'':27}{best['tasks'] / max(1, best['commits']):.0f} tasks/commit; process CPU "
+        f"{best['cpu_percent']:.0f}% of a core; event-loop thread "
+        f"{best['loop_cpu_us_per_task']:.0f} us CPU/task"
     )
     print(
         f"   baseline aiosqlite  {fmt_rate(best_base['per_second'], 'rows/s ')}   "
-        f"rounds: {base_rounds}; {opts.batch} rows/commit, CPU {best_base['cpu_percent']:.0f}%"
+        f"(rounds {base_rounds})"
     )
+    print(f"{'':27}{opts.batch} rows/commit; process CPU {best_base['cpu_percent']:.0f}% of a core")
     if best.get("acked_per_second"):
         print(f"   (enqueue alone, all task() calls returned: {best['acked_per_second']:,.0f}/s)")
     if incomplete:
@@ -430,11 +432,14 @@ def http(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
             failed = r["errors"] + sum(v for k, v in r["statuses"].items() if not k.startswith("2"))
             bad = f", {failed} failed" if failed else ""
             rounds = " ".join(f"{x['per_second']:,.0f}" for x in runs)
+            server_us = r["server_cpu_percent"] / 100 * r["seconds"] / max(1, r["ok"]) * 1e6
             print(
                 f"   {client:>7} client  {name:<11} {fmt_rate(r['per_second'], 'req/s')}   "
-                f"p50 {fmt_us(r['p50_us'])}, p99 {fmt_us(r['p99_us'])}; CPU server "
-                f"{r['server_cpu_percent']:.0f}%, client {r['cpu_percent']:.0f}%; "
-                f"rounds: {rounds}{bad}"
+                f"p50 {fmt_us(r['p50_us'])}, p99 {fmt_us(r['p99_us'])}   (rounds {rounds}){bad}"
+            )
+            print(
+                f"{'':30}server CPU {r['server_cpu_percent']:.0f}% of a core ({server_us:.0f} us"
+                f"/req), client CPU {r['cpu_percent']:.0f}%"
             )
         ours, base = best["taskserver"], best["hello-world"]
         ratio = ours["per_second"] / base["per_second"] if base["per_second"] else 0.0

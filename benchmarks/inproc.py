@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -142,9 +143,10 @@ async def taskserver_throughput(
         if warmup:
             await drive(warmup)
         commits_before = server.stats()["commits"]
-        cpu_before = cpu_seconds_self()
+        cpu_before, loop_cpu_before = cpu_seconds_self(), time.thread_time()
         acked, elapsed, ok = await drive(tasks)
         cpu = cpu_seconds_self() - cpu_before
+        loop_cpu = time.thread_time() - loop_cpu_before
         commits = server.stats()["commits"] - commits_before
     finally:
         await server.stop()
@@ -157,6 +159,7 @@ async def taskserver_throughput(
         "acked_per_second": tasks / acked if ok else None,
         "commits": commits,
         "cpu_percent": 100 * cpu / elapsed,
+        "loop_cpu_us_per_task": 1e6 * loop_cpu / tasks,
         "peak_rss": peak_rss_self(),
     }
 
