@@ -309,11 +309,12 @@ async def test_http_bad_retry_values_are_refused_and_nothing_is_written(
 
 async def test_python_bad_retry_values_name_the_field(jobs: Jobs) -> None:
     server = await jobs.server(task_workers=0)
-    for options, field in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"retry": {"base": -1}}, "retry.base"),
         ({"retry": "fast"}, "retry"),
         ({"max_attempts": 0}, "max_attempts"),
-    ]:
+    ]
+    for options, field in cases:
         with pytest.raises(ValidationError) as caught:
             await server.task(1, **options)
         assert caught.value.field == field
@@ -321,3 +322,25 @@ async def test_python_bad_retry_values_name_the_field(jobs: Jobs) -> None:
     # A dict is accepted as well as a RetryPolicy.
     task_id = await server.task(1, retry={"base": 0.5, "jitter": 0})
     assert (await server.get(task_id)).retry == RetryPolicy(base=0.5, jitter=0.0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: WorkerPool._execute (workers.py) formats `task.timeout:g` for any "
+    "TimeoutError; with no timeout set (None) that raises TypeError inside the except block, "
+    "which kills the worker coroutine: the task stays 'running' forever and the pool has "
+    "one worker less",
+)
+async def test_callback_raising_timeout_error_without_a_timeout(jobs: Jobs) -> None:
+    async def task(ctx: TaskContext) -> Any:
+        if ctx.data == "upstream":
+            raise TimeoutError("the upstream API did not answer")
+        return ctx.data
+
+    server = await jobs.server(task, task_workers=1)
+    failing = await server.task("upstream", max_attempts=1)
+    failed = await state_of(server, failing, "failed", timeout=3)
+    assert failed.error is not None
+    assert failed.error.startswith("TimeoutError")
+    # The only worker is still there.
+    assert await server.task_wait("next", 3) == "next"
