@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import api
+from . import api, mercure
 from .config import Settings
 from .errors import ConfigError
 from .server import TaskServer
@@ -39,6 +39,7 @@ def attach(app: web.Application, server: TaskServer, *, prefix: str = "") -> Non
     app[TASKSERVER] = server
     app.middlewares.append(api.problem_middleware)
     api.add_routes(app, prefix)
+    mercure.add_routes(app, server)  # the hub lives at /.well-known/mercure, whatever the prefix
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await server.start()
