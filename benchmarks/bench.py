@@ -12,9 +12,10 @@ none inherits another's heap), all on this machine, loopback only. The figures:
    ``synchronous=NORMAL`` -- the disk path without any of the machinery. Target:
    30,000 tasks/s.
 2. **HTTP ``POST /tasks`` requests/s**, keep-alive. ``taskserver run`` (no-op
-   callbacks, 4 workers) as a subprocess, driven by a load-generator process;
-   baseline: a plain aiohttp hello-world app on uvloop, also a subprocess,
-   driven the same way. Target: taskserver at 50% of hello-world or better.
+   callbacks, ``--workers`` task workers, 4 by default) as a subprocess, driven
+   by a load-generator process; baseline: a plain aiohttp hello-world app on
+   uvloop, also a subprocess, driven the same way. Target: taskserver at 50%
+   of hello-world or better.
    Two load generators are used: an aiohttp ``ClientSession`` (the reference,
    but on two cores it saturates before an aiohttp server does) and a raw
    asyncio keep-alive client that costs little, so the server saturates. The
@@ -86,6 +87,7 @@ class Options:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
+    """The command line as ``Options``; ``--quick`` changes only the defaults."""
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
         description="Measure taskserver beside same-run baselines (see benchmarks/bench.py).",
@@ -113,7 +115,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--samples", type=int, help="latency samples per mode [2000]")
     parser.add_argument("--rate", type=float, default=2000.0, help="open-loop tasks/s [2000]")
     parser.add_argument(
-        "--time-limit", type=float, default=60.0, help="seconds any one measurement may take"
+        "--time-limit", type=float, help="seconds any one measurement may take [30; --quick: 5]"
     )
     parser.add_argument(
         "--only",
@@ -141,13 +143,26 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         clients=tuple(args.client or (("aiohttp",) if quick else ("aiohttp", "raw"))),
         samples=pick(args.samples, 2000, 200),
         rate=args.rate,
-        time_limit=args.time_limit,
+        time_limit=pick(args.time_limit, 30.0, 5.0),
         only=frozenset(args.only or ("throughput", "http", "latency")),
         verbose=args.verbose,
     )
-    for name in ("tasks", "producers", "workers", "batch", "rounds", "http_rounds", "samples"):
+    for name in (
+        "tasks",
+        "producers",
+        "workers",
+        "batch",
+        "rounds",
+        "http_rounds",
+        "http_requests",
+        "concurrency",
+        "samples",
+    ):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("http_seconds", "rate", "time_limit"):
+        if not getattr(options, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
     return options
 
 
@@ -167,7 +182,13 @@ def _tail(text: str, lines: int = 12) -> str:
 
 
 def run_result(module: str, args: Sequence[str], *, cwd: Path, timeout: float) -> dict[str, Any]:
-    """Run ``python -m module args`` and return the result it printed."""
+    """Run ``python -m module args`` and return the result it printed.
+
+    A benchmark module given ``--dir`` keeps its files there, under ``cwd``, so
+    they go with the run's temporary directory even if the process is killed.
+    """
+    if module == "benchmarks.inproc":
+        args = [*args, "--dir", tempfile.mkdtemp(dir=cwd)]
     command = [sys.executable, "-m", module, *args]
     try:
         done = subprocess.run(
@@ -302,7 +323,7 @@ def throughput(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
                 "benchmarks.inproc",
                 ["baseline-throughput", *common, "--batch", str(opts.batch)],
                 cwd=tmp,
-                timeout=opts.time_limit + 30,
+                timeout=opts.time_limit * 2 + 40,
             )
         )
         ours.append(
@@ -319,7 +340,7 @@ def throughput(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
                     str(min(2000, max(100, opts.tasks // 10))),
                 ],
                 cwd=tmp,
-                timeout=opts.time_limit * 2 + 30,
+                timeout=opts.time_limit * 2 + 40,
             )
         )
     best = max(ours, key=lambda r: r["per_second"])
@@ -375,7 +396,7 @@ def _measure_http(
             str(server.proc.pid),
         ],
         cwd=server.log.parent,
-        timeout=opts.http_seconds + opts.time_limit,
+        timeout=opts.http_seconds + opts.time_limit + 10,
     )
     key = f"load generator ({client} client)"
     rss[key] = max(rss.get(key) or 0, result["peak_rss"])
@@ -386,7 +407,7 @@ def http(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
     print()
     print(
         f"2. HTTP POST /tasks, keep-alive, {opts.concurrency} concurrent requesters, "
-        f"{opts.http_seconds:g}s per run, best of {opts.http_rounds}"
+        f"{opts.workers} task workers, {opts.http_seconds:g}s per run, best of {opts.http_rounds}"
     )
     python = sys.executable
     hello_cmd = [python, "-m", "benchmarks.apps", "hello", "--port", "0"]
@@ -410,7 +431,7 @@ def http(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
             "--db",
             str(db),
             "--task-workers",
-            "4",
+            str(opts.workers),
             "--app",
             "benchmarks.apps:noop_setup",
         ]
@@ -474,7 +495,7 @@ def latency(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
             str(opts.time_limit),
         ],
         cwd=tmp,
-        timeout=opts.time_limit + 30,
+        timeout=opts.time_limit * 2 + 40,
     )
     rows = (
         ("taskserver, 1 in flight: task() -> finish ran", r["serial"]),
@@ -498,6 +519,7 @@ def latency(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the selected sections, print every figure; 1 if a measurement failed, else 0."""
     opts = parse_args(argv)
     header()
     rss: dict[str, int | None] = {}

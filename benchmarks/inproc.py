@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -99,6 +102,22 @@ class Finishes:
         return True
 
 
+#: Seconds ``server.stop()`` may take before the measurement is declared broken.
+STOP_LIMIT = 20.0
+
+
+class BenchFailed(Exception):
+    """The scenario could not be measured; the message says why."""
+
+
+async def _stop(server: TaskServer) -> None:
+    try:
+        async with asyncio.timeout(STOP_LIMIT):
+            await server.stop()
+    except TimeoutError:
+        raise BenchFailed(f"server.stop() did not return within {STOP_LIMIT:g}s") from None
+
+
 async def _start_server(db: str, workers: int, finishes: Finishes) -> TaskServer:
     server = TaskServer(_settings(db, workers))
     server.on("task", finishes.task)
@@ -140,8 +159,8 @@ async def taskserver_throughput(
             ok = await finishes.until(target, left)
             return acked, now() - start, ok
 
-        if warmup:
-            await drive(warmup)
+        if warmup and not (await drive(warmup))[2]:
+            raise BenchFailed(f"the {warmup} warm-up tasks did not finish within {time_limit:g}s")
         commits_before = server.stats()["commits"]
         cpu_before, loop_cpu_before = cpu_seconds_self(), time.thread_time()
         acked, elapsed, ok = await drive(tasks)
@@ -149,7 +168,7 @@ async def taskserver_throughput(
         loop_cpu = time.thread_time() - loop_cpu_before
         commits = server.stats()["commits"] - commits_before
     finally:
-        await server.stop()
+        await _stop(server)
     return {
         "tasks": tasks,
         "finished": finishes.count - warmup,
@@ -299,7 +318,7 @@ async def latency(
         async with asyncio.timeout(10):
             await asyncio.gather(*jobs)
     finally:
-        await server.stop()
+        await _stop(server)
     return {
         "serial": _summary(serial),
         "ack": _summary(acks),
@@ -321,39 +340,64 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=2000.0)
-    parser.add_argument("--time-limit", type=float, default=60.0)
+    parser.add_argument("--time-limit", type=float, default=30.0)
+    parser.add_argument(
+        "--dir", help="directory for the database files (default: a temporary one, removed)"
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="taskserver-bench-") as tmp:
+    _watchdog(2 * args.time_limit + STOP_LIMIT + 5, args.scenario)
+    with contextlib.ExitStack() as stack:
+        tmp = args.dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="ts-bench-"))
         db = os.path.join(tmp, "bench.db")
-        result: dict[str, Any]
-        if args.scenario == "throughput":
-            result = run(
-                taskserver_throughput(
-                    db,
-                    tasks=args.tasks,
-                    producers=args.producers,
-                    workers=args.workers,
-                    warmup=args.warmup,
-                    time_limit=args.time_limit,
-                )
-            )
-        elif args.scenario == "baseline-throughput":
-            result = run(
-                baseline_throughput(
-                    db, tasks=args.tasks, batch=args.batch, time_limit=args.time_limit
-                )
-            )
-        else:
-            result = run(
-                latency(
-                    db,
-                    samples=args.samples,
-                    rate=args.rate,
-                    workers=args.workers,
-                    time_limit=args.time_limit,
-                )
-            )
+        try:
+            result = _run_scenario(args, db)
+        except (BenchFailed, TimeoutError) as exc:
+            sys.exit(f"benchmarks.inproc {args.scenario}: {exc or 'timed out'}")
     emit(result)
+
+
+def _watchdog(seconds: float, scenario: str) -> None:
+    """End this process after ``seconds`` even if the event loop is stuck (a hung server).
+
+    The limits inside the scenarios rely on cancellation, which code that
+    swallows ``CancelledError`` can defeat; this does not.
+    """
+
+    def expire() -> None:
+        sys.stderr.write(f"benchmarks.inproc {scenario}: no result after {seconds:g}s, gave up\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+
+
+def _run_scenario(args: argparse.Namespace, db: str) -> dict[str, Any]:
+    if args.scenario == "throughput":
+        return run(
+            taskserver_throughput(
+                db,
+                tasks=args.tasks,
+                producers=args.producers,
+                workers=args.workers,
+                warmup=args.warmup,
+                time_limit=args.time_limit,
+            )
+        )
+    if args.scenario == "baseline-throughput":
+        return run(
+            baseline_throughput(db, tasks=args.tasks, batch=args.batch, time_limit=args.time_limit)
+        )
+    return run(
+        latency(
+            db,
+            samples=args.samples,
+            rate=args.rate,
+            workers=args.workers,
+            time_limit=args.time_limit,
+        )
+    )
 
 
 if __name__ == "__main__":
