@@ -75,12 +75,10 @@ def setup_missing_task(server: TaskServer) -> None:
 async def sleepy_task(ctx: TaskContext) -> dict[str, Any]:
     """Sleep ``data["sleep"]`` seconds; with ``data["until_file"]``, wait until it exists.
 
-    ``data["die"]`` kills the whole server process (``kill -9`` on itself), as a
-    task that crashes the interpreter would.
+    Then, with ``data["die"]``, kill the whole server process (``kill -9`` on
+    itself), as a task that crashes the interpreter would.
     """
     data = ctx.data if isinstance(ctx.data, dict) else {}
-    if data.get("die"):
-        os.kill(os.getpid(), signal.SIGKILL)
     await asyncio.sleep(float(data.get("sleep", 0.0)))
     gate = data.get("until_file")
     if gate is not None:
@@ -89,6 +87,8 @@ async def sleepy_task(ctx: TaskContext) -> dict[str, Any]:
             if await asyncio.to_thread(os.path.exists, gate):
                 break
             await asyncio.sleep(0.02)
+    if data.get("die"):
+        os.kill(os.getpid(), signal.SIGKILL)
     return {"slept": data.get("sleep", 0.0), "attempt": ctx.attempt}
 
 
