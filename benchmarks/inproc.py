@@ -352,7 +352,9 @@ def main() -> None:
         try:
             result = _run_scenario(args, db)
         except (BenchFailed, TimeoutError) as exc:
-            sys.exit(f"benchmarks.inproc {args.scenario}: {exc or 'timed out'}")
+            sys.stderr.write(f"benchmarks.inproc {args.scenario}: {exc or 'timed out'}\n")
+            sys.stderr.flush()
+            os._exit(2)  # not sys.exit: a stuck server's threads would keep the process alive
     emit(result)
 
 
