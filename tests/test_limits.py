@@ -71,6 +71,32 @@ async def test_backlog_left_on_disk_runs_in_order_after_a_restart(
     assert order == ids
 
 
+async def test_cancel_a_task_waiting_on_disk(make_server: ServerFactory) -> None:
+    gate = asyncio.Event()
+    order: list[int] = []
+
+    async def task(ctx: TaskContext) -> Any:
+        if ctx.data == "blocker":
+            await gate.wait()
+        order.append(ctx.id)
+        return None
+
+    server = await make_server(task=task, task_workers=1, ready_window=2)
+    blocker = await server.task("blocker")
+    await wait_for(lambda: server.stats()["running"] == 1, message="the blocker runs")
+    ids = [await server.task(n) for n in range(6)]
+    assert server.stats()["backlog_on_disk"] is True
+    in_memory, on_disk = ids[0], ids[4]  # the window holds the first two
+    assert (await server.cancel(on_disk)).state == "cancelled"
+    assert (await server.cancel(in_memory)).state == "cancelled"
+    counts = server.stats()
+    assert (counts["queued"], counts["cancelled"]) == (4, 2)
+    gate.set()
+    await wait_for(lambda: server.stats()["succeeded"] == 5, message="the rest done")
+    assert order == [blocker, *[i for i in ids if i not in (in_memory, on_disk)]]
+    assert (await server.get(on_disk)).state == "cancelled"
+
+
 async def test_max_queued_gives_503_with_retry_after(make_client: ClientFactory) -> None:
     client = await make_client(task_workers=0, max_queued=3)
     for n in range(3):
