@@ -286,6 +286,12 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
+def print_warnings(results: Sequence[dict[str, Any]]) -> None:
+    """Print what went wrong around measurements that still produced figures."""
+    for warning in sorted({w for r in results for w in r.get("warnings", ())}):
+        print(f"   WARNING: {warning}")
+
+
 def header() -> None:
     versions = ", ".join(
         f"{name} {metadata.version(name)}" for name in ("aiohttp", "aiosqlite", "uvloop", "orjson")
@@ -363,6 +369,7 @@ def throughput(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
         print(f"   (enqueue alone, all task() calls returned: {best['acked_per_second']:,.0f}/s)")
     if incomplete:
         print(f"   WARNING: {len(incomplete)} round(s) hit the time limit before all finished")
+    print_warnings(ours)
     ratio = best["per_second"] / best_base["per_second"]
     print(
         f"   taskserver / baseline = {ratio:.1%};  target >= {THROUGHPUT_TARGET:,.0f} tasks/s: "
@@ -515,6 +522,7 @@ def latency(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
     base = r["baseline"]["p50_us"]
     if base:
         print(f"   taskserver p50 / baseline p50 = {r['serial']['p50_us'] / base:.1f}x")
+    print_warnings([r])
     rss["in-process taskserver (latency)"] = r["peak_rss"]
 
 
