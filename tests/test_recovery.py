@@ -224,6 +224,26 @@ async def test_sigterm_lets_a_running_task_finish_and_keeps_the_queue(
     assert await asyncio.to_thread(second.terminate) == 0
 
 
+async def test_sigterm_ends_open_event_streams_and_exits_0(
+    run_server: RunServer, tmp_path: Path
+) -> None:
+    server = await start(run_server, "--db", str(tmp_path / "streams.db"))
+    async with aiohttp.ClientSession() as http:
+        task_id = await post_task(http, server.url, {"data": {}})
+        async with (
+            http.get(f"{server.url}/events?lastEventID=0") as everything,
+            http.get(f"{server.url}/events") as live_only,
+        ):
+            first = await sse(everything).next()
+            assert first is not None
+            assert orjson.loads(first.data)["task_id"] == task_id
+            server.proc.send_signal(signal.SIGTERM)
+            # Open streams do not hold the shutdown up: both end, the process exits 0.
+            await sse(everything).collect(timeout=10)
+            await sse(live_only).collect(timeout=10)
+    assert await asyncio.to_thread(server.proc.wait, 10) == 0
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="BUG: Store._write_loop never wakes again after committing the batch pending at "

@@ -138,6 +138,22 @@ async def test_task_stream_shows_only_its_own_task(make_client: ClientFactory) -
     assert other != mine
 
 
+async def test_task_stream_ends_with_cancelled(make_client: ClientFactory) -> None:
+    async def task(ctx: TaskContext) -> Any:
+        await asyncio.Event().wait()
+
+    client = await make_client(task=task)
+    task_id = await post(client, None)
+    async with client.get(f"/tasks/{task_id}/events") as response:
+        reader = sse(response)
+        started = await reader.collect(2)
+        assert [e.event for e in started] == ["queued", "started"]
+        assert (await client.delete(f"/tasks/{task_id}")).status == 200
+        rest = await reader.collect(timeout=5)
+    assert [e.event for e in rest] == ["cancelled"]
+    assert orjson.loads(rest[0].data)["state"] == "cancelled"
+
+
 # --- GET /events -----------------------------------------------------------------------
 
 
