@@ -307,7 +307,7 @@ def header() -> None:
         f"taskserver benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"SQLite {sqlite3.sqlite_version}, {versions}"
     )
-    print(f"tree {commit or 'unknown'}; load average at start {load}")
+    print(f"tree {commit or '(not a git checkout)'}; load average at start {load}")
 
 
 # --- sections ----------------------------------------------------------------------
@@ -475,7 +475,7 @@ def http(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
         if base["cpu_percent"] > 85 and base["server_cpu_percent"] < 85:
             note = " (the client, not hello-world, saturated: the ratio flatters taskserver)"
         print(
-            f"   {client:>7} client  taskserver / hello-world = {ratio:.0%}; "
+            f"   {client:>7} client  taskserver / hello-world = {ratio:.1%}; "
             f"target >= {HTTP_RATIO_TARGET:.0%}: {verdict(ratio >= HTTP_RATIO_TARGET)}{note}"
         )
     if opts.verbose:
