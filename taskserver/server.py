@@ -388,7 +388,7 @@ class TaskServer:
         tasks, committed = self._admit(1).insert_tasks((item,))
         task = tasks[0]
         self._counts[task.state] += 1
-        await asyncio.shield(committed)
+        await committed
         return task.id
 
     async def task_many(self, items: Iterable[Any], **options: Any) -> list[Submitted]:
@@ -445,7 +445,7 @@ class TaskServer:
                 if task.unique_key is not None:
                     self._unique[task.unique_key] = task.id
                     self._unique_by_id[task.id] = task.unique_key
-            await asyncio.shield(committed)
+            await committed
             for position, task in zip(positions, tasks, strict=True):
                 results[position] = Submitted(task.id)
             for position, index in repeats:
@@ -495,12 +495,12 @@ class TaskServer:
             task.finished_at = self._clock()
             self._counts[TaskState.QUEUED] -= 1
             self._counts[TaskState.CANCELLED] += 1
-            await asyncio.shield(store.update_task(task, EventType.CANCELLED))
+            await store.update_task(task, EventType.CANCELLED)
             return task
         before = await self.get(task_id)
         self._ready.tombstone(task_id)
         try:
-            changed = await asyncio.shield(store.cancel_pending(task_id))
+            changed = await store.cancel_pending(task_id)
         finally:
             self._ready.untombstone(task_id)
         if changed:
@@ -524,7 +524,7 @@ class TaskServer:
             raise Conflict(
                 f"task {self._unique[before.unique_key]} with the same unique_key is still active"
             )
-        if not await asyncio.shield(self.store.retry_ended(task_id)):
+        if not await self.store.retry_ended(task_id):
             raise Conflict(f"task {task_id} changed state meanwhile; try again")
         self._counts[before.state] -= 1
         self._counts[TaskState.QUEUED] += 1
@@ -555,7 +555,7 @@ class TaskServer:
         cutoff = self._clock() - older_than
         total = 0
         while True:
-            deleted = await asyncio.shield(self.store.purge(chosen, cutoff))
+            deleted = await self.store.purge(chosen, cutoff)
             total += deleted
             if deleted < 5_000:
                 break
@@ -723,7 +723,7 @@ class TaskServer:
     def _record_progress(self, task: Task, fraction: float, message: str | None) -> Any:
         task.progress, task.message = fraction, message
         extra: dict[str, Any] = {"progress": fraction, "message": message}
-        return asyncio.shield(self.store.update_task(task, EventType.PROGRESS, extra))
+        return self.store.update_task(task, EventType.PROGRESS, extra)
 
     # --- background loops ---------------------------------------------------------------
 
@@ -740,7 +740,7 @@ class TaskServer:
                     self.store.due_tasks(now, DUE_PAGE, partial(self._promote, promoted))
                     stored = await promoted
                     if stored is not None:
-                        await asyncio.shield(stored)  # or the next query sees them again
+                        await stored  # or the next query sees them again
                     continue
             except ServerBusy:
                 pass  # the store is closing
@@ -778,7 +778,7 @@ class TaskServer:
                 before = self._clock() - s.event_retention if s.event_retention > 0 else None
                 keep = s.max_events or None
                 if before is not None or keep is not None:
-                    while await asyncio.shield(self.store.trim_events(before=before, keep=keep)):
+                    while await self.store.trim_events(before=before, keep=keep):
                         pass
             except (ServerBusy, ServerClosed):
                 return

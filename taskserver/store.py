@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -43,8 +43,23 @@ from .errors import NotSerializable, ServerBusy
 from .models import TERMINAL, Event, EventType, Task, TaskState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Deliver = Callable[[list[Task]], None]
+
+
+class Commit(asyncio.Future[T]):
+    """A future the store resolves at a commit; awaiting callers share it.
+
+    It refuses ``cancel()``: one caller giving up (a client disconnect, a
+    timeout) must not fail the commit for everyone in the batch, and the write
+    happens anyway. A task cancelled while it awaits one gets its
+    ``CancelledError`` once the commit is done. This replaces an
+    ``asyncio.shield`` per caller, which cost a future and a callback per task.
+    """
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        return False
 
 
 @dataclass(slots=True)
@@ -289,7 +304,7 @@ class Store:
 
     def _current(self) -> _Batch:
         if self._batch is None:
-            self._batch = _Batch(future=asyncio.get_running_loop().create_future())
+            self._batch = _Batch(future=Commit(loop=asyncio.get_running_loop()))
             self._wake.set()
         return self._batch
 
@@ -432,7 +447,7 @@ class Store:
             state,
             type_,
             extra,
-            asyncio.get_running_loop().create_future(),
+            Commit(loop=asyncio.get_running_loop()),
         )
         self._next_event_id += 1
         batch.conditionals.append(op)
@@ -500,7 +515,7 @@ class Store:
         return self._exec(statements)
 
     def _exec(self, statements: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[int]:
-        op = _Exec(statements, asyncio.get_running_loop().create_future())
+        op = _Exec(statements, Commit(loop=asyncio.get_running_loop()))
         self._check_room(1).execs.append(op)
         return op.future
 
@@ -523,13 +538,14 @@ class Store:
 
     async def _write_loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._batch = self._batch, None
+            batch = self._batch
             if batch is None:
                 if self._closing:
-                    return
+                    return  # everything appended before close() is committed
+                await self._wake.wait()
+                self._wake.clear()
                 continue
+            self._batch = None
             try:
                 outcome = await self._in_writer(self._commit_sync, batch)
             except Exception as exc:
@@ -545,10 +561,13 @@ class Store:
                 batch.future.exception()
                 continue
             self.commits += 1
-            for cond, changed in zip(batch.conditionals, outcome.changed, strict=True):
-                cond.future.set_result(changed)
-            for ex, count in zip(batch.execs, outcome.counts, strict=True):
-                ex.future.set_result(count)
+            # Order matters, for speed and for correctness:
+            # 1. wake the callers awaiting this batch and let them run once, so the
+            #    writes they make next (a producer's next task) join the next batch;
+            batch.future.set_result(None)
+            await asyncio.sleep(0)
+            # 2. then hand the commit to the server: the workers it wakes run while
+            #    the writer thread commits the next batch (the two overlap);
             try:
                 self._on_commit(outcome.committed)
             except Exception:
@@ -558,7 +577,12 @@ class Store:
                     page.deliver(tasks)
                 except Exception:
                     log.exception("delivering tasks read for the scheduler failed")
-            batch.future.set_result(None)
+            # 3. answer cancels and retries last: a cancel's tombstone must still
+            #    stand while on_commit offers tasks of this batch.
+            for cond, changed in zip(batch.conditionals, outcome.changed, strict=True):
+                cond.future.set_result(changed)
+            for ex, count in zip(batch.execs, outcome.counts, strict=True):
+                ex.future.set_result(count)
 
     def _commit_sync(self, batch: _Batch) -> _Outcome:
         # On the writer thread: the whole batch, one transaction, then the reads

@@ -164,6 +164,30 @@ class Callback:
         return cls(fn, "process" if cpu_bound else "thread")
 
 
+class _Run:
+    """One attempt of one task on one worker; its contexts are made once and shared by
+    the ``task`` callback, the hooks and ``finish``."""
+
+    __slots__ = ("_async", "_sync", "sink", "task", "worker_id")
+
+    def __init__(self, task: Task, worker_id: int, sink: ProgressSink) -> None:
+        self.task = task
+        self.worker_id = worker_id
+        self.sink = sink
+        self._async: TaskContext | None = None
+        self._sync: SyncTaskContext | None = None
+
+    def context(self) -> TaskContext:
+        if self._async is None:
+            self._async = TaskContext(self.task, self.worker_id, self.sink)
+        return self._async
+
+    def sync_context(self, loop: asyncio.AbstractEventLoop) -> SyncTaskContext:
+        if self._sync is None:
+            self._sync = SyncTaskContext(self.task, self.worker_id, self.sink, loop)
+        return self._sync
+
+
 class Report(Protocol):
     """How the pool tells the server about a task; synchronous, never blocks."""
 
@@ -344,9 +368,10 @@ class WorkerPool:
         task.started_at = self._clock()
         task.progress = task.message = task.error = task.traceback = task.hook_error = None
         self._report(task, EventType.STARTED, {"worker": worker_id})
-        await self._hook("before", task, worker_id)
+        run = _Run(task, worker_id, self._progress)
+        await self._hook("before", run)
         try:
-            result = await self._call(self._task_cb, task, worker_id, task.timeout)
+            result = await self._call(self._task_cb, run, task.timeout)
         except asyncio.CancelledError:
             if task.id not in self._cancel_requested:
                 raise  # the pool is stopping: the caller re-queues the task
@@ -354,7 +379,7 @@ class WorkerPool:
             self._end(task, TaskState.CANCELLED, EventType.CANCELLED, None)
             return
         except RetryLater as exc:
-            await self._hook("error", task, worker_id, exc)
+            await self._hook("error", run, exc)
             self._postpone(task, exc.delay)
             return
         except Exception as exc:
@@ -364,13 +389,13 @@ class WorkerPool:
             else:
                 error = f"{type(exc).__name__}: {exc}"
                 tb = "".join(traceback.format_exception(exc))
-            await self._hook("error", task, worker_id, exc)
+            await self._hook("error", run, exc)
             self._failed(task, error, tb, permanent=isinstance(exc, PermanentError))
             return
         task.result = result
-        await self._hook("after", task, worker_id, result)
+        await self._hook("after", run, result)
         try:
-            await self._call(self._finish_cb, task, worker_id, None, result)
+            await self._call(self._finish_cb, run, None, result)
         except asyncio.CancelledError:
             if task.id not in self._cancel_requested:
                 raise
@@ -380,34 +405,34 @@ class WorkerPool:
             task.finish_error = f"{type(exc).__name__}: {exc}"
         self._end(task, TaskState.SUCCEEDED, EventType.FINISHED, {"result": result})
 
-    async def _hook(self, name: str, task: Task, worker_id: int, *args: Any) -> None:
+    async def _hook(self, name: str, run: _Run, *args: Any) -> None:
         hook = self._callbacks.get(name)
         if hook is None:
             return
+        task = run.task
         try:
-            await self._call(hook, task, worker_id, None, *args)
+            await self._call(hook, run, None, *args)
         except Exception as exc:
             log.exception("%s hook failed for task %d", name, task.id)
             note = f"{name} hook: {type(exc).__name__}: {exc}"
             task.hook_error = f"{task.hook_error}; {note}" if task.hook_error else note
 
-    async def _call(
-        self, cb: Callback, task: Task, worker_id: int, timeout: float | None, *args: Any
-    ) -> Any:
+    async def _call(self, cb: Callback, run: _Run, timeout: float | None, *args: Any) -> Any:
         if not timeout:  # the common case skips the timeout machinery
-            return await self._invoke(cb, task, worker_id, *args)
+            return await self._invoke(cb, run, *args)
         async with asyncio.timeout(timeout):
-            return await self._invoke(cb, task, worker_id, *args)
+            return await self._invoke(cb, run, *args)
 
-    async def _invoke(self, cb: Callback, task: Task, worker_id: int, *args: Any) -> Any:
+    async def _invoke(self, cb: Callback, run: _Run, *args: Any) -> Any:
         if cb.kind == "async":
-            return await cb.fn(TaskContext(task, worker_id, self._progress), *args)
+            return await cb.fn(run.context(), *args)
+        task = run.task
         if cb.kind == "process":
             assert self._slots is not None
-            ctx = ProcessTaskContext(task.id, task.data, task.attempts, worker_id)
+            ctx = ProcessTaskContext(task.id, task.data, task.attempts, run.worker_id)
             return await self._slots.run(_run_in_process, cb.fn, ctx, *args)
         loop = asyncio.get_running_loop()
-        sync_ctx = SyncTaskContext(task, worker_id, self._progress, loop)
+        sync_ctx = run.sync_context(loop)
         try:
             return await loop.run_in_executor(self._threads, cb.fn, sync_ctx, *args)
         except asyncio.CancelledError:

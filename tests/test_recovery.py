@@ -244,11 +244,6 @@ async def test_sigterm_ends_open_event_streams_and_exits_0(
     assert await asyncio.to_thread(server.proc.wait, 10) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Store._write_loop never wakes again after committing the batch pending at "
-    "close(), so stop() hangs whenever a task outlives the grace period",
-)
 async def test_sigterm_requeues_a_task_that_outlives_the_grace_period(
     run_server: RunServer, tmp_path: Path
 ) -> None:
