@@ -20,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from .conftest import ServerProcess, SSEEvent, sse, wait_for
 
