@@ -31,12 +31,13 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import aiosqlite
 import orjson
@@ -362,22 +363,29 @@ def main() -> None:
         "--dir", help="directory for the database files (default: a temporary one, removed)"
     )
     args = parser.parse_args()
-    _watchdog(2 * args.time_limit + STOP_LIMIT + 5, args.scenario)
-    with contextlib.ExitStack() as stack:
-        tmp = args.dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="ts-bench-"))
-        db = os.path.join(tmp, "bench.db")
-        try:
-            result = _run_scenario(args, db)
-        except (BenchFailed, TimeoutError) as exc:
-            sys.stderr.write(f"benchmarks.inproc {args.scenario}: {exc or 'timed out'}\n")
-            sys.stderr.flush()
-            os._exit(2)  # not sys.exit: a stuck server's threads would keep the process alive
+    directory = str(args.dir) if args.dir else tempfile.mkdtemp(prefix="ts-bench-")
+    own = None if args.dir else directory  # ours to remove
+
+    def leave(code: int) -> NoReturn:
+        # os._exit, not sys.exit: a stuck server's threads would keep the process alive.
+        sys.stderr.flush()
+        sys.stdout.flush()
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
+        os._exit(code)
+
+    _watchdog(2 * args.time_limit + STOP_LIMIT + 5, args.scenario, leave)
+    db = os.path.join(directory, "bench.db")
+    try:
+        result = _run_scenario(args, db)
+    except (BenchFailed, TimeoutError) as exc:
+        sys.stderr.write(f"benchmarks.inproc {args.scenario}: {exc or 'timed out'}\n")
+        leave(2)
     emit(result)
-    if result.get("warnings"):
-        os._exit(0)  # the server did not stop cleanly: its threads may never end
+    leave(0)
 
 
-def _watchdog(seconds: float, scenario: str) -> None:
+def _watchdog(seconds: float, scenario: str, leave: Callable[[int], object]) -> None:
     """End this process after ``seconds`` even if the event loop is stuck (a hung server).
 
     The limits inside the scenarios rely on cancellation, which code that
@@ -386,8 +394,7 @@ def _watchdog(seconds: float, scenario: str) -> None:
 
     def expire() -> None:
         sys.stderr.write(f"benchmarks.inproc {scenario}: no result after {seconds:g}s, gave up\n")
-        sys.stderr.flush()
-        os._exit(3)
+        leave(3)
 
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
