@@ -6,6 +6,7 @@ store's logic reads without the SQL text in the way.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 import orjson
@@ -197,7 +198,37 @@ def insert_many(
     return out
 
 
-#: Rows per multi-row INSERT; 500 x 14 parameters stays under SQLite's 32,766.
+def update_many(rows: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
+    """``UPDATE … FROM (VALUES …)`` statements writing ``update_row`` tuples, 500 at a time.
+
+    One statement per chunk, joined on the primary key: about 1.5x the speed of
+    ``executemany`` here, and one GIL release instead of one per row. Needs
+    SQLite 3.33; older versions get one ``UPDATE_TASK`` per row.
+    """
+    if sqlite3.sqlite_version_info < (3, 33):
+        return [(UPDATE_TASK, list(row)) for row in rows]
+    out: list[tuple[str, list[Any]]] = []
+    one = "(" + ", ".join("?" * 14) + ")"
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[start : start + ROWS_PER_INSERT]
+        params = [value for row in chunk for value in row]
+        out.append(
+            (
+                f"{UPDATE_FROM_PREFIX} (VALUES {', '.join([one] * len(chunk))}) AS v"
+                " WHERE tasks.id = v.column14",
+                params,
+            )
+        )
+    return out
+
+
+UPDATE_FROM_PREFIX = (
+    "UPDATE tasks SET state = v.column1, attempts = v.column2, progress = v.column3,"
+    " message = v.column4, result = v.column5, error = v.column6, traceback = v.column7,"
+    " finish_error = v.column8, hook_error = v.column9, available_at = v.column10,"
+    " started_at = v.column11, finished_at = v.column12, updated_at = v.column13 FROM"
+)
+#: Rows per multi-row statement; 500 x 14 parameters stays under SQLite's 32,766.
 ROWS_PER_INSERT = 500
 INSERT_TASK_PREFIX = (
     "INSERT INTO tasks (id, state, name, queue, priority, serial_group, unique_key, data,"

@@ -596,8 +596,8 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
             for statement, values in sql.insert_many(sql.INSERT_TASK_PREFIX, 14, batch.inserts):
                 db.execute(statement, values)
-            if batch.updates:
-                db.executemany(sql.UPDATE_TASK, list(batch.updates.values()))
+            for statement, values in sql.update_many(list(batch.updates.values())):
+                db.execute(statement, values)
             for statement, params in batch.statements:
                 db.execute(statement, params)
             events = batch.events
