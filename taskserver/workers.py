@@ -164,6 +164,14 @@ class Callback:
         return cls(fn, "process" if cpu_bound else "thread")
 
 
+class _TimedOut(TimeoutError):
+    """The pool's own timeout fired (as opposed to a TimeoutError the callback raised)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"timed out after {seconds:g}s")
+        self.seconds = seconds
+
+
 class _Run:
     """One attempt of one task on one worker; its contexts are made once and shared by
     the ``task`` callback, the hooks and ``finish``."""
@@ -355,6 +363,15 @@ class WorkerPool:
             self._by_task[task.id] = worker_id
             try:
                 await self._execute(task, worker_id, me)
+            except Exception:
+                # A bug of ours must cost one task, never a worker.
+                log.exception("worker %d failed handling task %d", worker_id, task.id)
+                self._end(
+                    task,
+                    TaskState.FAILED,
+                    EventType.FAILED,
+                    {"error": "internal error in the worker; see the server log"},
+                )
             finally:
                 del self._running[worker_id]
                 del self._by_task[task.id]
@@ -383,8 +400,8 @@ class WorkerPool:
             self._postpone(task, exc.delay)
             return
         except Exception as exc:
-            if isinstance(exc, TimeoutError):
-                error = f"TimeoutError: the task ran longer than its timeout of {task.timeout:g}s"
+            if isinstance(exc, _TimedOut):
+                error = f"TimeoutError: the task ran longer than its timeout of {exc.seconds:g}s"
                 tb = None
             else:
                 error = f"{type(exc).__name__}: {exc}"
@@ -420,8 +437,14 @@ class WorkerPool:
     async def _call(self, cb: Callback, run: _Run, timeout: float | None, *args: Any) -> Any:
         if not timeout:  # the common case skips the timeout machinery
             return await self._invoke(cb, run, *args)
-        async with asyncio.timeout(timeout):
-            return await self._invoke(cb, run, *args)
+        limit = asyncio.timeout(timeout)
+        try:
+            async with limit:
+                return await self._invoke(cb, run, *args)
+        except TimeoutError:
+            if limit.expired():  # ours, not a TimeoutError the callback raised itself
+                raise _TimedOut(timeout) from None
+            raise
 
     async def _invoke(self, cb: Callback, run: _Run, *args: Any) -> Any:
         if cb.kind == "async":

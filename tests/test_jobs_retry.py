@@ -324,13 +324,6 @@ async def test_python_bad_retry_values_name_the_field(jobs: Jobs) -> None:
     assert (await server.get(task_id)).retry == RetryPolicy(base=0.5, jitter=0.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: WorkerPool._execute (workers.py) formats `task.timeout:g` for any "
-    "TimeoutError; with no timeout set (None) that raises TypeError inside the except block, "
-    "which kills the worker coroutine: the task stays 'running' forever and the pool has "
-    "one worker less",
-)
 async def test_callback_raising_timeout_error_without_a_timeout(jobs: Jobs) -> None:
     async def task(ctx: TaskContext) -> Any:
         if ctx.data == "upstream":
