@@ -105,8 +105,9 @@ class SSEReader:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Settings for a test server: a fresh SQLite file, 2 workers, fast heartbeats."""
-    return Settings(db=str(tmp_path / "tasks.db"), task_workers=2, port=0, heartbeat=1.0,
-                    grace_period=2.0)
+    return Settings(
+        db=str(tmp_path / "tasks.db"), task_workers=2, port=0, heartbeat=1.0, grace_period=2.0
+    )
 
 
 async def noop_task(ctx: TaskContext) -> Any:
@@ -151,9 +152,7 @@ ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
-async def make_client(
-    settings: Settings, aiohttp_client: Any
-) -> AsyncIterator[ClientFactory]:
+async def make_client(settings: Settings, aiohttp_client: Any) -> ClientFactory:
     """Real aiohttp servers on loopback running taskserver, and clients for them."""
 
     async def factory(
@@ -172,7 +171,7 @@ async def make_client(
         client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
         return client
 
-    yield factory
+    return factory  # aiohttp_client closes the clients (and so stops the servers)
 
 
 def sse(response: aiohttp.ClientResponse) -> SSEReader:
@@ -212,15 +211,19 @@ def run_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start ``python -m taskserver run ...`` processes; kills any left at the end."""
     procs: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, timeout: float = 20.0
-              ) -> ServerProcess:
+    def start(
+        *args: str, env: dict[str, str] | None = None, timeout: float = 20.0
+    ) -> ServerProcess:
         log = tmp_path / f"server-{len(procs)}.log"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
-                    **(env or {})}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env or {})}
         with log.open("w") as out:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen(
                 [sys.executable, "-m", "taskserver", "run", "--port", "0", *args],
-                stdout=out, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=tmp_path,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=full_env,
+                cwd=tmp_path,
             )
         import time
 
@@ -235,6 +238,7 @@ def run_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
                 raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text()}")
             time.sleep(0.02)
         proc.kill()
+        proc.wait(10)
         raise AssertionError(f"server did not start:\n{log.read_text()}")
 
     yield start
