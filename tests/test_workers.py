@@ -22,6 +22,9 @@ from taskserver import (
 from . import helpers
 from .conftest import ServerFactory, wait_for
 
+#: Retry at once: these tests are about outcomes, not about the backoff schedule.
+NO_BACKOFF: dict[str, Any] = {"retry_base": 0.0, "retry_jitter": 0.0}
+
 
 async def finished(server: TaskServer, task_id: int) -> Task:
     return await server.wait_terminal(task_id, timeout=15)
@@ -226,7 +229,7 @@ async def test_retries_until_success(make_server: ServerFactory) -> None:
             raise RuntimeError(f"flaky {ctx.attempt}")
         return {"attempt": ctx.attempt}
 
-    server = await make_server(task=task)
+    server = await make_server(task=task, **NO_BACKOFF)
     task_id = await server.task(None, max_attempts=3)
     done = await finished(server, task_id)
     assert done.state == "succeeded"
@@ -248,7 +251,7 @@ async def test_retries_run_out(make_server: ServerFactory) -> None:
     async def task(ctx: TaskContext) -> Any:
         raise RuntimeError(f"attempt {ctx.attempt}")
 
-    server = await make_server(task=task)
+    server = await make_server(task=task, **NO_BACKOFF)
     task_id = await server.task(None, max_attempts=2)
     done = await finished(server, task_id)
     assert done.state == "failed"
@@ -279,7 +282,7 @@ async def test_default_max_attempts_applies(make_server: ServerFactory) -> None:
             raise RuntimeError("first time")
         return ctx.attempt
 
-    server = await make_server(task=task, default_max_attempts=2)
+    server = await make_server(task=task, default_max_attempts=2, **NO_BACKOFF)
     done = await finished(server, await server.task(None))
     assert (done.state, done.attempts, done.result) == ("succeeded", 2, 2)
 
