@@ -62,6 +62,8 @@ JSON_LD = "application/ld+json"
 CONTEXT = "https://mercure.rocks/"
 FORM = "application/x-www-form-urlencoded"
 EARLIEST = "earliest"
+#: Sent with every 401 (RFC 6750).
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="mercure"'}
 
 #: Selectors per subscription request, and topics per update: every list is bounded.
 MAX_SELECTORS = 100
@@ -230,8 +232,7 @@ class Mercure:
             token = self._token(request, publishing=publishing)
             return None if token is None else verifier.verify(token)
         except AuthError as exc:
-            headers = {"WWW-Authenticate": 'Bearer realm="mercure"'} if exc.status == 401 else None
-            _fail(exc.status, str(exc), headers=headers)
+            _fail(exc.status, str(exc), headers=CHALLENGE if exc.status == 401 else None)
 
     # --- subscribe ----------------------------------------------------------------
 
@@ -248,7 +249,7 @@ class Mercure:
             _fail(400, str(exc))
         claims = self._claims(request, self.subscriber)
         if claims is None and not self.anonymous:
-            _fail(401, "a token is required to subscribe", headers={"WWW-Authenticate": "Bearer"})
+            _fail(401, "a token is required to subscribe", headers=CHALLENGE)
         try:
             after, resumed_from = await self._resume_point(request)
             # Registered before the headers go out: a client publishing on `onopen` is heard.
@@ -419,7 +420,7 @@ class Mercure:
         """``POST /.well-known/mercure`` (form): store the update, answer its id once durable."""
         claims = self._claims(request, self.publisher, publishing=True)
         if claims is None:
-            _fail(401, "a publisher token is required", headers={"WWW-Authenticate": "Bearer"})
+            _fail(401, "a publisher token is required", headers=CHALLENGE)
         if claims.publish is None or not claims.publish:
             _fail(403, "the token has no mercure.publish selectors")
         if request.content_type != FORM:
@@ -543,7 +544,7 @@ class Mercure:
     def _authorize_api(self, request: web.Request) -> None:
         claims = self._claims(request, self.subscriber)
         if claims is None:
-            _fail(401, "a subscriber token is required", headers={"WWW-Authenticate": "Bearer"})
+            _fail(401, "a subscriber token is required", headers=CHALLENGE)
         path = request.rel_url.raw_path
         urls = (path, f"{self._origin(request)}{path}")
         if claims.subscribe is None or not claims.subscribe.match_any(urls):

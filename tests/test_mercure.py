@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import time
@@ -23,10 +24,26 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from taskserver import TASKSERVER, TaskContext
+from taskserver import (
+    TASKSERVER,
+    ConfigError,
+    Settings,
+    TaskContext,
+    TaskServer,
+    attach,
+    load_settings,
+)
 from taskserver.mercure import MERCURE
 
-from .conftest import ClientFactory, SSEReader, noop_task, sse, wait_for
+from .conftest import (
+    ROOT,
+    ClientFactory,
+    ServerProcess,
+    SSEReader,
+    noop_task,
+    sse,
+    wait_for,
+)
 
 Client = TestClient[web.Request, web.Application]
 
@@ -641,3 +658,71 @@ async def test_hub_state_is_visible(make_client: ClientFactory) -> None:
         await wait_for(lambda: len(hub.connections) == 1, message="one connection")
         assert "subscribers=1" in repr(hub)
     await wait_for(lambda: not hub.connections, message="the connection released")
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_boolean_settings_from_env_toml_and_cli(tmp_path: Path) -> None:
+    env = {"TASKSERVER_MERCURE_ANONYMOUS": "Yes", "TASKSERVER_MERCURE_PRIVATE_TASKS": "0"}
+    settings = load_settings(env=env)
+    assert (settings.mercure_anonymous, settings.mercure_private_tasks) == (True, False)
+    (tmp_path / "hub.toml").write_text("mercure_anonymous = true\n")
+    assert load_settings(config_file=tmp_path / "hub.toml", env={}).mercure_anonymous is True
+    overrides = {"mercure_anonymous": "false"}
+    assert load_settings(env={}, overrides=overrides).mercure_anonymous is False
+    with pytest.raises(ConfigError, match="mercure_anonymous: expected bool"):
+        load_settings(env={"TASKSERVER_MERCURE_ANONYMOUS": "maybe"})
+    (tmp_path / "bad.toml").write_text("mercure_anonymous = 1\n")
+    with pytest.raises(ConfigError, match="expected bool"):
+        load_settings(config_file=tmp_path / "bad.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"mercure_publisher_jwt_key": "!ChangeMe!"}, "at least 32 bytes"),
+        ({"mercure_subscriber_jwt_key": "short"}, "mercure_subscriber_jwt_key"),
+        ({"mercure_jwt_alg": "RS256", "mercure_publisher_jwt_key": "/nonexistent.pem"}, "PEM"),
+        ({"mercure_jwt_alg": "RS256", "mercure_publisher_jwt_key": "-----BEGIN x"}, "PEM"),
+        ({"mercure_cors_origins": "example.com"}, "mercure_cors_origins"),
+        ({"mercure_publish_origins": "https://a.example/path"}, "mercure_publish_origins"),
+    ],
+)
+def test_unusable_hub_settings_fail_before_serving(
+    settings: Settings, overrides: dict[str, str], message: str
+) -> None:
+    server = TaskServer(
+        Settings(**{**dataclasses.asdict(settings), "task_workers": 0, **overrides})
+    )
+    with pytest.raises(ConfigError, match=message):
+        attach(web.Application(), server)
+
+
+async def test_the_dev_configuration_end_to_end(run_server: Callable[..., ServerProcess]) -> None:
+    server = run_server("--config", str(ROOT / "config" / "mercure-dev.toml"))
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{server.url}/tasks", json={"data": {"to": "a"}})
+        created = await response.json()
+        assert f'<{server.url}{HUB}>; rel="mercure"' in response.headers.getall("Link")
+        params = {"topic": created["topic"], "lastEventID": "earliest"}
+        async with session.get(f"{server.url}{HUB}", params=params) as stream:
+            reader = sse(stream)
+            types: list[str] = []
+            while not types or types[-1] not in ("finished", "failed"):
+                event = await reader.next()
+                assert event is not None
+                types.append(orjson.loads(event.data)["type"])
+            assert types[:2] == ["queued", "started"]
+            assert types[-1] == "finished"
+            form = {"topic": created["topic"], "data": "from the example token"}
+            response = await session.post(
+                f"{server.url}{HUB}", data=form, headers=bearer(EXAMPLE_TOKEN)
+            )
+            assert response.status == 200
+            published = await reader.next()
+            assert published is not None
+            assert (published.id, published.data) == (
+                await response.text(),
+                "from the example token",
+            )
