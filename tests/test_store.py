@@ -99,8 +99,8 @@ class Opaque:
 
 @pytest.mark.parametrize(
     "payload",
-    [object(), Opaque(), {"when": {1, 2}}, [1, b"bytes"], {1j: "complex key"}],
-    ids=["object", "instance", "set-inside", "bytes-inside", "complex-key"],
+    [object(), Opaque(), {"when": {1, 2}}, [1, b"bytes"], {1j: "complex key"}, {"n": 2**70}],
+    ids=["object", "instance", "set-inside", "bytes-inside", "complex-key", "huge-int"],
 )
 async def test_unserialisable_payload_raises_and_writes_nothing(
     make_server: ServerFactory, payload: Any
