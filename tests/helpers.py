@@ -14,7 +14,7 @@ import sqlite3
 import time
 from typing import Any
 
-from taskserver import ProcessTaskContext, TaskContext, TaskServer
+from taskserver import ProcessTaskContext, SyncTaskContext, TaskContext, TaskServer
 
 
 def stored_progress_events(db: str, task_id: int) -> list[tuple[int, str]]:
@@ -95,4 +95,22 @@ async def sleepy_task(ctx: TaskContext) -> dict[str, Any]:
 def setup_sleepy(server: TaskServer) -> None:
     """Tasks that take a little while (see ``sleepy_task``)."""
     server.on("task", sleepy_task)
+    server.on("finish", _finish)
+
+
+def blocking_thread_task(ctx: SyncTaskContext) -> dict[str, Any]:
+    """A plain function that blocks its thread until ``data["until_file"]`` exists (at most 60 s).
+
+    It does not look at ``ctx.cancelled``, as code blocked in a library call cannot.
+    """
+    gate = ctx.data["until_file"]
+    deadline = time.monotonic() + 60.0
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return {"attempt": ctx.attempt}
+
+
+def setup_blocking_thread(server: TaskServer) -> None:
+    """Tasks run in a thread and block it (see ``blocking_thread_task``)."""
+    server.on("task", blocking_thread_task)
     server.on("finish", _finish)

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from .conftest import ServerProcess, SSEEvent, sse, wait_for
 
@@ -274,6 +275,49 @@ async def test_sigterm_requeues_a_task_that_outlives_the_grace_period(
 
         async def succeeded() -> bool:
             return await task_state(http, second.url, slow) == "succeeded"
+
+        await wait_for(succeeded, message="the task completes after the restart")
+    assert await asyncio.to_thread(second.terminate) == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: after stop() the process cannot exit while a thread task still blocks: "
+    "concurrent.futures joins its (non-daemon) worker threads at interpreter exit",
+)
+async def test_sigterm_exits_while_a_thread_task_still_blocks(
+    run_server: RunServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "thread.db"
+    gate = tmp_path / "never-yet"
+    args = ("--db", str(db), "--task-workers", "1", "--grace-period", "0.5")
+    app = ("--app", "tests.helpers:setup_blocking_thread")
+    first = await asyncio.to_thread(run_server, *app, *args)
+    async with aiohttp.ClientSession() as http:
+        blocked = await post_task(http, first.url, {"data": {"until_file": str(gate)}})
+
+        async def is_running() -> bool:
+            return await task_state(http, first.url, blocked) == "running"
+
+        await wait_for(is_running, message="the thread task running")
+
+    first.proc.send_signal(signal.SIGTERM)
+
+    def requeued() -> bool:
+        return db_rows(db, "SELECT state, attempts FROM tasks WHERE id = ?", blocked) == [
+            ("queued", 0)
+        ]
+
+    await wait_for(requeued, message="the interrupted task re-queued")
+    # The thread cannot be interrupted, but it must not keep the process alive.
+    assert await asyncio.to_thread(first.proc.wait, 6) == 0
+
+    gate.touch()
+    second = await asyncio.to_thread(run_server, *app, *args)
+    async with aiohttp.ClientSession() as http:
+
+        async def succeeded() -> bool:
+            return await task_state(http, second.url, blocked) == "succeeded"
 
         await wait_for(succeeded, message="the task completes after the restart")
     assert await asyncio.to_thread(second.terminate) == 0
