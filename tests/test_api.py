@@ -145,6 +145,14 @@ async def test_list_filters_by_state(make_client: ClientFactory) -> None:
     assert [t["id"] for t in cancelled["tasks"]] == ids[1::2]
     assert [t["id"] for t in queued["tasks"]] == ids[0::2]
     assert all(t["state"] == "queued" for t in queued["tasks"])
+    # The cursor keeps the filter: page through the queued ones one at a time.
+    seen: list[int] = []
+    url: str | None = "/tasks?state=queued&limit=1"
+    while url is not None and len(seen) < 10:
+        page = await (await client.get(url)).json()
+        seen += [t["id"] for t in page["tasks"]]
+        url = page["next"]
+    assert seen == ids[0::2]
 
 
 # --- DELETE /tasks/{id} ----------------------------------------------------------------
@@ -184,6 +192,23 @@ async def test_cancel_queued_task_never_runs(make_client: ClientFactory) -> None
     await wait_state(client, third["id"], "succeeded")
     assert ran == [first["id"], third["id"]]
     assert (await get_task(client, second["id"]))["state"] == "cancelled"
+
+
+async def test_cancel_ended_task_is_409(make_client: ClientFactory) -> None:
+    async def task(ctx: TaskContext) -> Any:
+        if ctx.data == "fail":
+            raise RuntimeError("as asked")
+        return ctx.data
+
+    client = await make_client(task=task)
+    ok = await post_task(client, {"data": "ok"})
+    bad = await post_task(client, {"data": "fail"})
+    for created, state in ((ok, "succeeded"), (bad, "failed")):
+        await wait_state(client, created["id"], state)
+        response = await client.delete(created["url"])
+        assert response.status == 409
+        assert response.headers["Content-Type"].startswith("application/problem+json")
+        assert (await get_task(client, created["id"]))["state"] == state
 
 
 async def test_cancel_running_async_task(make_client: ClientFactory) -> None:

@@ -155,6 +155,24 @@ async def test_task_stream_ends_with_cancelled(make_client: ClientFactory) -> No
     assert orjson.loads(rest[0].data)["state"] == "cancelled"
 
 
+async def test_task_stream_goes_on_through_retries(make_client: ClientFactory) -> None:
+    async def task(ctx: TaskContext) -> Any:
+        if ctx.attempt == 1:
+            raise RuntimeError("first try fails")
+        return ctx.attempt
+
+    client = await make_client(task=task, retry_base=0.0, retry_jitter=0.0)
+    response = await client.post("/tasks", json={"data": None, "max_attempts": 2})
+    task_id = (await response.json())["id"]
+    async with client.get(f"/tasks/{task_id}/events") as stream:
+        events = await sse(stream).collect(timeout=10)
+    types = [e.event for e in events]
+    assert "retrying" in types
+    assert types.count("started") == 2
+    assert types[-1] == "finished"
+    assert orjson.loads(events[-1].data)["result"] == 2
+
+
 # --- GET /events -----------------------------------------------------------------------
 
 
