@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import sys
 import time
 from typing import Any
 
@@ -113,4 +114,17 @@ def blocking_thread_task(ctx: SyncTaskContext) -> dict[str, Any]:
 def setup_blocking_thread(server: TaskServer) -> None:
     """Tasks run in a thread and block it (see ``blocking_thread_task``)."""
     server.on("task", blocking_thread_task)
+    server.on("finish", _finish)
+
+
+def exiting_thread_task(ctx: SyncTaskContext) -> Any:
+    """Calls ``sys.exit(3)`` (as library code such as argparse does) when asked to."""
+    if ctx.data == "exit":
+        sys.exit(3)
+    return ctx.data
+
+
+def setup_exiting_thread(server: TaskServer) -> None:
+    """A thread task that may call ``sys.exit`` (see ``exiting_thread_task``)."""
+    server.on("task", exiting_thread_task)
     server.on("finish", _finish)
