@@ -204,7 +204,7 @@ async def test_events_without_cursor_get_every_event_committed_after_connecting(
     try:
         lock.execute("BEGIN IMMEDIATE")
         pending = asyncio.create_task(server.task("in flight"))
-        await wait_for(lambda: server.stats()["last_event_id"] == 2, message="id handed out")
+        await wait_for(lambda: server.store.last_event_id == 2, message="event id handed out")
         async with client.get("/events") as response:
             reader = sse(response)
             lock.execute("COMMIT")  # now the in-flight task commits: after we connected
