@@ -190,11 +190,11 @@ async def test_second_registration_replaces_the_first(settings: Settings) -> Non
     [
         ("tests.helpers:setup_missing_finish", "'finish'"),
         ("tests.helpers:setup_missing_task", "'task'"),
+        ("tests.no_such_module:setup", "no_such_module"),
+        ("tests.helpers:no_such_setup", "no_such_setup"),
     ],
 )
-def test_cli_refuses_missing_callback_before_binding(
-    tmp_path: Path, app: str, missing: str
-) -> None:
+def test_cli_refuses_a_bad_app_before_binding(tmp_path: Path, app: str, missing: str) -> None:
     db = tmp_path / "cli.db"
     done = _cli(tmp_path, "run", "--app", app, "--port", "0", "--db", str(db))
     assert done.returncode == 2, done.stderr
