@@ -20,6 +20,8 @@ from .server import TaskServer
 from .sse import stream_events
 
 SERVER: web.AppKey[TaskServer] = web.AppKey("taskserver", TaskServer)
+#: The prefix the API routes were mounted under (``add_routes``).
+PREFIX: web.AppKey[str] = web.AppKey("taskserver_prefix", str)
 
 PROBLEM = "application/problem+json"
 JSON = "application/json"
@@ -150,9 +152,8 @@ def last_event_id(request: web.Request) -> int:
 
 
 def _links(request: web.Request, server: TaskServer, task_id: int) -> dict[str, Any]:
-    url = request.app.router["task"].url_for(id=str(task_id))
-    events = request.app.router["task_events"].url_for(id=str(task_id))
-    return {"url": str(url), "events_url": str(events), "topic": server.topic(task_id)}
+    url = f"{request.app[PREFIX]}/tasks/{task_id}"  # an f-string: url_for() costs a lot per call
+    return {"url": url, "events_url": f"{url}/events", "topic": server.topic(task_id)}
 
 
 def _spec(body: dict[str, Any], where: str = "") -> TaskSpec:
@@ -176,8 +177,9 @@ async def create_task(request: web.Request) -> web.Response:
             status=200,
             headers={"Location": links["url"]},
         )
+    state = submitted.state or TaskState.QUEUED
     return json_response(
-        {"id": submitted.id, "state": "queued", "existing": False, **links},
+        {"id": submitted.id, "state": state, "existing": False, **links},
         status=202,
         headers={"Location": links["url"]},
     )
@@ -240,7 +242,8 @@ async def admin_retry(request: web.Request) -> web.Response:
     if body.get("failed") is True:
         return json_response({"retried": await server.retry_failed(), "errors": {}})
     ids = body.get("ids")
-    if not isinstance(ids, list) or not all(isinstance(i, int) and i > 0 for i in ids):
+    # type() and not isinstance(): JSON true is a bool, and bool is an int in Python.
+    if not isinstance(ids, list) or not all(type(i) is int and i > 0 for i in ids):
         raise ValidationError('give "ids": [positive integers] or "failed": true', field="ids")
     retried: list[int] = []
     errors: dict[str, str] = {}
@@ -346,7 +349,9 @@ async def all_events(request: web.Request) -> web.StreamResponse:
     """
     server = request.app[SERVER]
     has_cursor = "Last-Event-ID" in request.headers or "lastEventID" in request.query
-    after = last_event_id(request) if has_cursor else server.stats()["last_event_id"]
+    # Without a cursor: from the last *committed* event. Ids handed out but not yet
+    # committed must still come, live, once they are.
+    after = last_event_id(request) if has_cursor else server.store.committed_event_id
     subscription = server.subscribe()
 
     async def replay(after_id: int) -> list[Any]:
@@ -389,5 +394,6 @@ ROUTES: tuple[tuple[str, str, Handler, str | None], ...] = (
 
 def add_routes(app: web.Application, prefix: str = "") -> None:
     """Add every API route, under ``prefix`` (e.g. ``/jobs``; empty by default)."""
+    app[PREFIX] = prefix
     for method, path, handler, name in ROUTES:
         app.router.add_route(method, prefix + path, handler, name=name)

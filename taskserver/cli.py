@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -100,10 +102,21 @@ def run(settings: Settings) -> int:
             app = loop.run_until_complete(create_app(settings, setup))
         except ConfigError as exc:
             _fail(str(exc))
-        return loop.run_until_complete(_serve(app, settings))
+        code = loop.run_until_complete(_serve(app, settings))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if stuck:
+        # A thread callback that ignores ctx.cancelled cannot be stopped, and the
+        # interpreter would wait for it forever at exit. Everything is stored and
+        # closed by now, so leave without waiting.
+        log.warning("exiting with %d task thread(s) still running", len(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 async def _serve(app: web.Application, settings: Settings) -> int:

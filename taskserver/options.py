@@ -158,7 +158,8 @@ def prepare(
     try:
         text, value = encode_payload(spec.data)
         name = _label(opts["name"], "name") if opts.get("name") is not None else None
-        queue = _label(pick("queue") or "default", "queue")
+        raw_queue = pick("queue")
+        queue = "default" if raw_queue is None else _label(raw_queue, "queue")
         priority = int(_number(pick("priority") or 0, "priority", lo=-1000, hi=1000, integer=True))
         timeout = pick("timeout")
         timeout = (

@@ -9,9 +9,10 @@ takes the ones it does not hold. A backlog of millions costs disk, not memory,
 and a long import in one queue never fills another queue's window.
 
 A worker takes the best task of the highest-priority queue that has one and is
-under its concurrency limit. Tasks of a *serial group* run one at a time in id
-order: only the group's owner (its oldest task) is eligible; the rest are held
-until the owner ends (``release``).
+under its concurrency limit. Tasks of a *serial group* run one at a time, in run
+order: the group's owner (the first of its tasks taken in) holds it until it
+ends (``release``); the others wait on disk, outside the window, and the next
+one is paged in when the group is released.
 
 Due times are not kept here: delayed and retrying tasks wait on disk and are
 offered when due. The queue never touches the store itself.
@@ -24,7 +25,7 @@ import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .models import Task
+from .models import Task, TaskState
 
 
 @dataclass(slots=True)
@@ -39,6 +40,8 @@ class _Queue:
     backlog: bool = False
     paging: bool = False
     requested: int = 0
+    #: ids taken by workers while a page was being read
+    taken: set[int] = field(default_factory=set)
 
     def has_room_to_run(self) -> bool:
         return self.concurrency is None or self.running < self.concurrency
@@ -47,18 +50,24 @@ class _Queue:
 class ReadyQueue:
     """Ready tasks by queue, with removal by id and paging from disk.
 
-    ``page_in(queue, limit)`` must eventually call ``deliver(queue, tasks)`` once.
+    ``page_in(queue, limit, busy_groups)`` must eventually call ``deliver(queue, tasks)``
+    once, with the queue's first queued tasks in run order: of each serial group
+    only its oldest task that has not ended, and none of the ``busy_groups``.
+    ``group_head(group)`` must eventually call ``deliver_head(group, task or None)``
+    with the group's oldest task that has not ended.
     ``skip(task_id)`` tells ``deliver``/``offer`` a task is already held by a worker.
     """
 
     def __init__(
         self,
         capacity: int,
-        page_in: Callable[[str, int], None],
+        page_in: Callable[[str, int, list[str]], None],
+        group_head: Callable[[str], None],
         skip: Callable[[int], bool] = lambda task_id: False,
     ) -> None:
         self.capacity = capacity
         self._page_in = page_in
+        self._group_head = group_head
         self._skip = skip
         self._queues: dict[str, _Queue] = {}
         self._order: list[_Queue] = []
@@ -66,7 +75,9 @@ class ReadyQueue:
         self._tombstones: set[int] = set()
         self._owner: dict[str, int] = {}  # serial group -> the task holding it
         self._owned: dict[int, str] = {}  # and back
-        self._held: dict[str, list[tuple[int, Task]]] = {}
+        #: serial groups with tasks waiting on disk behind the owner
+        self._group_backlog: set[str] = set()
+        self._fetching: set[str] = set()
 
     def __len__(self) -> int:
         return sum(len(q.present) for q in self._order)
@@ -122,17 +133,19 @@ class ReadyQueue:
         """Take a queued ``task`` in if its queue's window has room and nothing waits on disk.
 
         Returns ``False`` when refused; the task then stays queued on disk and a
-        later page brings it in.
+        later page brings it in (for a task whose serial group is busy: once the
+        group is released).
         """
         queue = self._queue(task.queue)
         if task.id in queue.present or task.id in self._tombstones or self._skip(task.id):
             return True
         if queue.backlog or len(queue.present) >= self.capacity:
             queue.backlog = True
+            if task.serial_group is not None:
+                self._group_backlog.add(task.serial_group)
             self._maybe_page(queue)
             return False
-        self._admit(queue, task)
-        return True
+        return self._admit(queue, task)
 
     def start_from_disk(self, queues: Iterable[str]) -> None:
         """Mark that queued tasks of ``queues`` wait on disk (a restart) and page them in."""
@@ -145,10 +158,18 @@ class ReadyQueue:
         """Take in a page answered by ``page_in`` for queue ``name``, in run order."""
         queue = self._queue(name)
         queue.paging = False
+        # Tasks taken (and maybe finished) by a worker while the page was read are
+        # still "queued" in it: never take those in again.
+        taken, queue.taken = queue.taken, set()
         for task in tasks:
             if len(queue.present) >= self.capacity:
                 break
-            if task.id in queue.present or task.id in self._tombstones or self._skip(task.id):
+            if (
+                task.id in queue.present
+                or task.id in taken
+                or task.id in self._tombstones
+                or self._skip(task.id)
+            ):
                 continue
             self._admit(queue, task)
         else:
@@ -156,25 +177,36 @@ class ReadyQueue:
                 queue.backlog = False
         self._maybe_page(queue)
 
-    def _admit(self, queue: _Queue, task: Task) -> None:
-        queue.present[task.id] = task
+    def _admit(self, queue: _Queue, task: Task, *, head: bool = False) -> bool:
         group = task.serial_group
         if group is not None:
             owner = self._owner.get(group)
-            if owner is not None and owner != task.id:
-                heapq.heappush(self._held.setdefault(group, []), (task.id, task))
-                return
+            busy = owner is not None and owner != task.id
+            if busy or (not head and owner is None and group in self._group_backlog):
+                # Older tasks of its group come first: it waits on disk, outside the
+                # window (a long group never crowds out other tasks), and the group's
+                # head is fetched when the group is free.
+                self._group_backlog.add(group)
+                if not busy:
+                    self._fetch_head(group)
+                return False
             self._own(group, task.id)
+        queue.present[task.id] = task
         heapq.heappush(queue.heap, (-task.priority, task.id, task))
         self._wake_one()
+        return True
 
-    def _maybe_page(self, queue: _Queue) -> None:
+    def _maybe_page(self, queue: _Queue, *, eager: bool = False) -> None:
         room = self.capacity - len(queue.present)
-        if queue.backlog and not queue.paging and room >= max(1, self.capacity // 2):
+        if (
+            queue.backlog
+            and not queue.paging
+            and room >= (1 if eager else max(1, self.capacity // 2))
+        ):
             queue.paging = True
             # Ask for enough to find `room` tasks we do not hold yet.
             queue.requested = room + len(queue.present)
-            self._page_in(queue.name, queue.requested)
+            self._page_in(queue.name, queue.requested, list(self._owner))
 
     # --- serial groups -----------------------------------------------------------
 
@@ -188,22 +220,37 @@ class ReadyQueue:
         self._owned[task_id] = group
 
     def release(self, task_id: int) -> None:
-        """``task_id`` has ended: if it held a serial group, let the group's next task run."""
+        """``task_id`` has ended: if it held a serial group, fetch the group's next task."""
         group = self._owned.pop(task_id, None)
         if group is None:
             return
         del self._owner[group]
-        held = self._held.get(group)
-        while held:
-            _, nxt = heapq.heappop(held)
-            queue = self._queue(nxt.queue)
-            if nxt.id in queue.present:
-                self._own(group, nxt.id)
-                heapq.heappush(queue.heap, (-nxt.priority, nxt.id, nxt))
-                self._wake_one()
-                break
-        if not held:
-            self._held.pop(group, None)
+        # Always ask: after a restart, or past a busy page, tasks of the group may
+        # wait on disk without this queue having seen them.
+        self._fetch_head(group)
+
+    def _fetch_head(self, group: str) -> None:
+        if group not in self._fetching:
+            self._fetching.add(group)
+            self._group_head(group)
+
+    def deliver_head(self, group: str, task: Task | None) -> None:
+        """Take in the oldest task of ``group`` that has not ended (answer to ``group_head``)."""
+        self._fetching.discard(group)
+        if task is None:
+            self._group_backlog.discard(group)  # the group is empty
+            return
+        owner = self._owner.get(group)
+        if owner is not None and owner != task.id:
+            return  # taken meanwhile; its release fetches again
+        if task.state is not TaskState.QUEUED:
+            self.set_owner(group, task.id)  # delayed: it holds the group until it runs
+            return
+        queue = self._queue(task.queue)
+        if task.id in queue.present or task.id in self._tombstones or self._skip(task.id):
+            return
+        # One task per group may exceed the window: the bound is the number of groups.
+        self._admit(queue, task, head=True)
 
     # --- out -----------------------------------------------------------------------
 
@@ -234,6 +281,8 @@ class ReadyQueue:
                 _, task_id, task = heapq.heappop(heap)
                 if queue.present.pop(task_id, None) is None:
                     continue  # removed (cancelled) while it waited
+                if queue.paging:
+                    queue.taken.add(task_id)
                 queue.running += 1
                 self._maybe_page(queue)
                 return task

@@ -46,6 +46,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_ready ON tasks (queue, priority DESC, id) WHERE state = 'queued';
     CREATE INDEX tasks_due ON tasks (available_at) WHERE state IN ('waiting', 'retrying');
     CREATE INDEX tasks_unique ON tasks (unique_key) WHERE unique_key IS NOT NULL;
+    CREATE INDEX tasks_group ON tasks (serial_group, id) WHERE serial_group IS NOT NULL;
     CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
     CREATE TABLE events (
         id       INTEGER PRIMARY KEY,
@@ -109,7 +110,14 @@ SELECT_EVENT_BY_UID = "SELECT id FROM events WHERE uid = ?"
 SELECT_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
 SELECT_QUEUED_PAGE = (
     f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'queued' AND queue = ?"
+    " AND (serial_group IS NULL OR (serial_group NOT IN (SELECT value FROM json_each(?))"
+    "  AND id = (SELECT min(g.id) FROM tasks AS g WHERE g.serial_group = tasks.serial_group"
+    "   AND g.state IN ('queued', 'waiting', 'retrying'))))"
     " ORDER BY priority DESC, id LIMIT ?"
+)
+SELECT_GROUP_HEAD = (
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE serial_group = ?"
+    " AND state IN ('queued', 'waiting', 'retrying') ORDER BY id LIMIT 1"
 )
 SELECT_QUEUES_WITH_WORK = "SELECT DISTINCT queue FROM tasks WHERE state = 'queued'"
 SELECT_DUE = (

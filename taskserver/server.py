@@ -52,6 +52,8 @@ CALLBACKS = ("task", "finish", "before", "after", "error")
 MAX_WAITERS = 100_000
 #: Active states in the order people read them.
 ACTIVE_ORDER = (TaskState.QUEUED, TaskState.WAITING, TaskState.RUNNING, TaskState.RETRYING)
+#: Ended tasks deleted per writer round when purging.
+PURGE_CHUNK = 5_000
 #: Due tasks promoted per writer round.
 DUE_PAGE = 1_000
 
@@ -62,6 +64,9 @@ class Submitted:
 
     id: int
     existing: bool = False
+    #: the state it was stored in: ``queued``, or ``waiting`` for a delayed task
+    #: (``None`` for an existing task: ask ``get()``)
+    state: TaskState | None = None
 
 
 class TaskServer:
@@ -83,7 +88,9 @@ class TaskServer:
         )
         self._store: Store | None = None
         self._pool: WorkerPool | None = None
-        self._ready = ReadyQueue(self.settings.ready_window, self._page_in, self._is_running)
+        self._ready = ReadyQueue(
+            self.settings.ready_window, self._page_in, self._group_head, self._is_running
+        )
         self._counts: dict[TaskState, int] = dict.fromkeys(TaskState, 0)
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._n_waiters = 0
@@ -103,6 +110,7 @@ class TaskServer:
         self._unique_by_id: dict[int, str] = {}
         self._due_wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        self._unique_lock = asyncio.Lock()
         #: a task with no options, resolved once (``_prepare``'s fast path)
         self._plain: NewTask | None = None
 
@@ -203,6 +211,10 @@ class TaskServer:
         """
         schedule = Schedule(name, cron, data, dict(options), tz)
         schedule.check()
+        try:  # bad options would otherwise fail every run, later, in a log line
+            self._resolve(TaskSpec(data, {"name": name, **options}), "")
+        except ValidationError as exc:
+            raise ConfigError(f"schedule {name!r}: {exc}") from None
         self._schedules[name] = schedule
 
     def check(self) -> None:
@@ -336,7 +348,7 @@ class TaskServer:
             # The common case: no options. Resolve the defaults once, encode the data only.
             if self._plain is None:
                 self._plain = self._resolve(TaskSpec(None), where)
-            text, value = encode_payload(spec.data)
+            text, value = encode_payload(spec.data, f"{where}data")
             p = self._plain
             return NewTask(
                 text,
@@ -376,20 +388,19 @@ class TaskServer:
         ``ValidationError``/``NotSerializable`` naming the field (nothing written),
         ``ServerBusy`` when full, ``ServerClosed`` while stopping.
         """
-        return (await self._insert([TaskSpec(data, options)]))[0]
-
-    async def task(self, data: Any, **options: Any) -> int:
-        """Enqueue one task and return its id once it is durable. Options as ``submit``."""
-        spec = TaskSpec(data, options)
         if "unique_key" in options:
-            return (await self._insert([spec]))[0].id
+            return (await self._insert([TaskSpec(data, options)]))[0]
         # The hot path: one task, no uniqueness to check.
-        item = self._prepare(spec)
+        item = self._prepare(TaskSpec(data, options))  # validate before anything else
         tasks, committed = self._admit(1).insert_tasks((item,))
         task = tasks[0]
         self._counts[task.state] += 1
         await committed
-        return task.id
+        return Submitted(task.id, state=task.state)
+
+    async def task(self, data: Any, **options: Any) -> int:
+        """Enqueue one task and return its id once it is durable. Options as ``submit``."""
+        return (await self.submit(data, **options)).id
 
     async def task_many(self, items: Iterable[Any], **options: Any) -> list[Submitted]:
         """Enqueue many tasks in one transaction: all or none.
@@ -418,6 +429,21 @@ class TaskServer:
         prepared = [
             self._prepare(spec, f"tasks[{i}]." if batch else "") for i, spec in enumerate(specs)
         ]
+        if any(item.unique_for for item in prepared):
+            # Looking up recent tasks awaits the disk: two callers with the same key
+            # must not both miss, so such look-ups and their appends take turns.
+            async with self._unique_lock:
+                results, committed = await self._append(prepared, schedule)
+        else:
+            results, committed = await self._append(prepared, schedule)
+        if committed is not None:
+            await committed
+        return results
+
+    async def _append(
+        self, prepared: list[NewTask], schedule: tuple[str, float] | None
+    ) -> tuple[list[Submitted], asyncio.Future[None] | None]:
+        """Resolve unique keys and append the new tasks; returns the answers and the commit."""
         results: list[Submitted | None] = [None] * len(prepared)
         fresh: list[NewTask] = []
         positions: list[int] = []  # where each fresh task's answer goes
@@ -438,6 +464,7 @@ class TaskServer:
                 first_with_key[key] = len(fresh)
             positions.append(i)
             fresh.append(item)
+        committed = None
         if fresh:
             tasks, committed = self._admit(len(fresh)).insert_tasks(fresh, schedule=schedule)
             for task in tasks:
@@ -445,12 +472,11 @@ class TaskServer:
                 if task.unique_key is not None:
                     self._unique[task.unique_key] = task.id
                     self._unique_by_id[task.id] = task.unique_key
-            await committed
             for position, task in zip(positions, tasks, strict=True):
-                results[position] = Submitted(task.id)
+                results[position] = Submitted(task.id, state=task.state)
             for position, index in repeats:
                 results[position] = Submitted(tasks[index].id, existing=True)
-        return [r for r in results if r is not None]
+        return [r for r in results if r is not None], committed
 
     def topic(self, task_id: int) -> str:
         """The topic (an IRI) on which a task's events are published."""
@@ -551,16 +577,17 @@ class TaskServer:
         states: Iterable[TaskState] = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED),
     ) -> int:
         """Delete ended tasks (and their events) that finished over ``older_than`` s ago."""
-        chosen = tuple(states)
         cutoff = self._clock() - older_than
         total = 0
-        while True:
-            deleted = await self.store.purge(chosen, cutoff)
-            total += deleted
-            if deleted < 5_000:
-                break
-        if total:
-            self._counts = await self.store.count_by_state()
+        for state in dict.fromkeys(states):
+            # One state at a time, so the in-memory counters stay exact: ended tasks
+            # change state only through the writer, which runs these in order.
+            while True:
+                deleted = await self.store.purge((state,), cutoff, chunk=PURGE_CHUNK)
+                self._counts[state] -= deleted
+                total += deleted
+                if deleted < PURGE_CHUNK:
+                    break
         return total
 
     async def wait_terminal(self, task_id: int, timeout: float | None = None) -> Task:
@@ -631,7 +658,7 @@ class TaskServer:
             else None,
             "subscribers": len(self.hub),
             "commits": self._store.commits if self._store else 0,
-            "last_event_id": self._store.last_event_id if self._store else 0,
+            "last_event_id": self._store.committed_event_id if self._store else 0,
         }
 
     async def queue_stats(self) -> dict[str, dict[str, Any]]:
@@ -704,8 +731,15 @@ class TaskServer:
             if not future.done():
                 future.set_result(None)
 
-    def _page_in(self, queue: str, limit: int) -> None:
-        self.store.page_queued(queue, limit, lambda tasks: self._ready.deliver(queue, tasks))
+    def _page_in(self, queue: str, limit: int, busy_groups: list[str]) -> None:
+        self.store.page_queued(
+            queue, limit, busy_groups, lambda tasks: self._ready.deliver(queue, tasks)
+        )
+
+    def _group_head(self, group: str) -> None:
+        self.store.group_head(
+            group, lambda tasks: self._ready.deliver_head(group, tasks[0] if tasks else None)
+        )
 
     def _is_running(self, task_id: int) -> bool:
         return self._pool is not None and self._pool.is_running(task_id)
@@ -794,7 +828,16 @@ class TaskServer:
             if name in last:
                 missed = schedule.due_after(last[name], now)
                 if missed:
-                    await self._enqueue_runs(schedule, missed)
+                    try:
+                        await self._enqueue_runs(schedule, missed)
+                    except (ServerBusy, ValidationError) as exc:
+                        # Not silently: say so, and keep the other schedules going.
+                        log.error(
+                            "schedule %r: could not enqueue %d missed run(s): %s",
+                            name,
+                            len(missed),
+                            exc,
+                        )
                 next_due[name] = schedule.next_after(max(last[name], now))
             else:
                 next_due[name] = schedule.next_after(now)

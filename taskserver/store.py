@@ -183,6 +183,8 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self.commits = 0
+        #: The highest event id committed so far (events are committed in id order).
+        self.committed_event_id = 0
         #: What ``open`` found left running by a dead process.
         self.recovered_queued = 0
         self.recovered_failed = 0
@@ -220,6 +222,7 @@ class Store:
             conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0] + 1
         )
         self._recover(conn)
+        self.committed_event_id = self._next_event_id - 1
         self._conn = conn
 
     async def close(self) -> None:
@@ -519,14 +522,21 @@ class Store:
         self._check_room(1).execs.append(op)
         return op.future
 
-    def page_queued(self, queue: str, limit: int, deliver: Deliver) -> None:
-        """Ask the writer for the first ``limit`` queued tasks of ``queue``, in run order.
+    def page_queued(self, queue: str, limit: int, busy_groups: list[str], deliver: Deliver) -> None:
+        """Ask the writer for the first ``limit`` queued tasks of ``queue``, in run order,
+        leaving out tasks of the serial groups in ``busy_groups``.
 
         ``deliver`` is called from the writer after the current batch commits and
         before the next starts, so no commit slips between query and delivery.
         It must not block.
         """
-        self._current().pages.append(_Page(sql.SELECT_QUEUED_PAGE, (queue, limit), deliver))
+        params = (queue, sql.dumps(busy_groups), limit)
+        self._current().pages.append(_Page(sql.SELECT_QUEUED_PAGE, params, deliver))
+
+    def group_head(self, group: str, deliver: Deliver) -> None:
+        """Ask the writer for the oldest task of serial group ``group`` that has not ended
+        (queued, waiting or retrying); ``deliver`` gets a list of at most one."""
+        self._current().pages.append(_Page(sql.SELECT_GROUP_HEAD, (group,), deliver))
 
     def due_tasks(self, now: float, limit: int, deliver: Deliver) -> None:
         """Ask the writer for up to ``limit`` waiting/retrying tasks due by ``now``.
@@ -561,6 +571,10 @@ class Store:
                 batch.future.exception()
                 continue
             self.commits += 1
+            if outcome.committed.events:
+                self.committed_event_id = max(
+                    self.committed_event_id, outcome.committed.events[-1].id
+                )
             # Order matters, for speed and for correctness:
             # 1. wake the callers awaiting this batch and let them run once, so the
             #    writes they make next (a producer's next task) join the next batch;

@@ -105,8 +105,14 @@ class SyncTaskContext(BaseContext):
         self._loop = loop
 
     def progress(self, fraction: float, message: str | None = None) -> None:
-        """Record progress (0 to 1); blocks this thread until it is stored."""
+        """Record progress (0 to 1); blocks this thread until it is stored.
+
+        Ignored once the task was cancelled or timed out (``cancelled`` is set):
+        the thread may run on, but the task's record is final.
+        """
         fraction = _check_fraction(fraction)
+        if self.cancelled:
+            return
 
         async def send() -> None:
             await self._sink(self._task, fraction, message)

@@ -171,14 +171,7 @@ async def test_http_bulk_retry_by_ids_and_all_failed(jobs: Jobs) -> None:
         {"ids": [1.5]},
         {},
         {"failed": False},
-        pytest.param(
-            {"ids": [True]},
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: api.admin_retry checks `isinstance(i, int)`, which accepts JSON "
-                "true as the id 1: answers 200 with an error keyed 'True' instead of 422",
-            ),
-        ),
+        {"ids": [True]},
     ],
 )
 async def test_http_bad_bulk_retry_is_refused(jobs: Jobs, body: dict[str, Any]) -> None:

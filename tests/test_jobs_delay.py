@@ -165,11 +165,6 @@ async def test_http_delay_and_available_at(jobs: Jobs) -> None:
     assert (await get_json(client, f"/tasks/{created['id']}"))["state"] == "waiting"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: api.create_task answers 202 with a hard-coded "state": "queued" '
-    "even when the task was stored as waiting (delay or future available_at)",
-)
 async def test_http_202_says_waiting_for_a_delayed_task(jobs: Jobs) -> None:
     client, _ = await jobs.client(task_workers=0)
     created = await post(client, "/tasks", {"data": 1, "delay": 300})

@@ -99,13 +99,6 @@ async def test_other_tasks_run_beside_a_group(jobs: Jobs) -> None:
     assert spans.spans[other_group][0] < spans.spans[group[1]][0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ReadyQueue._admit (ready.py) keeps a group's held tasks in the queue's "
-    "window (`present`), so a group with more waiting tasks than ready_window fills it and "
-    "every other task of that queue waits on disk until the group drains: other tasks are "
-    "blocked by the group",
-)
 async def test_a_long_group_does_not_block_other_tasks_of_its_queue(jobs: Jobs) -> None:
     spans = Spans()
     server = await jobs.server(spans.run, task_workers=2, ready_window=4)

@@ -119,24 +119,12 @@ def test_bad_cron_or_zone_is_a_config_error(cron: str, tz: str) -> None:
         server.schedule("nightly", cron, None, tz=tz)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TaskServer.schedule (server.py) checks only the cron expression; bad task "
-    "options (or unencodable data) pass setup, then every due time fails with a logged "
-    "ValidationError and the schedule never runs; they should be a ConfigError at schedule()",
-)
 def test_bad_schedule_options_are_a_config_error() -> None:
     server = TaskServer(Settings(task_workers=0))
     with pytest.raises(ConfigError):
         server.schedule("nightly", "0 3 * * *", None, priority="high")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TaskServer._schedule_loop (server.py) enqueues the missed runs at start "
-    "outside its try/except: a ServerBusy (or ValidationError) there ends the background "
-    "loop, and no schedule ever enqueues again until the next restart",
-)
 async def test_a_full_queue_during_catch_up_does_not_stop_the_schedules(jobs: Jobs) -> None:
     db = jobs.settings.db
     first = await jobs.server(configure=tick, task_workers=0)

@@ -110,12 +110,6 @@ async def test_backlog_on_disk_runs_in_priority_order_after_restart(jobs: Jobs) 
     assert rec.order == [5, 1, 3, 2, 6, 0, 4, 7]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ReadyQueue.deliver (ready.py) re-admits a task that a worker took and "
-    "finished while the page was read: the page is a snapshot, _skip only knows running "
-    "tasks, so a backlog paged in from disk runs tasks twice and the queued count goes negative",
-)
 @pytest.mark.parametrize("restart", [False, True], ids=["live", "after-restart"])
 async def test_backlog_paged_in_from_disk_runs_each_task_once(jobs: Jobs, restart: bool) -> None:
     runs: Counter[int] = Counter()
@@ -249,13 +243,30 @@ async def test_python_bad_queue_names_the_field(jobs: Jobs) -> None:
     assert (task.queue, task.priority) == ("ok", 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: options.prepare treats queue '' as unset (`pick('queue') or 'default'`) "
-    "and files the task in 'default' instead of refusing the empty name with 422",
-)
 async def test_http_empty_queue_name_is_refused(jobs: Jobs) -> None:
     client, _ = await jobs.client(task_workers=0)
     response = await client.post("/tasks", json={"data": 1, "queue": ""})
     await refused(response, 422, "queue")
     assert await all_tasks(client) == []
+
+
+async def test_queue_and_name_defaults_for_timeout_and_priority(jobs: Jobs) -> None:
+    async def task(ctx: TaskContext) -> Any:
+        await asyncio.sleep(ctx.data)
+        return ctx.data
+
+    def configure(server: TaskServer) -> None:
+        server.queue("strict", timeout=0.1)
+        server.defaults("report", queue="strict", priority=7, timeout=5.0)
+
+    server = await jobs.server(task, configure=configure)
+    too_slow = await server.task(2, queue="strict")
+    failed = await state_of(server, too_slow, "failed")
+    assert failed.timeout == 0.1
+    assert failed.error == "TimeoutError: the task ran longer than its timeout of 0.1s"
+    named = await server.task(0.2, name="report")
+    done = await state_of(server, named, "succeeded")
+    assert (done.queue, done.priority, done.timeout) == ("strict", 7, 5.0)
+    overridden = await server.task(0, name="report", priority=-1, timeout=1)
+    ended = await state_of(server, overridden, "succeeded")
+    assert (ended.priority, ended.timeout) == (-1, 1.0)

@@ -102,12 +102,6 @@ async def test_unique_for_counts_a_recent_success(jobs: Jobs) -> None:
     assert later.id not in (first, plain.id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TaskServer._insert (server.py) checks self._unique, then awaits "
-    "store.recent_unique() for unique_for before it records the key, so two concurrent "
-    "submits with the same unique_key and unique_for both insert a task",
-)
 async def test_concurrent_submits_with_unique_for_create_one_task(jobs: Jobs) -> None:
     server = await jobs.server(task_workers=0)
     results = await asyncio.gather(
@@ -234,12 +228,6 @@ async def test_task_many_is_all_or_nothing(jobs: Jobs) -> None:
     assert server.stats()["commits"] == commits
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TaskServer._prepare (server.py), fast path for items without options, "
-    "calls encode_payload(spec.data) without the `tasks[i].` prefix, so task_many names "
-    "an unencodable plain item 'data' instead of 'tasks[2].data'",
-)
 async def test_task_many_names_an_unencodable_plain_item(jobs: Jobs) -> None:
     server = await jobs.server(task_workers=0)
     with pytest.raises(NotSerializable) as caught:

@@ -332,11 +332,6 @@ async def test_unserialisable_result_fails_clearly(make_server: ServerFactory, v
     assert (ok.state, ok.result) == ("succeeded", "fine")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SyncTaskContext.progress still stores a 'progress' event (and overwrites the "
-    "row's progress) after the task was cancelled",
-)
 async def test_thread_progress_after_cancel_changes_nothing(make_server: ServerFactory) -> None:
     go = threading.Event()
     returned = threading.Event()
