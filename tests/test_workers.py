@@ -358,3 +358,31 @@ async def test_thread_progress_after_cancel_changes_nothing(make_server: ServerF
     cancelled = await server.get(task_id)
     assert cancelled.state == "cancelled"
     assert (cancelled.progress, cancelled.message) == (0.1, "before")
+
+
+async def test_thread_progress_after_timeout_changes_nothing(make_server: ServerFactory) -> None:
+    go = threading.Event()
+    returned = threading.Event()
+
+    def task(ctx: SyncTaskContext) -> Any:
+        if ctx.data == "next":
+            return "next"
+        ctx.progress(0.1, "before")
+        go.wait(10)
+        with contextlib.suppress(Exception):
+            ctx.progress(0.9, "after the timeout")
+        returned.set()
+        return "late"
+
+    server = await make_server(task=task, task_workers=1)
+    task_id = await server.task(None, timeout=0.3)
+    timed_out = await finished(server, task_id)
+    assert timed_out.state == "failed"
+    go.set()
+    await wait_for(returned.is_set, message="the thread returned")
+    assert (await finished(server, await server.task("next"))).state == "succeeded"
+    types = await event_types(server, task_id)
+    assert types[-1] == "failed", types
+    after = await server.get(task_id)
+    assert (after.state, after.progress, after.message) == ("failed", 0.1, "before")
+    assert after.result is None
