@@ -44,6 +44,8 @@ from .models import TERMINAL, Event, EventType, Task, TaskState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Seconds between WAL checkpoints while there are commits.
+CHECKPOINT_INTERVAL = 1.0
 
 Deliver = Callable[[list[Task]], None]
 
@@ -176,6 +178,8 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._checkpointer: aiosqlite.Connection | None = None
+        self._checkpoints: asyncio.Task[None] | None = None
         self._next_task_id = 1
         self._next_event_id = 1
         self._batch: _Batch | None = None
@@ -204,8 +208,31 @@ class Store:
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in (*sql.PRAGMAS, "PRAGMA query_only = 1"):
                 await self._reader.execute(pragma)
+            self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._checkpointer.execute("PRAGMA busy_timeout = 5000")
+            self._checkpoints = asyncio.create_task(
+                self._checkpoint_loop(), name="taskserver-store-checkpoint"
+            )
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop(), name="taskserver-store-writer")
+
+    async def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database file from a connection of its own.
+
+        SQLite would otherwise checkpoint inside whichever COMMIT crosses the
+        threshold, stalling that batch (and every caller in it) for the copy and
+        its fsync: that was most of the p99 latency. PASSIVE never blocks the writer.
+        """
+        assert self._checkpointer is not None
+        seen = self.commits
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            if self.commits != seen:  # idle: nothing to copy, no disk work
+                seen = self.commits
+                try:
+                    await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except Exception:
+                    log.exception("WAL checkpoint failed; trying again later")
 
     async def _in_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -214,6 +241,8 @@ class Store:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         for pragma in (*sql.PRAGMAS, f"PRAGMA synchronous = {self._synchronous}"):
             conn.execute(pragma)
+        if self.path != ":memory:":
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # _checkpoint_loop does it
         self._migrate(conn)
         self._next_task_id = (
             conn.execute("SELECT coalesce(max(id), 0) FROM tasks").fetchone()[0] + 1
@@ -232,9 +261,15 @@ class Store:
         if self._writer is not None:
             await self._writer
             self._writer = None
-        if self._reader is not None:
-            await self._reader.close()
-            self._reader = None
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
+            self._checkpoints = None
+        for conn in (self._reader, self._checkpointer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._checkpointer = None
         if self._conn is not None:
             await self._in_writer(self._conn.close)
             self._conn = None
