@@ -172,8 +172,9 @@ async def create_task(request: web.Request) -> web.Response:
     links = _links(request, server, submitted.id)
     if submitted.existing:
         task = await server.get(submitted.id)
+        state = TaskState.RUNNING if server.is_running(task.id) else task.state
         return json_response(
-            {"id": task.id, "state": task.state.value, "existing": True, **links},
+            {"id": task.id, "state": state, "existing": True, **links},
             status=200,
             headers={"Location": links["url"]},
         )

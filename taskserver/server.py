@@ -744,6 +744,10 @@ class TaskServer:
     def _is_running(self, task_id: int) -> bool:
         return self._pool is not None and self._pool.is_running(task_id)
 
+    def is_running(self, task_id: int) -> bool:
+        """True while a worker runs the task (its ``running`` row may not be committed yet)."""
+        return self._is_running(task_id)
+
     def _report(self, task: Task, type_: EventType, extra: dict[str, Any] | None) -> None:
         self.store.update_task(task, type_, extra)  # NotSerializable propagates to the pool
         counts = self._counts
