@@ -128,3 +128,11 @@ def setup_exiting_thread(server: TaskServer) -> None:
     """A thread task that may call ``sys.exit`` (see ``exiting_thread_task``)."""
     server.on("task", exiting_thread_task)
     server.on("finish", _finish)
+
+
+def cpu_wait_for_file(ctx: ProcessTaskContext) -> dict[str, Any]:
+    """Block this pool process until ``data["until_file"]`` exists (at most 20 s)."""
+    deadline = time.monotonic() + 20.0
+    while not os.path.exists(ctx.data["until_file"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"pid": os.getpid(), "data": ctx.data}

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -386,3 +387,22 @@ async def test_thread_progress_after_timeout_changes_nothing(make_server: Server
     after = await server.get(task_id)
     assert (after.state, after.progress, after.message) == ("failed", 0.1, "before")
     assert after.result is None
+
+
+async def test_cancel_running_process_task_discards_result(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = await make_server(
+        task=helpers.cpu_wait_for_file, cpu_bound=True, process_workers=1, task_workers=1
+    )
+    gate = tmp_path / "gate"
+    task_id = await server.task({"until_file": str(gate)})
+    await wait_for(lambda: server.stats()["running"] == 1, message="the process task runs")
+    assert (await server.cancel(task_id)).state == "cancelled"
+    gate.touch()  # the process finishes its work anyway; the result must go nowhere
+    # One pool process: once the next task ran, the cancelled one has surely returned.
+    after = await finished(server, await server.task({"until_file": str(gate)}))
+    assert after.state == "succeeded"
+    cancelled = await server.get(task_id)
+    assert (cancelled.state, cancelled.result) == ("cancelled", None)
+    assert (await event_types(server, task_id))[-1] == "cancelled"
