@@ -240,6 +240,7 @@ class TaskServer:
             synchronous=self.settings.synchronous,
             max_pending_writes=self.settings.max_pending_writes,
             on_commit=self._committed,
+            on_ready=self._feed,
             clock=self._clock,
         )
         await self._store.open()
@@ -704,10 +705,7 @@ class TaskServer:
     # --- wiring (called by the store and the pool) ------------------------------------
 
     def _committed(self, committed: Committed) -> None:
-        # Runs in the writer after every commit: feed the windows, then push events.
-        ready = self._ready
-        for task in committed.ready:
-            ready.offer(task)
+        # Runs in the writer after every commit: bookkeeping, then push the events.
         if committed.delayed:
             self._due_wake.set()
         publish = self.hub.publish if len(self.hub) else None  # nobody listens: skip the topics
@@ -721,6 +719,12 @@ class TaskServer:
                 publish((f"{prefix}{event.task_id}",), event)
             if event.type in TERMINAL_EVENTS:
                 self._ended(event.task_id)
+
+    def _feed(self, tasks: list[Task]) -> None:
+        # Runs in the writer after the callers of a batch resumed: wake the workers.
+        offer = self._ready.offer
+        for task in tasks:
+            offer(task)
 
     def _ended(self, task_id: int) -> None:
         self._ready.release(task_id)

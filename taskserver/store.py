@@ -154,8 +154,10 @@ class NewTask:
 class Store:
     """SQLite storage for tasks and events, written by one group-committing coroutine.
 
-    ``on_commit`` is called synchronously after every successful commit; it must
-    not block. ``clock`` gives seconds since the epoch (injectable for tests).
+    ``on_commit`` is called synchronously after every successful commit, before
+    anyone awaiting the batch resumes; ``on_ready`` then gets the tasks the batch
+    made ready to run. Neither may block. ``clock`` gives seconds since the epoch
+    (injectable for tests).
     """
 
     def __init__(
@@ -165,12 +167,14 @@ class Store:
         synchronous: str = "NORMAL",
         max_pending_writes: int = 100_000,
         on_commit: Callable[[Committed], None] | None = None,
+        on_ready: Callable[[list[Task]], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
         self._synchronous = synchronous
         self._max_pending = max_pending_writes
         self._on_commit = on_commit or (lambda committed: None)
+        self._on_ready = on_ready or (lambda tasks: None)
         self._clock = clock
         # The writer's connection is used only on the writer thread, so one batch is
         # one thread hop (aiosqlite would hop once per statement; on a busy loop
@@ -611,23 +615,29 @@ class Store:
                     self.committed_event_id, outcome.committed.events[-1].id
                 )
             # Order matters, for speed and for correctness:
-            # 1. wake the callers awaiting this batch and let them run once, so the
-            #    writes they make next (a producer's next task) join the next batch;
-            batch.future.set_result(None)
-            await asyncio.sleep(0)
-            # 2. then hand the commit to the server: the workers it wakes run while
-            #    the writer thread commits the next batch (the two overlap);
+            # 1. the server's bookkeeping and the events, at once, so nothing can see
+            #    this commit in the database before the server has taken it in;
             try:
                 self._on_commit(outcome.committed)
             except Exception:
                 log.exception("on_commit hook failed")
+            # 2. wake the callers awaiting this batch and let them run once, so the
+            #    writes they make next (a producer's next task) join the next batch;
+            batch.future.set_result(None)
+            await asyncio.sleep(0)
+            # 3. then feed the workers: they run while the writer thread commits the
+            #    next batch (the two overlap);
+            try:
+                self._on_ready(outcome.committed.ready)
+            except Exception:
+                log.exception("on_ready hook failed")
             for page, tasks in zip(batch.pages, outcome.pages, strict=True):
                 try:
                     page.deliver(tasks)
                 except Exception:
                     log.exception("delivering tasks read for the scheduler failed")
-            # 3. answer cancels and retries last: a cancel's tombstone must still
-            #    stand while on_commit offers tasks of this batch.
+            # 4. answer cancels and retries last: a cancel's tombstone must still
+            #    stand while on_ready offers tasks of this batch.
             for cond, changed in zip(batch.conditionals, outcome.changed, strict=True):
                 cond.future.set_result(changed)
             for ex, count in zip(batch.execs, outcome.counts, strict=True):
