@@ -170,6 +170,11 @@ class Callback:
         return cls(fn, "process" if cpu_bound else "thread")
 
 
+#: What a callback may raise and cost only its task. SystemExit too: library code
+#: (argparse, click) calls sys.exit(), and it must not stop the whole server.
+CALLBACK_ERRORS = (Exception, SystemExit)
+
+
 class _TimedOut(TimeoutError):
     """The pool's own timeout fired (as opposed to a TimeoutError the callback raised)."""
 
@@ -405,7 +410,7 @@ class WorkerPool:
             await self._hook("error", run, exc)
             self._postpone(task, exc.delay)
             return
-        except Exception as exc:
+        except CALLBACK_ERRORS as exc:
             if isinstance(exc, _TimedOut):
                 error = f"TimeoutError: the task ran longer than its timeout of {exc.seconds:g}s"
                 tb = None
@@ -423,7 +428,7 @@ class WorkerPool:
             if task.id not in self._cancel_requested:
                 raise
             me.uncancel()  # the task itself is done; a late cancel changes nothing
-        except Exception as exc:
+        except CALLBACK_ERRORS as exc:
             log.exception("finish callback failed for task %d", task.id)
             task.finish_error = f"{type(exc).__name__}: {exc}"
         self._end(task, TaskState.SUCCEEDED, EventType.FINISHED, {"result": result})
@@ -435,7 +440,7 @@ class WorkerPool:
         task = run.task
         try:
             await self._call(hook, run, None, *args)
-        except Exception as exc:
+        except CALLBACK_ERRORS as exc:
             log.exception("%s hook failed for task %d", name, task.id)
             note = f"{name} hook: {type(exc).__name__}: {exc}"
             task.hook_error = f"{task.hook_error}; {note}" if task.hook_error else note

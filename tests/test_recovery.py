@@ -20,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from .conftest import ServerProcess, SSEEvent, sse, wait_for
 
@@ -318,11 +317,6 @@ async def test_sigterm_exits_while_a_thread_task_still_blocks(
     assert await asyncio.to_thread(second.terminate) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SystemExit raised by a thread task escapes WorkerPool (it catches only "
-    "Exception) and takes the whole server process down",
-)
 async def test_sys_exit_in_a_thread_task_fails_only_that_task(
     run_server: RunServer, tmp_path: Path
 ) -> None:
