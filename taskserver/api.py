@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from .errors import Conflict, ServerBusy, TaskNotFound, TaskServerError, ValidationError
-from .models import TERMINAL, TaskState
+from .models import TERMINAL, Task, TaskState
 from .options import OPTIONS, TaskSpec
 from .server import TaskServer
 from .sse import stream_events
@@ -156,6 +156,10 @@ def _links(request: web.Request, server: TaskServer, task_id: int) -> dict[str, 
     return {"url": url, "events_url": f"{url}/events", "topic": server.topic(task_id)}
 
 
+def _task_response(request: web.Request, server: TaskServer, task: Task) -> web.Response:
+    return json_response({**task.to_json(), **_links(request, server, task.id)})
+
+
 def _spec(body: dict[str, Any], where: str = "") -> TaskSpec:
     if "data" not in body:
         raise ValidationError("data is required (any JSON value)", field=f"{where}data")
@@ -226,14 +230,14 @@ async def get_task(request: web.Request) -> web.Response:
             task = await server.wait_terminal(task_id, timeout=wait)
         except TimeoutError:
             task = await server.get(task_id)
-    return json_response({**task.to_json(), **_links(request, server, task.id)})
+    return _task_response(request, server, task)
 
 
 async def retry_task(request: web.Request) -> web.Response:
     """``POST /tasks/{id}/retry`` → the task, queued again (409 unless failed/cancelled)."""
     server = request.app[SERVER]
     task = await server.retry(task_id_of(request))
-    return json_response({**task.to_json(), **_links(request, server, task.id)})
+    return _task_response(request, server, task)
 
 
 async def admin_retry(request: web.Request) -> web.Response:
@@ -315,7 +319,7 @@ async def cancel_task(request: web.Request) -> web.Response:
     """``DELETE /tasks/{id}`` → the task, cancelled (409 when it has ended)."""
     server = request.app[SERVER]
     task = await server.cancel(task_id_of(request))
-    return json_response({**task.to_json(), **_links(request, server, task.id)})
+    return _task_response(request, server, task)
 
 
 async def task_events(request: web.Request) -> web.StreamResponse:

@@ -50,6 +50,7 @@ from .config import Settings
 from .errors import ConfigError, ServerBusy
 from .events import EventHub, Subscription
 from .models import Event
+from .sse import open_stream
 from .store import Store
 from .topics import Selectors, TemplateTooComplex
 
@@ -297,46 +298,33 @@ class Mercure:
     ) -> EventSourceResponse:
         """Replay stored events with sequence numbers above ``after``, then live ones."""
         subscription = connection.subscription
-        heartbeat = self.server.settings.heartbeat
-        response = EventSourceResponse(
-            headers=headers, ping_interval=heartbeat, send_timeout=SEND_TIMEOUT
-        )
-        response.headers["Cache-Control"] = CACHE_CONTROL  # replaces the library's "no-cache"
         self.connections[connection.subscriber] = connection
-        watcher: asyncio.Task[None] | None = None
         timer: asyncio.TimerHandle | None = None
         try:
-            await response.prepare(request)
-            # A comment at once flushes the headers: browsers fire `onopen` only then.
-            await response.write(b":\n\n")
-            # The ping task ends when the client is gone; then stop waiting for events.
-            watcher = asyncio.create_task(response.wait())
-            watcher.add_done_callback(lambda _: subscription.close())
-            expires = connection.claims.expires if connection.claims else None
-            if expires is not None:
-                delay = max(0.0, expires - time.time())
-                timer = asyncio.get_running_loop().call_later(delay, connection.expire)
-            last = 0
-            if after is not None:
-                last = await self._replay(response, request.transport, connection, after)
-            while (live := await subscription.get()) is not None:
-                if connection.expired:
-                    break
-                if live.id > last and self._wants(connection, live):
-                    await self._send(response, request.transport, live)
-        except (ConnectionResetError, TimeoutError):
-            pass  # the client went away or stopped reading
+            async with open_stream(
+                request,
+                subscription,
+                heartbeat=self.server.settings.heartbeat,
+                opening=b":\n\n",
+                headers=headers,
+                cache_control=CACHE_CONTROL,
+            ) as response:
+                expires = connection.claims.expires if connection.claims else None
+                if expires is not None:
+                    delay = max(0.0, expires - time.time())
+                    timer = asyncio.get_running_loop().call_later(delay, connection.expire)
+                last = 0
+                if after is not None:
+                    last = await self._replay(response, request.transport, connection, after)
+                while (live := await subscription.get()) is not None:
+                    if connection.expired:
+                        break
+                    if live.id > last and self._wants(connection, live):
+                        await self._send(response, request.transport, live)
         finally:
             self.connections.pop(connection.subscriber, None)
-            subscription.close()
             if timer is not None:
                 timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            if response.prepared:
-                response.stop_streaming()
         return response
 
     async def _replay(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
@@ -24,6 +24,48 @@ REPLAY_PAGE = 500
 RECONNECT_MS = 1000
 #: A write to a client that does not read for this long drops the client.
 SEND_TIMEOUT = 10.0
+
+
+@contextlib.asynccontextmanager
+async def open_stream(
+    request: web.Request,
+    subscription: Subscription[Event],
+    *,
+    heartbeat: float,
+    opening: bytes,
+    headers: dict[str, str] | None = None,
+    cache_control: str | None = None,
+) -> AsyncIterator[EventSourceResponse]:
+    """An SSE response, prepared and flushed, whose ``subscription`` ends with the client.
+
+    ``opening`` is written at once (a comment): browsers fire ``onopen`` only once
+    the headers are flushed. When the client goes (its heartbeat write fails) the
+    subscription is closed, so a body waiting on it wakes up. A client that goes
+    away or stops reading ends the body quietly; on the way out the subscription
+    is closed and the heartbeats stop.
+    """
+    response = EventSourceResponse(
+        headers=headers, ping_interval=heartbeat, send_timeout=SEND_TIMEOUT
+    )
+    if cache_control is not None:
+        response.headers["Cache-Control"] = cache_control  # replaces the library's
+    watcher: asyncio.Task[None] | None = None
+    try:
+        await response.prepare(request)
+        await response.write(opening)
+        watcher = asyncio.create_task(response.wait())
+        watcher.add_done_callback(lambda _: subscription.close())
+        yield response
+    except (ConnectionResetError, TimeoutError):
+        pass  # the client went away or stopped reading
+    finally:
+        subscription.close()
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if response.prepared:
+            response.stop_streaming()
 
 
 async def stream_events(
@@ -43,17 +85,10 @@ async def stream_events(
     after the first terminal event (a per-task stream); ``tasks_only`` skips live
     updates that were published to the hub rather than made by a task.
     """
-    response = EventSourceResponse(
-        headers=headers, ping_interval=heartbeat, send_timeout=SEND_TIMEOUT
-    )
-    watcher: asyncio.Task[None] | None = None
-    try:
-        await response.prepare(request)
-        # A comment at once flushes the headers: browsers fire `onopen` only then.
-        await response.write(f": connected\nretry: {RECONNECT_MS}\n\n".encode())
-        # The ping task ends when the client is gone; then stop waiting for events.
-        watcher = asyncio.create_task(response.wait())
-        watcher.add_done_callback(lambda _: subscription.close())
+    opening = f": connected\nretry: {RECONNECT_MS}\n\n".encode()
+    async with open_stream(
+        request, subscription, heartbeat=heartbeat, opening=opening, headers=headers
+    ) as response:
         last = after
         while True:
             page = await replay(last)
@@ -71,16 +106,6 @@ async def stream_events(
             last = live.id
             if until_terminal and live.type in TERMINAL_EVENTS:
                 break
-    except (ConnectionResetError, TimeoutError):
-        pass  # the client went away or stopped reading
-    finally:
-        subscription.close()
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-        if response.prepared:
-            response.stop_streaming()
     return response
 
 
