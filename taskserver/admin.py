@@ -2,8 +2,9 @@
 
 They talk to a running server over its HTTP API (``--url``, default from
 ``TASKSERVER_URL`` or ``http://127.0.0.1:8080``), so they work the same on the
-server's machine and from a laptop through a tunnel. Tables for people,
-``--json`` for scripts.
+server's machine and from a laptop through a tunnel; ``list``, ``show`` and
+``stats`` can also read the database file itself (``--db``, read-only). Tables
+for people, ``--json`` for scripts.
 
 Exit codes scripts can trust: 0 done; 1 the server refused (e.g. 409: the task
 already ended); 2 bad usage; 3 no such task; 4 the server cannot be reached.
@@ -15,12 +16,16 @@ import argparse
 import asyncio
 import os
 import re
+import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 import orjson
+
+from .models import TaskState
+from .store import Snapshot
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
@@ -46,17 +51,25 @@ def add_commands(commands: Any, parser_class: type[argparse.ArgumentParser]) -> 
     )
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    stats = commands.add_parser("stats", parents=[common], help="worker and task counters")
+    offline = argparse.ArgumentParser(add_help=False)
+    offline.add_argument(
+        "--db",
+        metavar="FILE",
+        help="read this database file directly instead of asking --url "
+        "(read-only; works while the server runs, or without it)",
+    )
+
+    stats = commands.add_parser("stats", parents=[common, offline], help="worker and task counters")
     stats.set_defaults(action="stats")
 
     tasks = commands.add_parser("tasks", help="list, show, cancel, retry or purge tasks")
     verbs = tasks.add_subparsers(dest="verb", required=True, parser_class=parser_class)
-    listing = verbs.add_parser("list", parents=[common], help="one page of tasks")
+    listing = verbs.add_parser("list", parents=[common, offline], help="one page of tasks")
     listing.add_argument("--state", help="only tasks in this state")
     listing.add_argument("--limit", type=int, default=50, help="rows (default %(default)s)")
     listing.add_argument("--after", type=int, default=0, help="ids above this one")
     listing.set_defaults(action="list")
-    show = verbs.add_parser("show", parents=[common], help="one task, whole")
+    show = verbs.add_parser("show", parents=[common, offline], help="one task, whole")
     show.add_argument("id", type=int)
     show.set_defaults(action="show")
     cancel = verbs.add_parser("cancel", parents=[common], help="cancel a task")
@@ -89,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "retry" and not args.ids and not args.failed:
         print("taskserver: error: give task ids or --failed", file=sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "db", None):
+        return _offline(args)
     try:
         return asyncio.run(_run(args))
     except aiohttp.ClientConnectionError as exc:
@@ -111,13 +126,57 @@ async def _run(args: argparse.Namespace) -> int:
                     if response.status == 404
                     else (EXIT_USAGE if response.status in (400, 422) else EXIT_REFUSED)
                 )
+    _print(args, payload)
+    if args.action == "retry" and payload.get("errors"):
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def _offline(args: argparse.Namespace) -> int:
+    """``list``, ``show`` and ``stats`` read straight from the database file."""
+    try:
+        snapshot = Snapshot(args.db)
+    except (FileNotFoundError, sqlite3.Error) as exc:
+        print(f"taskserver: error: cannot read {args.db}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        payload: Any
+        if args.action == "show":
+            task = snapshot.get_task(args.id)
+            if task is None:
+                print(f"taskserver: error: task {args.id} does not exist", file=sys.stderr)
+                return EXIT_NOT_FOUND
+            payload = task.to_json()
+        elif args.action == "list":
+            try:
+                state = TaskState(args.state) if args.state else None
+            except ValueError:
+                print(f"taskserver: error: no state {args.state!r}", file=sys.stderr)
+                return EXIT_USAGE
+            tasks = snapshot.list_tasks(state=state, after=args.after, limit=args.limit)
+            last = tasks[-1].id if len(tasks) == args.limit else None
+            payload = {"tasks": [t.to_json() for t in tasks], "next_after": last}
+        else:
+            queues = {
+                name: {s.value: n for s, n in by_state.items()}
+                for name, by_state in snapshot.count_by_queue().items()
+            }
+            payload = {
+                "workers": None,
+                "tasks": {s.value: n for s, n in snapshot.count_by_state().items()},
+                "queues": queues,
+            }
+    finally:
+        snapshot.close()
+    _print(args, payload)
+    return EXIT_OK
+
+
+def _print(args: argparse.Namespace, payload: Any) -> None:
     if args.json:
         sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(_human(args.action, payload))
-    if args.action == "retry" and payload.get("errors"):
-        return EXIT_REFUSED
-    return EXIT_OK
 
 
 def _request(args: argparse.Namespace) -> tuple[str, str, Any]:
@@ -179,8 +238,9 @@ def _human(action: str, payload: Any) -> str:
     if action == "purge":
         return f"purged {payload['purged']} task(s)"
     workers = payload["workers"]
+    busy = f"{workers['busy']} busy / {workers['total']} total" if workers else "(read from file)"
     lines = [
-        f"workers  {workers['busy']} busy / {workers['total']} total",
+        f"workers  {busy}",
         "tasks    " + ", ".join(f"{k} {v}" for k, v in payload["tasks"].items()),
     ]
     queues = payload.get("queues") or {}
