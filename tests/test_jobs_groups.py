@@ -214,3 +214,117 @@ async def test_python_bad_serial_group_names_the_field(jobs: Jobs) -> None:
         await server.task(1, serial_group="no spaces please")
     assert caught.value.field == "serial_group"
     assert await server.list_tasks() == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: ReadyQueue._admit (ready.py): a later task of a group takes the group while "
+    "an older task of it waits for its delay (never offered, so not the owner), and runs "
+    "first; after a restart (store.serial_owners) or a release (deliver_head) the delayed "
+    "oldest task holds the group instead, so enqueue order depends on timing",
+)
+async def test_a_delayed_group_task_holds_its_group_until_it_runs(jobs: Jobs) -> None:
+    clock = Clock()
+    spans = Spans(sleep=0)
+    server = await jobs.server(spans.run, clock=clock)
+    delayed = await server.task({}, serial_group="g", delay=1000)
+    after = await server.task({}, serial_group="g")
+    barrier = await server.task({})
+    await state_of(server, barrier, "succeeded")
+    # Enqueue order holds in the group: the later task waits for the delayed one.
+    assert (await server.get(after)).state.value == "queued"
+    clock.advance(1001, server)
+    await server.wait([delayed, after], 10)
+    assert_serial(spans, [delayed, after])
+
+
+class Ledger:
+    """Every attempt of every task, as (task id, group, start, end, outcome)."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[int, str | None, float, float, str]] = []
+
+    async def run(self, ctx: TaskContext) -> Any:
+        data = ctx.data
+        start = time.monotonic()
+        outcome = "ok"
+        try:
+            await asyncio.sleep(data["sleep"])
+            if ctx.attempt <= data["fail"]:
+                outcome = "failed"
+                raise ValueError("once more")
+        finally:
+            self.attempts.append((ctx.id, data["group"], start, time.monotonic(), outcome))
+        return ctx.id
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_groups_stay_serial_and_ordered_under_load(jobs: Jobs, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    ledger = Ledger()
+    server = await jobs.server(ledger.run, task_workers=3, ready_window=4)
+    specs = []
+    for _ in range(60):
+        group = rng.choice(["a", "b", "c", None, None])
+        # No retries here: an owner coming back due while its queue has a backlog hits
+        # the bug test_a_group_owner_due_again_while_its_queue_has_a_backlog_still_runs shows.
+        data = {"group": group, "sleep": rng.choice([0, 0.002, 0.005]), "fail": False}
+        options: dict[str, Any] = {
+            "priority": rng.randint(-3, 3),
+            "queue": rng.choice(["q1", "q2"]),
+            "max_attempts": 2,
+            "retry": {"base": 0.01, "jitter": 0},
+        }
+        if group is not None:
+            options["serial_group"] = group
+        specs.append(TaskSpec(data, options))
+    half = [s.id for s in await server.task_many(specs[:30])]
+    ids = half + [s.id for s in await server.task_many(specs[30:])]
+    await server.wait(ids, 20)
+
+    successes = Counter(task_id for task_id, *_, outcome in ledger.attempts if outcome == "ok")
+    assert sorted(successes) == sorted(ids)
+    assert max(successes.values()) == 1
+    for group in ("a", "b", "c"):
+        runs = sorted((a for a in ledger.attempts if a[1] == group), key=lambda a: a[2])
+        for earlier, later in itertools.pairwise(runs):
+            assert later[2] >= earlier[3], f"group {group}: {earlier} overlaps {later}"
+        finished = [a[0] for a in runs if a[4] == "ok"]
+        assert finished == sorted(finished), f"group {group} ran out of order"
+    await wait_for(lambda: server.stats()["running"] == 0)
+    on_disk = {s.value: n for s, n in (await server.store.count_by_state()).items()}
+    assert on_disk["succeeded"] == 60
+    assert server.stats()["tasks"] == on_disk
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: ReadyQueue.offer (ready.py) refuses a group's owner coming back due (retry, "
+    "RetryLater) while its queue has a backlog, and _maybe_page passes every owned group as "
+    "busy, so SELECT_QUEUED_PAGE leaves the owner out of every page: the owner stays queued "
+    "on disk and its group is blocked forever",
+)
+async def test_a_group_owner_due_again_while_its_queue_has_a_backlog_still_runs(
+    jobs: Jobs,
+) -> None:
+    clock = Clock()
+    spans = Spans(sleep=0)
+    server = await jobs.server(spans.run, clock=clock, task_workers=1, ready_window=2)
+    policy = RetryPolicy(base=1000, cap=5000, jitter=0)
+    owner = await server.task({"fail": 1}, serial_group="g", max_attempts=2, retry=policy)
+    await state_of(server, owner, "retrying")
+    behind = await server.task({}, serial_group="g")
+    # The only worker is held, and the window (2) is full: the queue has a backlog on disk.
+    blocker = await server.task({"wait": "go"})
+    await wait_for(lambda: blocker in spans.order)
+    plain = [s.id for s in await server.task_many([{}] * 4)]
+    await wait_for(lambda: server.stats()["backlog_on_disk"], message="a backlog on disk")
+    # The owner comes due while the backlog is there.
+    clock.advance(1001, server)
+    await state_of(server, owner, "queued")
+    spans.gate("go").open()
+    await server.wait([blocker, *plain], 10)
+    await server.wait([owner, behind], 3)
+    assert [i for i in spans.order if i in (owner, behind)] == [owner, owner, behind]
