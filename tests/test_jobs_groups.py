@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -260,8 +261,6 @@ class Ledger:
 
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_groups_stay_serial_and_ordered_under_load(jobs: Jobs, seed: int) -> None:
-    import random
-
     rng = random.Random(seed)
     ledger = Ledger()
     server = await jobs.server(ledger.run, task_workers=3, ready_window=4)

@@ -6,6 +6,7 @@ import that must not starve short UI tasks (with the backlog in memory or on dis
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from taskserver import ConfigError, Settings, TaskContext, TaskServer, ValidationError
+from taskserver.errors import RetryLater
 from taskserver.options import TaskSpec
 
 from .conftest import wait_for
@@ -270,3 +272,66 @@ async def test_queue_and_name_defaults_for_timeout_and_priority(jobs: Jobs) -> N
     overridden = await server.task(0, name="report", priority=-1, timeout=1)
     ended = await state_of(server, overridden, "succeeded")
     assert (ended.priority, ended.timeout) == (-1, 1.0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_every_task_succeeds_once_under_paging_retries_and_delays(
+    jobs: Jobs, seed: int
+) -> None:
+    rng = random.Random(seed)
+    calls: Counter[int] = Counter()
+    successes: Counter[int] = Counter()
+    running: Counter[str] = Counter()
+    peak: Counter[str] = Counter()
+
+    async def task(ctx: TaskContext) -> Any:
+        data = ctx.data
+        calls[ctx.id] += 1
+        running[data["q"]] += 1
+        peak[data["q"]] = max(peak[data["q"]], running[data["q"]])
+        try:
+            await asyncio.sleep(data["sleep"])
+            if data["later"] and calls[ctx.id] == 1:
+                raise RetryLater(0.01)
+            if data["fail"] and ctx.attempt == 1:
+                raise ValueError("once")
+        finally:
+            running[data["q"]] -= 1
+        successes[ctx.id] += 1
+        return ctx.id
+
+    def configure(server: TaskServer) -> None:
+        server.queue("bulk", priority=0)
+        server.queue("fast", priority=5)
+        server.queue("single", priority=1, concurrency=1)
+
+    server = await jobs.server(task, configure=configure, task_workers=3, ready_window=3)
+    specs = []
+    for _ in range(150):
+        queue = rng.choice(["bulk", "bulk", "fast", "single"])
+        data = {
+            "q": queue,
+            "sleep": rng.choice([0, 0, 0.002]),
+            "fail": rng.random() < 0.2,
+            "later": rng.random() < 0.1,
+        }
+        options: dict[str, Any] = {
+            "queue": queue,
+            "priority": rng.randint(-2, 2),
+            "max_attempts": 2,
+            "retry": {"base": 0.01, "jitter": 0},
+        }
+        if rng.random() < 0.1:
+            options["delay"] = 0.02
+        specs.append(TaskSpec(data, options))
+    ids: list[int] = []
+    for start in range(0, 150, 50):
+        ids += [s.id for s in await server.task_many(specs[start : start + 50])]
+    await server.wait(ids, 30)
+    assert sorted(successes) == sorted(ids)
+    assert max(successes.values()) == 1, {k: v for k, v in successes.items() if v > 1}
+    assert peak["single"] == 1
+    await wait_for(lambda: server.stats()["running"] == 0)
+    on_disk = {s.value: n for s, n in (await server.store.count_by_state()).items()}
+    assert on_disk["succeeded"] == 150
+    assert server.stats()["tasks"] == on_disk
