@@ -51,3 +51,10 @@ def process_alive(pid: int) -> bool:
         return False
     # The state letter follows the parenthesised command name.
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def cpu_span(ctx: ProcessTaskContext) -> dict[str, Any]:
+    """Sleep ``data["sleep"]`` seconds; say when (wall clock) and where it ran."""
+    start = time.time()
+    time.sleep(float(ctx.data["sleep"]))
+    return {"pid": os.getpid(), "start": start, "end": time.time()}

@@ -17,7 +17,7 @@ from taskserver import Settings
 
 from .conftest import sse, wait_for
 from .jobs_harness import Jobs, get_json, post, state_of, stored_events
-from .jobs_helpers import cpu_crash, cpu_memory, cpu_pid, process_alive
+from .jobs_helpers import cpu_crash, cpu_memory, cpu_pid, cpu_span, process_alive
 
 
 @pytest.fixture
@@ -116,8 +116,21 @@ async def test_a_timeout_kills_the_process_running_the_task(jobs: Jobs, tmp_path
     assert server.stats()["processes"]["recycled"] == 1
 
 
+async def test_process_workers_bounds_cpu_bound_tasks_running_at_once(jobs: Jobs) -> None:
+    server = await jobs.server(cpu_span, cpu_bound=True, task_workers=3, process_workers=2)
+    ids = [await server.task({"sleep": 0.15}) for _ in range(6)]
+    spans = await server.wait(ids, 30)
+    assert len({s["pid"] for s in spans}) == 2
+    for s in spans:
+        overlapping = sum(1 for o in spans if o["start"] < s["end"] and s["start"] < o["end"])
+        assert overlapping <= 2  # itself and at most one other: two slots
+    assert any(
+        o is not s and o["start"] < s["end"] and s["start"] < o["end"] for s in spans for o in spans
+    ), "the two slots never ran at the same time"
+
+
 def test_the_helpers_are_importable_module_level_functions() -> None:
     # A spawned process finds callbacks by module and name; keep them where it looks.
-    for fn in (cpu_pid, cpu_crash, cpu_memory):
+    for fn in (cpu_pid, cpu_crash, cpu_memory, cpu_span):
         assert fn.__module__ == "tests.jobs_helpers"
         assert "<locals>" not in fn.__qualname__

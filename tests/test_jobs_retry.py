@@ -337,3 +337,31 @@ async def test_callback_raising_timeout_error_without_a_timeout(jobs: Jobs) -> N
     assert failed.error.startswith("TimeoutError")
     # The only worker is still there.
     assert await server.task_wait("next", 3) == "next"
+
+
+async def test_http_retry_later_streams_a_waiting_event(jobs: Jobs) -> None:
+    calls: list[int] = []
+
+    async def task(ctx: TaskContext) -> Any:
+        calls.append(ctx.attempt)
+        if len(calls) == 1:
+            raise RetryLater(0.05)
+        return len(calls)
+
+    client, _ = await jobs.client(task)
+    created = await post(client, "/tasks", {"data": None, "max_attempts": 1})
+    stream = await sse(await client.get(f"/tasks/{created['id']}/events")).collect()
+    assert [e.event for e in stream] == [
+        "queued",
+        "started",
+        "waiting",
+        "queued",
+        "started",
+        "finished",
+    ]
+    waiting = orjson.loads(stream[2].data)
+    assert waiting["state"] == "waiting"
+    assert waiting["available_at"] == pytest.approx(waiting["at"] + 0.05, abs=0.02)
+    assert orjson.loads(stream[4].data)["at"] >= waiting["available_at"]
+    task_json = await get_json(client, f"/tasks/{created['id']}")
+    assert (task_json["state"], task_json["attempts"], task_json["result"]) == ("succeeded", 1, 2)
