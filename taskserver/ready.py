@@ -139,10 +139,15 @@ class ReadyQueue:
         queue = self._queue(task.queue)
         if task.id in queue.present or task.id in self._tombstones or self._skip(task.id):
             return True
+        group = task.serial_group
+        if group is not None and self._owner.get(group) == task.id:
+            # The group's owner back from a retry or a wait: pages leave busy groups
+            # out, so it must come in now, window or not (one per group at most).
+            return self._admit(queue, task)
         if queue.backlog or len(queue.present) >= self.capacity:
             queue.backlog = True
-            if task.serial_group is not None:
-                self._group_backlog.add(task.serial_group)
+            if group is not None:
+                self._group_backlog.add(group)
             self._maybe_page(queue)
             return False
         return self._admit(queue, task)

@@ -67,6 +67,8 @@ class Submitted:
     #: the state it was stored in: ``queued``, or ``waiting`` for a delayed task
     #: (``None`` for an existing task: ask ``get()``)
     state: TaskState | None = None
+    #: the topic its events are published on (the Mercure hub, ``/events``)
+    topic: str = ""
 
 
 class TaskServer:
@@ -389,15 +391,15 @@ class TaskServer:
         ``ValidationError``/``NotSerializable`` naming the field (nothing written),
         ``ServerBusy`` when full, ``ServerClosed`` while stopping.
         """
-        if "unique_key" in options:
+        if "unique_key" in options or "serial_group" in options:
             return (await self._insert([TaskSpec(data, options)]))[0]
-        # The hot path: one task, no uniqueness to check.
+        # The hot path: one task, no uniqueness or group to look after.
         item = self._prepare(TaskSpec(data, options))  # validate before anything else
         tasks, committed = self._admit(1).insert_tasks((item,))
         task = tasks[0]
         self._counts[task.state] += 1
         await committed
-        return Submitted(task.id, state=task.state)
+        return Submitted(task.id, state=task.state, topic=self.topic(task.id))
 
     async def task(self, data: Any, **options: Any) -> int:
         """Enqueue one task and return its id once it is durable. Options as ``submit``."""
@@ -457,7 +459,7 @@ class TaskServer:
                 if existing is None and item.unique_for:
                     existing = await self.store.recent_unique(key, self._clock() - item.unique_for)
                 if existing is not None:
-                    results[i] = Submitted(existing, existing=True)
+                    results[i] = Submitted(existing, existing=True, topic=self.topic(existing))
                     continue
                 if key in first_with_key:
                     repeats.append((i, first_with_key[key]))
@@ -470,13 +472,18 @@ class TaskServer:
             tasks, committed = self._admit(len(fresh)).insert_tasks(fresh, schedule=schedule)
             for task in tasks:
                 self._counts[task.state] += 1
+                if task.serial_group is not None and task.state is TaskState.WAITING:
+                    # A delayed task holds its group from now on: later ones wait for it.
+                    self._ready.set_owner(task.serial_group, task.id)
                 if task.unique_key is not None:
                     self._unique[task.unique_key] = task.id
                     self._unique_by_id[task.id] = task.unique_key
             for position, task in zip(positions, tasks, strict=True):
-                results[position] = Submitted(task.id, state=task.state)
+                results[position] = Submitted(task.id, state=task.state, topic=self.topic(task.id))
             for position, index in repeats:
-                results[position] = Submitted(tasks[index].id, existing=True)
+                results[position] = Submitted(
+                    tasks[index].id, existing=True, topic=self.topic(tasks[index].id)
+                )
         return [r for r in results if r is not None], committed
 
     def topic(self, task_id: int) -> str:

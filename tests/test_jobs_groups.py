@@ -217,13 +217,6 @@ async def test_python_bad_serial_group_names_the_field(jobs: Jobs) -> None:
     assert await server.list_tasks() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ReadyQueue._admit (ready.py): a later task of a group takes the group while "
-    "an older task of it waits for its delay (never offered, so not the owner), and runs "
-    "first; after a restart (store.serial_owners) or a release (deliver_head) the delayed "
-    "oldest task holds the group instead, so enqueue order depends on timing",
-)
 async def test_a_delayed_group_task_holds_its_group_until_it_runs(jobs: Jobs) -> None:
     clock = Clock()
     spans = Spans(sleep=0)
@@ -298,13 +291,6 @@ async def test_groups_stay_serial_and_ordered_under_load(jobs: Jobs, seed: int) 
     assert server.stats()["tasks"] == on_disk
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ReadyQueue.offer (ready.py) refuses a group's owner coming back due (retry, "
-    "RetryLater) while its queue has a backlog, and _maybe_page passes every owned group as "
-    "busy, so SELECT_QUEUED_PAGE leaves the owner out of every page: the owner stays queued "
-    "on disk and its group is blocked forever",
-)
 async def test_a_group_owner_due_again_while_its_queue_has_a_backlog_still_runs(
     jobs: Jobs,
 ) -> None:
