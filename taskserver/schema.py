@@ -108,6 +108,7 @@ INSERT_EVENT = (
 EVENT_COLUMNS = "id, task_id, type, data, topics, private, uid, retry"
 SELECT_EVENT_BY_UID = "SELECT id FROM events WHERE uid = ?"
 SELECT_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
+SELECT_STATE = "SELECT state FROM tasks WHERE id = ?"
 SELECT_QUEUED_PAGE = (
     f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'queued' AND queue = ?"
     " AND (serial_group IS NULL OR (serial_group NOT IN (SELECT value FROM json_each(?))"

@@ -523,22 +523,22 @@ class TaskServer:
         store = self.store
         if self._pool is not None and self._pool.cancel(task_id):
             return await self.wait_terminal(task_id, timeout=self.settings.grace_period + 5)
-        task = self._ready.remove(task_id)
-        if task is not None:
-            task.state = TaskState.CANCELLED
-            task.finished_at = self._clock()
-            self._counts[TaskState.QUEUED] -= 1
-            self._counts[TaskState.CANCELLED] += 1
-            await store.update_task(task, EventType.CANCELLED)
-            return task
-        before = await self.get(task_id)
+        # Tombstoned before any await: no page may take it in while we decide.
         self._ready.tombstone(task_id)
         try:
-            changed = await store.cancel_pending(task_id)
+            task = self._ready.remove(task_id)
+            if task is not None:  # waiting in memory: ours to write
+                task.state = TaskState.CANCELLED
+                task.finished_at = self._clock()
+                self._counts[TaskState.QUEUED] -= 1
+                self._counts[TaskState.CANCELLED] += 1
+                await store.update_task(task, EventType.CANCELLED)
+                return task
+            previous = await store.cancel_pending(task_id)
         finally:
             self._ready.untombstone(task_id)
-        if changed:
-            self._counts[before.state] -= 1
+        if previous is not None:
+            self._counts[previous] -= 1
             self._counts[TaskState.CANCELLED] += 1
             return await self.get(task_id)
         current = await self.get(task_id)
@@ -558,11 +558,17 @@ class TaskServer:
             raise Conflict(
                 f"task {self._unique[before.unique_key]} with the same unique_key is still active"
             )
-        if not await self.store.retry_ended(task_id):
-            raise Conflict(f"task {task_id} changed state meanwhile; try again")
-        self._counts[before.state] -= 1
-        self._counts[TaskState.QUEUED] += 1
-        task = await self.get(task_id)
+        # Tombstoned until we offer it ourselves: a page must not take it in first.
+        self._ready.tombstone(task_id)
+        try:
+            previous = await self.store.retry_ended(task_id)
+            if previous is None:
+                raise Conflict(f"task {task_id} changed state meanwhile; try again")
+            self._counts[previous] -= 1
+            self._counts[TaskState.QUEUED] += 1
+            task = await self.get(task_id)
+        finally:
+            self._ready.untombstone(task_id)
         if task.unique_key is not None:
             self._unique[task.unique_key] = task.id
             self._unique_by_id[task.id] = task.unique_key

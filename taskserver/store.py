@@ -84,7 +84,8 @@ class _Outcome:
     """What the writer thread did with a batch (the loop resolves the futures)."""
 
     committed: Committed = field(default_factory=lambda: Committed([], [], [], [], False))
-    changed: list[bool] = field(default_factory=list)
+    #: per conditional: the state it moved the task from, or None when it did not
+    changed: list[TaskState | None] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     pages: list[list[Task]] = field(default_factory=list)
 
@@ -98,7 +99,7 @@ class _Conditional:
     state: TaskState
     type: EventType
     extra: dict[str, Any] | None
-    future: asyncio.Future[bool]
+    future: asyncio.Future[TaskState | None]
 
 
 @dataclass(slots=True)
@@ -478,7 +479,7 @@ class Store:
         state: TaskState,
         type_: EventType,
         extra: dict[str, Any] | None = None,
-    ) -> asyncio.Future[bool]:
+    ) -> asyncio.Future[TaskState | None]:
         batch = self._check_room(2)
         # The event id is taken now, so ids stay in commit order; unused, it is a gap.
         op = _Conditional(
@@ -495,12 +496,12 @@ class Store:
         batch.conditionals.append(op)
         return op.future
 
-    def cancel_pending(self, task_id: int) -> asyncio.Future[bool]:
+    def cancel_pending(self, task_id: int) -> asyncio.Future[TaskState | None]:
         """Cancel a task that waits on disk (queued, waiting or retrying), atomically.
 
-        Resolves to ``True`` when this call moved it to ``cancelled`` (its event is
-        then committed and its id in ``Committed.cancelled``), ``False`` when it was
-        in another state or does not exist.
+        Resolves to the state it was in when this call moved it to ``cancelled``
+        (its event is then committed and its id in ``Committed.cancelled``), to
+        ``None`` when it was in another state or does not exist.
         """
         now = self._clock()
         return self._conditional(
@@ -511,10 +512,11 @@ class Store:
             EventType.CANCELLED,
         )
 
-    def retry_ended(self, task_id: int) -> asyncio.Future[bool]:
+    def retry_ended(self, task_id: int) -> asyncio.Future[TaskState | None]:
         """Re-queue a failed or cancelled task with its attempts reset, atomically.
 
-        Resolves to ``True`` when it moved (then in ``Committed.retried``).
+        Resolves to the state it left when it moved (then in ``Committed.retried``),
+        else ``None``.
         """
         now = self._clock()
         return self._conditional(
@@ -661,8 +663,11 @@ class Store:
                 db.execute(statement, params)
             events = batch.events
             for op in batch.conditionals:
+                # The state before, for the server's counters: it may have moved since
+                # the caller looked (queued -> running -> retrying ...).
+                before = db.execute(sql.SELECT_STATE, (op.task_id,)).fetchone()
                 changed = db.execute(op.sql, op.params).rowcount == 1
-                outcome.changed.append(changed)
+                outcome.changed.append(TaskState(before[0]) if changed and before else None)
                 if changed:
                     (cancelled if op.state is TaskState.CANCELLED else retried).append(op.task_id)
                     stub = Task(

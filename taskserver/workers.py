@@ -175,6 +175,12 @@ class Callback:
 CALLBACK_ERRORS = (Exception, SystemExit)
 
 
+def _uncancel(task: asyncio.Task[None]) -> None:
+    # Every cancel() counts; all of them were for this one task.
+    while task.cancelling():
+        task.uncancel()
+
+
 class _TimedOut(TimeoutError):
     """The pool's own timeout fired (as opposed to a TimeoutError the callback raised)."""
 
@@ -374,6 +380,12 @@ class WorkerPool:
             self._by_task[task.id] = worker_id
             try:
                 await self._execute(task, worker_id, me)
+            except asyncio.CancelledError:
+                if self._stopping and task.id not in self._cancel_requested:
+                    raise  # the pool is stopping: stop() re-queues the task
+                # A DELETE that landed in a hook or in finish: the task is cancelled.
+                _uncancel(me)
+                self._end(task, TaskState.CANCELLED, EventType.CANCELLED, None)
             except Exception:
                 # A bug of ours must cost one task, never a worker.
                 log.exception("worker %d failed handling task %d", worker_id, task.id)
@@ -400,38 +412,46 @@ class WorkerPool:
         await self._hook("before", run)
         try:
             result = await self._call(self._task_cb, run, task.timeout)
-        except asyncio.CancelledError:
-            if task.id not in self._cancel_requested:
-                raise  # the pool is stopping: the caller re-queues the task
-            me.uncancel()
-            self._end(task, TaskState.CANCELLED, EventType.CANCELLED, None)
+        except asyncio.CancelledError as exc:
+            if me.cancelling():
+                raise  # a DELETE or a stop: _work decides
+            # Not a cancel of this worker: the callback raised it (say, from a sub-task
+            # something else cancelled). That is the callback failing.
+            await self._fail_with(task, run, exc)
             return
         except RetryLater as exc:
             await self._hook("error", run, exc)
             self._postpone(task, exc.delay)
             return
         except CALLBACK_ERRORS as exc:
-            if isinstance(exc, _TimedOut):
-                error = f"TimeoutError: the task ran longer than its timeout of {exc.seconds:g}s"
-                tb = None
-            else:
-                error = f"{type(exc).__name__}: {exc}"
-                tb = "".join(traceback.format_exception(exc))
-            await self._hook("error", run, exc)
-            self._failed(task, error, tb, permanent=isinstance(exc, PermanentError))
+            await self._fail_with(task, run, exc)
             return
         task.result = result
         await self._hook("after", run, result)
         try:
             await self._call(self._finish_cb, run, None, result)
-        except asyncio.CancelledError:
-            if task.id not in self._cancel_requested:
+        except asyncio.CancelledError as exc:
+            if me.cancelling():
                 raise
-            me.uncancel()  # the task itself is done; a late cancel changes nothing
+            self._finish_failed(task, exc)
         except CALLBACK_ERRORS as exc:
-            log.exception("finish callback failed for task %d", task.id)
-            task.finish_error = f"{type(exc).__name__}: {exc}"
+            self._finish_failed(task, exc)
         self._end(task, TaskState.SUCCEEDED, EventType.FINISHED, {"result": result})
+
+    async def _fail_with(self, task: Task, run: _Run, exc: BaseException) -> None:
+        if isinstance(exc, _TimedOut):
+            error = f"TimeoutError: the task ran longer than its timeout of {exc.seconds:g}s"
+            tb = None
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+            tb = "".join(traceback.format_exception(exc))
+        await self._hook("error", run, exc)
+        self._failed(task, error, tb, permanent=isinstance(exc, PermanentError))
+
+    @staticmethod
+    def _finish_failed(task: Task, exc: BaseException) -> None:
+        log.error("finish callback failed for task %d", task.id, exc_info=exc)
+        task.finish_error = f"{type(exc).__name__}: {exc}"
 
     async def _hook(self, name: str, run: _Run, *args: Any) -> None:
         hook = self._callbacks.get(name)
@@ -440,10 +460,19 @@ class WorkerPool:
         task = run.task
         try:
             await self._call(hook, run, None, *args)
+        except asyncio.CancelledError as exc:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise  # a DELETE or a stop: _work decides
+            self._hook_failed(task, name, exc)
         except CALLBACK_ERRORS as exc:
-            log.exception("%s hook failed for task %d", name, task.id)
-            note = f"{name} hook: {type(exc).__name__}: {exc}"
-            task.hook_error = f"{task.hook_error}; {note}" if task.hook_error else note
+            self._hook_failed(task, name, exc)
+
+    @staticmethod
+    def _hook_failed(task: Task, name: str, exc: BaseException) -> None:
+        log.error("%s hook failed for task %d", name, task.id, exc_info=exc)
+        note = f"{name} hook: {type(exc).__name__}: {exc}"
+        task.hook_error = f"{task.hook_error}; {note}" if task.hook_error else note
 
     async def _call(self, cb: Callback, run: _Run, timeout: float | None, *args: Any) -> Any:
         if not timeout:  # the common case skips the timeout machinery
