@@ -215,6 +215,17 @@ class ReadyQueue:
 
     # --- serial groups -----------------------------------------------------------
 
+    def claim(self, task: Task) -> None:
+        """A new task of a serial group was just stored: the first one of a free group
+        holds it from now on (delayed or not), so later ones wait behind it."""
+        group = task.serial_group
+        if group is None or group in self._owner:
+            return
+        if group in self._group_backlog:
+            self._fetch_head(group)  # older tasks of it wait on disk: they come first
+            return
+        self._own(group, task.id)
+
     def set_owner(self, group: str, task_id: int) -> None:
         """Record that ``task_id`` holds ``group`` while it waits on disk (after a restart)."""
         if group not in self._owner:

@@ -472,9 +472,8 @@ class TaskServer:
             tasks, committed = self._admit(len(fresh)).insert_tasks(fresh, schedule=schedule)
             for task in tasks:
                 self._counts[task.state] += 1
-                if task.serial_group is not None and task.state is TaskState.WAITING:
-                    # A delayed task holds its group from now on: later ones wait for it.
-                    self._ready.set_owner(task.serial_group, task.id)
+                if task.serial_group is not None:
+                    self._ready.claim(task)
                 if task.unique_key is not None:
                     self._unique[task.unique_key] = task.id
                     self._unique_by_id[task.id] = task.unique_key

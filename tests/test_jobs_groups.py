@@ -326,13 +326,6 @@ async def test_a_group_owner_due_again_while_its_queue_has_a_backlog_still_runs(
     assert [i for i in spans.order if i in (owner, behind)] == [owner, owner, behind]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TaskServer._insert (server.py) makes a delayed task its group's owner at "
-    "insert (ready.set_owner) when the group has no owner yet, even though older queued "
-    "tasks of the group exist (earlier in the same batch, offered only after the commit, or "
-    "waiting on disk behind a backlog): they then wait for the delayed one, out of order",
-)
 async def test_a_delayed_group_task_does_not_jump_older_ones(jobs: Jobs) -> None:
     clock = Clock()
     spans = Spans(sleep=0)
