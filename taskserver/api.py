@@ -7,6 +7,8 @@ answer. Any ``TaskServerError`` (or aiohttp ``HTTPException``) becomes an
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +20,8 @@ from .models import TERMINAL, Task, TaskState
 from .options import OPTIONS, TaskSpec
 from .server import TaskServer
 from .sse import stream_events
+
+log = logging.getLogger(__name__)
 
 SERVER: web.AppKey[TaskServer] = web.AppKey("taskserver", TaskServer)
 #: The prefix the API routes were mounted under (``add_routes``).
@@ -87,6 +91,12 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return problem(exc.status, exc.reason, exc.text or exc.reason, headers=headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        # Still one shape for every failure; the details go to the log, not the client.
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return problem(500, "Internal error", "the server failed; see its log")
 
 
 # --- parsing helpers ------------------------------------------------------------
@@ -116,7 +126,7 @@ async def read_json_object(request: web.Request, allowed: frozenset[str]) -> dic
 def task_id_of(request: web.Request) -> int:
     """The ``{id}`` path part as a positive integer, or a 404 naming it."""
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 18 or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < 1:
         raise web.HTTPNotFound(text=f"task id must be a positive integer, got {raw!r}")
     return int(raw)
 
@@ -143,7 +153,7 @@ def last_event_id(request: web.Request) -> int:
         raw, name = request.query.get("lastEventID"), "lastEventID"
     if raw is None or raw == "":
         return 0
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise ValidationError(f"{name} must be an event id (an integer), got {raw!r}", field=name)
     return int(raw)
 
@@ -248,7 +258,7 @@ async def admin_retry(request: web.Request) -> web.Response:
         return json_response({"retried": await server.retry_failed(), "errors": {}})
     ids = body.get("ids")
     # type() and not isinstance(): JSON true is a bool, and bool is an int in Python.
-    if not isinstance(ids, list) or not all(type(i) is int and i > 0 for i in ids):
+    if not isinstance(ids, list) or not all(type(i) is int and 0 < i < 2**62 for i in ids):
         raise ValidationError('give "ids": [positive integers] or "failed": true', field="ids")
     retried: list[int] = []
     errors: dict[str, str] = {}

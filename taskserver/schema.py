@@ -17,7 +17,9 @@ from .models import Event, EventType, RetryPolicy, Task, TaskState
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE tasks (
-        id            INTEGER PRIMARY KEY,
+        -- AUTOINCREMENT: sqlite_sequence keeps the highest id ever used, so ids are
+        -- never reused after the newest rows were purged (see Store._open_sync)
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
         state         TEXT    NOT NULL,
         name          TEXT,
         queue         TEXT    NOT NULL DEFAULT 'default',
@@ -49,7 +51,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_group ON tasks (serial_group, id) WHERE serial_group IS NOT NULL;
     CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
     CREATE TABLE events (
-        id       INTEGER PRIMARY KEY,
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: Last-Event-ID relies on it
         task_id  INTEGER,          -- NULL for updates published to the Mercure hub
         type     TEXT,
         data     TEXT    NOT NULL,
@@ -109,6 +111,11 @@ EVENT_COLUMNS = "id, task_id, type, data, topics, private, uid, retry"
 SELECT_EVENT_BY_UID = "SELECT id FROM events WHERE uid = ?"
 SELECT_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
 SELECT_STATE = "SELECT state FROM tasks WHERE id = ?"
+#: The highest id a table ever had: its rows, or sqlite_sequence once they are purged.
+SELECT_HIGHEST_ID = (
+    "SELECT max(coalesce((SELECT max(id) FROM {table}), 0),"
+    " coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table}'), 0))"
+)
 SELECT_QUEUED_PAGE = (
     f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'queued' AND queue = ?"
     " AND (serial_group IS NULL OR (serial_group NOT IN (SELECT value FROM json_each(?))"

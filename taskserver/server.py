@@ -452,12 +452,19 @@ class TaskServer:
         positions: list[int] = []  # where each fresh task's answer goes
         repeats: list[tuple[int, int]] = []  # (position, index in fresh): same key twice
         first_with_key: dict[str, int] = {}
+        # Every disk read first; then the keys are resolved with no await in between,
+        # so nobody can take a key after we looked.
+        recent: dict[str, int | None] = {}
+        for item in prepared:
+            if item.unique_key is not None and item.unique_for:
+                since = self._clock() - item.unique_for
+                recent[item.unique_key] = await self.store.recent_unique(item.unique_key, since)
         for i, item in enumerate(prepared):
             key = item.unique_key
             if key is not None:
                 existing = self._unique.get(key)
                 if existing is None and item.unique_for:
-                    existing = await self.store.recent_unique(key, self._clock() - item.unique_for)
+                    existing = recent.get(key)
                 if existing is not None:
                     results[i] = Submitted(existing, existing=True, topic=self.topic(existing))
                     continue

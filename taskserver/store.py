@@ -249,12 +249,9 @@ class Store:
         if self.path != ":memory:":
             conn.execute("PRAGMA wal_autocheckpoint = 0")  # _checkpoint_loop does it
         self._migrate(conn)
-        self._next_task_id = (
-            conn.execute("SELECT coalesce(max(id), 0) FROM tasks").fetchone()[0] + 1
-        )
-        self._next_event_id = (
-            conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0] + 1
-        )
+        highest = sql.SELECT_HIGHEST_ID
+        self._next_task_id = int(conn.execute(highest.format(table="tasks")).fetchone()[0]) + 1
+        self._next_event_id = int(conn.execute(highest.format(table="events")).fetchone()[0]) + 1
         self._recover(conn)
         self.committed_event_id = self._next_event_id - 1
         self._conn = conn
