@@ -42,6 +42,8 @@ class _Queue:
     requested: int = 0
     #: ids taken by workers while a page was being read
     taken: set[int] = field(default_factory=set)
+    #: set up by configure(); an undeclared queue is dropped when idle
+    declared: bool = False
 
     def has_room_to_run(self) -> bool:
         return self.concurrency is None or self.running < self.concurrency
@@ -99,6 +101,7 @@ class ReadyQueue:
         """Set a queue's priority (higher runs first) and concurrency limit (None: none)."""
         queue = self._queue(name)
         queue.priority, queue.concurrency = priority, concurrency
+        queue.declared = True
         self._order.sort(key=lambda q: -q.priority)
 
     def _queue(self, name: str) -> _Queue:
@@ -310,6 +313,17 @@ class ReadyQueue:
         queue.running = max(0, queue.running - 1)
         if queue.heap:
             self._wake_one()
+        elif (
+            not queue.declared
+            and not queue.present
+            and not queue.running
+            and not queue.backlog
+            and not queue.paging
+        ):
+            # Callers may name any queue: one they did not declare is forgotten once
+            # idle, so memory and the dispatch loop do not grow with every name used.
+            del self._queues[queue.name]
+            self._order.remove(queue)
 
     async def get(self) -> Task:
         """Wait for and take the best eligible task. Cancel-safe: a cancelled wait takes none."""
