@@ -274,9 +274,10 @@ async def test_queue_and_name_defaults_for_timeout_and_priority(jobs: Jobs) -> N
     assert (ended.priority, ended.timeout) == (-1, 1.0)
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["live", "restart"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_every_task_succeeds_once_under_paging_retries_and_delays(
-    jobs: Jobs, seed: int
+    jobs: Jobs, seed: int, restart: bool
 ) -> None:
     rng = random.Random(seed)
     calls: Counter[int] = Counter()
@@ -327,6 +328,10 @@ async def test_every_task_succeeds_once_under_paging_retries_and_delays(
     ids: list[int] = []
     for start in range(0, 150, 50):
         ids += [s.id for s in await server.task_many(specs[start : start + 50])]
+        if restart and start == 50:
+            await wait_for(lambda: sum(calls.values()) >= 20, message="some work done")
+            await server.stop()  # running tasks finish in the grace period
+            server = await jobs.server(task, configure=configure, task_workers=3, ready_window=3)
     await server.wait(ids, 30)
     assert sorted(successes) == sorted(ids)
     assert max(successes.values()) == 1, {k: v for k, v in successes.items() if v > 1}
