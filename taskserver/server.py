@@ -243,6 +243,7 @@ class TaskServer:
             max_pending_writes=self.settings.max_pending_writes,
             on_commit=self._committed,
             on_ready=self._feed,
+            on_failed=self._not_stored,
             clock=self._clock,
         )
         await self._store.open()
@@ -744,6 +745,12 @@ class TaskServer:
         offer = self._ready.offer
         for task in tasks:
             offer(task)
+
+    def _not_stored(self, tasks: list[Task]) -> None:
+        # A batch with these new tasks failed to commit: forget what _append counted.
+        for task in tasks:
+            self._counts[task.state] -= 1
+            self._ended(task.id)
 
     def _ended(self, task_id: int) -> None:
         self._ready.release(task_id)

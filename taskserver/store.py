@@ -119,6 +119,7 @@ class _Page:
 class _Batch:
     future: asyncio.Future[None]
     inserts: list[tuple[Any, ...]] = field(default_factory=list)
+    inserted: list[Task] = field(default_factory=list)
     ready: list[Task] = field(default_factory=list)
     # One full-row write per task; a later state of the same task replaces an earlier one.
     updates: dict[int, tuple[Any, ...]] = field(default_factory=dict)
@@ -157,7 +158,8 @@ class Store:
 
     ``on_commit`` is called synchronously after every successful commit, before
     anyone awaiting the batch resumes; ``on_ready`` then gets the tasks the batch
-    made ready to run. Neither may block. ``clock`` gives seconds since the epoch
+    made ready to run; ``on_failed`` gets the new tasks of a batch that failed to
+    commit (they were not written). None may block. ``clock`` gives seconds since the epoch
     (injectable for tests).
     """
 
@@ -169,6 +171,7 @@ class Store:
         max_pending_writes: int = 100_000,
         on_commit: Callable[[Committed], None] | None = None,
         on_ready: Callable[[list[Task]], None] | None = None,
+        on_failed: Callable[[list[Task]], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
@@ -176,6 +179,7 @@ class Store:
         self._max_pending = max_pending_writes
         self._on_commit = on_commit or (lambda committed: None)
         self._on_ready = on_ready or (lambda tasks: None)
+        self._on_failed = on_failed or (lambda tasks: None)
         self._clock = clock
         # The writer's connection is used only on the writer thread, so one batch is
         # one thread hop (aiosqlite would hop once per statement; on a busy loop
@@ -398,6 +402,7 @@ class Store:
             )
             self._next_task_id += 1
             batch.inserts.append(sql.insert_row(task, item.text))
+            batch.inserted.append(task)
             if task.state is TaskState.QUEUED:
                 batch.ready.append(task)
                 self._new_event(batch, task, EventType.QUEUED, None, now)
@@ -598,15 +603,7 @@ class Store:
                 outcome = await self._in_writer(self._commit_sync, batch)
             except Exception as exc:
                 log.exception("commit of %d writes failed", len(batch))
-                for cond in batch.conditionals:
-                    if not cond.future.done():
-                        cond.future.set_exception(exc)
-                for ex in batch.execs:
-                    if not ex.future.done():
-                        ex.future.set_exception(exc)
-                batch.future.set_exception(exc)
-                # Nobody may be awaiting (workers append without waiting): mark it seen.
-                batch.future.exception()
+                self._failed(batch, exc)
                 continue
             self.commits += 1
             if outcome.committed.events:
@@ -641,6 +638,41 @@ class Store:
                 cond.future.set_result(changed)
             for ex, count in zip(batch.execs, outcome.counts, strict=True):
                 ex.future.set_result(count)
+
+    def _failed(self, batch: _Batch, exc: Exception) -> None:
+        """A batch did not commit: tell its callers, keep what must not be lost.
+
+        Callers awaiting it (new tasks, published updates, cancels, purges) get
+        ``ServerBusy`` (HTTP 503): nothing of theirs was written, and the server
+        forgets the tasks it had counted (``on_failed``). What workers reported
+        (outcomes, progress, due tasks) is carried into the next batch with its
+        ids, so it is retried, not dropped. Pages are answered empty, so the
+        ready queue asks again instead of waiting forever.
+        """
+        error = ServerBusy(f"the database refused the write: {exc}", retry_after=1.0)
+        for cond in batch.conditionals:
+            cond.future.set_exception(error)
+            cond.future.exception()
+        for ex in batch.execs:
+            ex.future.set_exception(error)
+            ex.future.exception()
+        batch.future.set_exception(error)
+        batch.future.exception()  # workers append without awaiting: mark it seen
+        new_ids = {row[0] for row in batch.inserts}
+        try:
+            self._on_failed(batch.inserted)
+        except Exception:
+            log.exception("on_failed hook failed")
+        for page in batch.pages:
+            with contextlib.suppress(Exception):
+                page.deliver([])
+        carried = [e for e in batch.events if e.task_id is not None and e.task_id not in new_ids]
+        if batch.updates or carried:
+            nxt = self._current()
+            nxt.updates = {**batch.updates, **nxt.updates}  # newer states win
+            nxt.events = carried + nxt.events
+            nxt.ready = [t for t in batch.ready if t.id not in new_ids] + nxt.ready
+            nxt.delayed = nxt.delayed or batch.delayed
 
     def _commit_sync(self, batch: _Batch) -> _Outcome:
         # On the writer thread: the whole batch, one transaction, then the reads
