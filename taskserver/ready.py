@@ -229,6 +229,18 @@ class ReadyQueue:
             return
         self._own(group, task.id)
 
+    def restore_group(self, group: str, head: int, state: TaskState) -> None:
+        """At start: ``group`` has tasks on disk, the oldest being ``head`` in ``state``.
+
+        A delayed or retrying head holds the group until it runs; a queued one is
+        paged in as the group's next task. Either way, a new task of the group
+        waits behind the ones on disk.
+        """
+        if state is TaskState.QUEUED:
+            self._group_backlog.add(group)
+        else:
+            self.set_owner(group, head)
+
     def set_owner(self, group: str, task_id: int) -> None:
         """Record that ``task_id`` holds ``group`` while it waits on disk (after a restart)."""
         if group not in self._owner:

@@ -162,9 +162,12 @@ SELECT_RECENT_UNIQUE = (
     "SELECT id FROM tasks WHERE unique_key = ? AND state = 'succeeded' AND finished_at >= ?"
     " ORDER BY id DESC LIMIT 1"
 )
-SELECT_GROUP_OWNERS = (
-    "SELECT serial_group, min(id) FROM tasks WHERE serial_group IS NOT NULL"
-    " AND state IN ('waiting', 'retrying') GROUP BY serial_group"
+#: Per serial group with tasks not ended on disk: its oldest such task and its state.
+SELECT_GROUP_HEADS = (
+    "SELECT t.serial_group, t.id, t.state FROM tasks AS t JOIN ("
+    " SELECT serial_group, min(id) AS head FROM tasks WHERE serial_group IS NOT NULL"
+    " AND state IN ('queued', 'waiting', 'retrying') GROUP BY serial_group"
+    ") AS g ON t.id = g.head"
 )
 SELECT_IDS_BY_STATE = "SELECT id FROM tasks WHERE state = ? ORDER BY id LIMIT ?"
 RECOVER_FAILED = (

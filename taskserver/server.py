@@ -250,8 +250,8 @@ class TaskServer:
         self._counts = await self._store.count_by_state()
         self._unique = await self._store.active_unique_keys()
         self._unique_by_id = {task_id: key for key, task_id in self._unique.items()}
-        for group, owner in (await self._store.serial_owners()).items():
-            self._ready.set_owner(group, owner)
+        for group, head, state in await self._store.serial_heads():
+            self._ready.restore_group(group, head, state)
         if self.settings.task_workers > 0:
             s = self.settings
             self._pool = WorkerPool(

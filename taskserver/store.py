@@ -831,9 +831,10 @@ class Store:
         rows = await self._fetch(sql.SELECT_RECENT_UNIQUE, (key, since))
         return int(rows[0][0]) if rows else None
 
-    async def serial_owners(self) -> dict[str, int]:
-        """``serial_group -> id`` of the task holding each group while it waits to retry."""
-        return {str(g): int(i) for g, i in await self._fetch(sql.SELECT_GROUP_OWNERS)}
+    async def serial_heads(self) -> list[tuple[str, int, TaskState]]:
+        """Per serial group with tasks that have not ended: its oldest one and that one's state."""
+        rows = await self._fetch(sql.SELECT_GROUP_HEADS)
+        return [(str(g), int(i), TaskState(state)) for g, i, state in rows]
 
     async def schedules(self) -> dict[str, float]:
         """``name -> last due time enqueued`` of every periodic schedule."""

@@ -360,13 +360,6 @@ async def test_a_delayed_group_task_does_not_jump_older_ones(jobs: Jobs) -> None
     assert_serial(spans, [older, delayed])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Store.serial_owners (SELECT_GROUP_OWNERS in schema.py) picks the group's "
-    "oldest *waiting or retrying* task as owner at start, ignoring older *queued* tasks of "
-    "the group; TaskServer.start makes it the owner, and the page query then leaves the "
-    "older queued tasks out until the delayed one has run: out of enqueue order",
-)
 async def test_after_a_restart_a_delayed_group_task_does_not_jump_older_ones(
     jobs: Jobs,
 ) -> None:
@@ -385,13 +378,6 @@ async def test_after_a_restart_a_delayed_group_task_does_not_jump_older_ones(
     assert_serial(spans, [older, delayed])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a restart the ready queue does not know which serial groups have "
-    "older queued tasks still on disk (ReadyQueue._group_backlog starts empty; "
-    "TaskServer.start only restores owners that wait or retry), so a new task of such a "
-    "group in a queue without a backlog takes the free group and runs first",
-)
 async def test_after_a_restart_a_new_group_task_waits_for_older_ones_on_disk(
     jobs: Jobs,
 ) -> None:
