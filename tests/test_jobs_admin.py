@@ -361,3 +361,17 @@ async def test_max_events_keeps_the_newest(jobs: Jobs) -> None:
         range(last - 4, last + 1)
     )
     assert len(await server.list_tasks()) == 6
+
+
+async def test_a_manual_retry_gives_the_task_all_its_attempts_again(jobs: Jobs) -> None:
+    work = FailOnce()
+    server = await jobs.server(work.run)
+    task_id = await server.task("always", max_attempts=2, retry={"base": 0, "jitter": 0})
+    assert (await state_of(server, task_id, "failed")).attempts == 2
+    await server.retry(task_id)
+    again = await state_of(server, task_id, "failed")
+    assert again.attempts == 2
+    assert work.runs[task_id] == 4
+    types = await event_types(server, task_id)
+    assert types.count("started") == 4
+    assert types.count("failed") == 2

@@ -4,6 +4,7 @@ the policy comes from (call < task name < queue < settings), PermanentError and 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -365,3 +366,48 @@ async def test_http_retry_later_streams_a_waiting_event(jobs: Jobs) -> None:
     assert orjson.loads(stream[4].data)["at"] >= waiting["available_at"]
     task_json = await get_json(client, f"/tasks/{created['id']}")
     assert (task_json["state"], task_json["attempts"], task_json["result"]) == ("succeeded", 1, 2)
+
+
+async def test_a_timed_out_attempt_is_retried(jobs: Jobs) -> None:
+    errors: list[BaseException] = []
+
+    async def task(ctx: TaskContext) -> Any:
+        if ctx.attempt == 1:
+            await asyncio.sleep(10)
+        return ctx.attempt
+
+    async def on_error(ctx: TaskContext, exc: BaseException) -> None:
+        errors.append(exc)
+
+    def configure(server: TaskServer) -> None:
+        server.on("error", on_error)
+
+    server = await jobs.server(task, configure=configure)
+    task_id = await server.task(None, timeout=0.1, max_attempts=2, retry=fixed(0.01))
+    done = await state_of(server, task_id, "succeeded")
+    assert done.result == 2
+    events = await stored_events(server, task_id)
+    assert retry_events(events)[0]["error"] == (
+        "TimeoutError: the task ran longer than its timeout of 0.1s"
+    )
+    assert len(errors) == 1
+    assert isinstance(errors[0], TimeoutError)
+
+
+async def test_cancelling_a_retrying_task_ends_it_for_good(jobs: Jobs) -> None:
+    clock = Clock()
+    client, server = await jobs.client(flaky_task, clock=clock)
+    created = await post(
+        client, "/tasks", {"data": {"fail": 1}, "max_attempts": 3, "retry": {"base": 500}}
+    )
+    await state_of(server, created["id"], "retrying")
+    response = await client.delete(f"/tasks/{created['id']}")
+    assert response.status == 200, await response.text()
+    assert (await response.json())["state"] == "cancelled"
+    clock.advance(1000, server)
+    barrier = await server.task({})
+    await state_of(server, barrier, "succeeded")
+    task = await server.get(created["id"])
+    assert task.state.value == "cancelled"
+    assert task.attempts == 1
+    assert (await event_types(server, created["id"]))[-1] == "cancelled"

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from taskserver import NotSerializable, Settings, TaskContext, ValidationError
+from taskserver import NotSerializable, ServerBusy, Settings, TaskContext, ValidationError
 from taskserver.options import TaskSpec
 
 from .conftest import sse, wait_for
@@ -307,3 +307,16 @@ async def test_http_bad_batch_is_refused_naming_the_item_and_writes_nothing(
     assert stats["queued"] == 0
     assert stats["tasks"]["waiting"] == 0
     assert server.stats()["last_event_id"] == 0
+
+
+async def test_a_batch_past_max_queued_is_refused_whole(jobs: Jobs) -> None:
+    client, server = await jobs.client(task_workers=0, max_queued=5)
+    await post(client, "/tasks:batch", {"tasks": [{"data": n} for n in range(3)]})
+    response = await client.post("/tasks:batch", json={"tasks": [{"data": n} for n in range(3)]})
+    await refused(response, 503, None)
+    assert int(response.headers["Retry-After"]) >= 1
+    assert len(await all_tasks(client)) == 3
+    with pytest.raises(ServerBusy):
+        await server.task_many(range(3))
+    assert len(await server.list_tasks()) == 3
+    assert len(await server.task_many(range(2))) == 2
