@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
         return _offline(args)
     try:
         return asyncio.run(_run(args))
-    except aiohttp.ClientConnectionError as exc:
-        print(f"taskserver: error: cannot reach {args.url}: {exc}", file=sys.stderr)
+    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        print(f"taskserver: error: cannot reach {args.url}: {exc or 'timed out'}", file=sys.stderr)
         return EXIT_UNREACHABLE
 
 
@@ -117,7 +117,11 @@ async def _run(args: argparse.Namespace) -> int:
     async with aiohttp.ClientSession(base, timeout=timeout) as http:
         method, path, body = _request(args)
         async with http.request(method, path, json=body) as response:
-            payload = orjson.loads(await response.read() or b"null")
+            raw = await response.read()
+            try:
+                payload = orjson.loads(raw or b"null")
+            except orjson.JSONDecodeError:
+                payload = raw.decode(errors="replace").strip()  # not ours: say what came
             if response.status >= 400:
                 detail = payload.get("detail") if isinstance(payload, dict) else payload
                 print(f"taskserver: error: {detail} (HTTP {response.status})", file=sys.stderr)

@@ -10,6 +10,7 @@ Every field's help text is also its ``--flag`` help, so ``--help`` stays complet
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -219,7 +220,9 @@ def coerce(name: str, value: Any, source: str) -> Any:
             converted = value
         else:
             raise ValueError
-    except ValueError:
+        if isinstance(converted, float) and not math.isfinite(converted):
+            raise ValueError
+    except (ValueError, TypeError):
         wanted = kind.replace(" | None", "")
         raise ConfigError(f"{name}: expected {wanted}, got {value!r} (from {source})") from None
     check: Check | None = FIELDS[name].metadata["check"]

@@ -46,8 +46,9 @@ class Schedule:
         except (CronSimError, ValueError, KeyError) as exc:
             raise ConfigError(f"schedule {self.name!r}: bad cron {self.cron!r}: {exc}") from None
 
-    def due_after(self, after: float, until: float) -> list[float]:
-        """Due times in ``(after, until]``, oldest first, at most ``MAX_CATCH_UP`` (the newest)."""
+    def due_after(self, after: float, until: float) -> tuple[list[float], int]:
+        """Due times in ``(after, until]``, oldest first: at most ``MAX_CATCH_UP`` (the
+        newest), and how many older ones were left out (estimated past a long outage)."""
         times: list[float] = []
         start = datetime.fromtimestamp(after, self.zone())
         for moment in CronSim(self.cron, start):
@@ -56,9 +57,13 @@ class Schedule:
                 break
             times.append(ts)
             if len(times) > 10 * MAX_CATCH_UP:
-                # A long outage with a fast schedule: keep only the newest.
-                times = times[-MAX_CATCH_UP:]
-        return times
+                # A long outage with a fast schedule: do not walk every missed minute
+                # of it on the event loop; jump near the end and estimate the rest.
+                period = (ts - after) / len(times)
+                jump = until - period * 2 * MAX_CATCH_UP
+                tail, _ = self.due_after(jump, until)
+                return tail, int((jump - after) / period) if period > 0 else 0
+        return times[-MAX_CATCH_UP:], max(0, len(times) - MAX_CATCH_UP)
 
     def next_after(self, after: float) -> float:
         """The first due time after ``after``."""

@@ -860,7 +860,15 @@ class TaskServer:
         next_due: dict[str, float] = {}
         for name, schedule in self._schedules.items():
             if name in last:
-                missed = schedule.due_after(last[name], now)
+                missed, skipped = schedule.due_after(last[name], now)
+                if skipped:
+                    log.warning(
+                        "schedule %r: %d runs missed while stopped are skipped; "
+                        "enqueueing the newest %d",
+                        name,
+                        skipped,
+                        len(missed),
+                    )
                 if missed:
                     try:
                         await self._enqueue_runs(schedule, missed)
