@@ -257,10 +257,10 @@ class Ledger:
         return ctx.id
 
 
-@pytest.mark.parametrize("restart", [False, True], ids=["live", "restart"])
+@pytest.mark.parametrize("restart", ["live", "restart", "restart-between-batches"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_groups_stay_serial_and_ordered_under_load(
-    jobs: Jobs, seed: int, restart: bool
+    jobs: Jobs, seed: int, restart: str
 ) -> None:
     rng = random.Random(seed)
     ledger = Ledger()
@@ -280,22 +280,20 @@ async def test_groups_stay_serial_and_ordered_under_load(
             "max_attempts": 2,
             "retry": {"base": 0.01, "jitter": 0},
         }
-        if rng.random() < 0.1 and not (restart and group is not None):
-            # Delayed group tasks across a restart: see
-            # test_after_a_restart_a_delayed_group_task_does_not_jump_older_ones.
+        if rng.random() < 0.1:
             options["delay"] = 0.02
         if group is not None:
             options["serial_group"] = group
         specs.append(TaskSpec(data, options))
     ids = [s.id for s in await server.task_many(specs[:30])]
-    if restart:
-        # Stop with work running, retrying and queued; go on in a new server. (Tasks
-        # enqueued after the restart: see test_after_a_restart_a_new_group_task_...)
+    if restart == "restart":
         ids += [s.id for s in await server.task_many(specs[30:])]
+    if restart != "live":
+        # Stop with work running, retrying, delayed and queued; go on in a new server.
         await wait_for(lambda: len(ledger.attempts) >= 8, message="some work done")
         await server.stop()
         server = await jobs.server(ledger.run, task_workers=3, ready_window=4)
-    else:
+    if restart != "restart":
         ids += [s.id for s in await server.task_many(specs[30:])]
     await server.wait(ids, 20)
 
