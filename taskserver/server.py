@@ -831,7 +831,8 @@ class TaskServer:
             stored = self.store.update_task(task, EventType.QUEUED, {"due": True}, ready=True)
             self._counts[previous] -= 1
             self._counts[TaskState.QUEUED] += 1
-        promoted.set_result(stored)
+        if not promoted.done():  # the due loop may have been cancelled (stop)
+            promoted.set_result(stored)
 
     async def _maintenance_loop(self) -> None:
         """Apply retention: purge old ended tasks and trim the event history."""
