@@ -24,7 +24,14 @@ none inherits another's heap), all on this machine, loopback only. The figures:
    ``server.task()`` to the ``finish`` callback running, one task in flight at a
    time, and open-loop at a few tasks per millisecond. Baseline: one aiosqlite
    ``INSERT`` + ``commit()`` round trip, the least one durable write costs.
-4. **Peak RSS** of every process involved.
+4. **Mixed workload, in process**: the durable tasks/s of section 1, but the
+   tasks use three declared queues of different priorities (one with a
+   concurrency limit), per-task priorities, short delays, a failure then a
+   retry, and serial groups (``benchmarks/mixed.py``); with the p50/p99
+   enqueue→finish latency of its plain tasks and the retries seen. Beside it,
+   the no-op figure of section 1 measured again with the same task count, and
+   the ratio mixed / no-op.
+5. **Peak RSS** of every process involved.
 
 Throughput figures are the best of ``--rounds`` (the least disturbed run on a
 shared machine); every round is printed too. The exit status is 0 when every
@@ -54,11 +61,16 @@ from typing import Any
 import orjson
 
 from .common import RESULT_PREFIX, peak_rss_of
+from .mixed import DELAY_RANGE, DELAYED, FAILING, GROUPED, GROUPS, QUEUES, RETRY
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on (http://\S+)")
 THROUGHPUT_TARGET = 30_000.0
 HTTP_RATIO_TARGET = 0.5
+#: How far section 4's no-op figure may be from section 1's before it is flagged.
+NOOP_TOLERANCE = 0.10
+#: Figures one section leaves for a later one in the same run.
+same_run: dict[str, float] = {}
 
 
 class BenchError(Exception):
@@ -81,6 +93,7 @@ class Options:
     clients: tuple[str, ...]
     samples: int
     rate: float
+    mixed_tasks: int
     time_limit: float
     only: frozenset[str]
     verbose: bool
@@ -114,13 +127,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument("--samples", type=int, help="latency samples per mode [2000]")
     parser.add_argument("--rate", type=float, default=2000.0, help="open-loop tasks/s [2000]")
+    parser.add_argument("--mixed-tasks", type=int, help="tasks per mixed-workload round [20000]")
     parser.add_argument(
         "--time-limit", type=float, help="seconds any one measurement may take [30; --quick: 5]"
     )
     parser.add_argument(
         "--only",
         action="append",
-        choices=("throughput", "http", "latency"),
+        choices=("throughput", "http", "latency", "mixed"),
         help="run only these sections (repeatable)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="print raw results too")
@@ -143,8 +157,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         clients=tuple(args.client or (("aiohttp",) if quick else ("aiohttp", "raw"))),
         samples=pick(args.samples, 2000, 200),
         rate=args.rate,
+        mixed_tasks=pick(args.mixed_tasks, 20_000, 2_000),
         time_limit=pick(args.time_limit, 30.0, 5.0),
-        only=frozenset(args.only or ("throughput", "http", "latency")),
+        only=frozenset(args.only or ("throughput", "http", "latency", "mixed")),
         verbose=args.verbose,
     )
     for name in (
@@ -157,6 +172,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "http_requests",
         "concurrency",
         "samples",
+        "mixed_tasks",
     ):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -343,7 +359,7 @@ def throughput(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
                     "--workers",
                     str(opts.workers),
                     "--warmup",
-                    str(min(2000, max(100, opts.tasks // 10))),
+                    str(_warmup_for(opts.tasks)),
                 ],
                 cwd=tmp,
                 timeout=opts.time_limit * 2 + 40,
@@ -375,6 +391,8 @@ def throughput(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
         f"   taskserver / baseline = {ratio:.1%};  target >= {THROUGHPUT_TARGET:,.0f} tasks/s: "
         f"{verdict(best['per_second'] >= THROUGHPUT_TARGET and not incomplete)}"
     )
+    same_run["noop_per_second"] = best["per_second"]
+    same_run["noop_tasks"] = opts.tasks
     rss["in-process taskserver (throughput)"] = max(r["peak_rss"] for r in ours)
     rss["in-process aiosqlite baseline"] = max(r["peak_rss"] for r in base)
     if opts.verbose:
@@ -526,6 +544,94 @@ def latency(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
     rss["in-process taskserver (latency)"] = r["peak_rss"]
 
 
+def _warmup_for(tasks: int) -> int:
+    return min(2000, max(100, tasks // 10))
+
+
+def mixed(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
+    n = opts.mixed_tasks
+    queues = ", ".join(
+        f"{name} p{priority}" + (f" max {limit} running" if limit else "")
+        for name, (priority, limit, _) in QUEUES.items()
+    )
+    print()
+    print(
+        f"4. Mixed workload, in process, await server.task() -> finish ran for all ({n:,} tasks, "
+        f"{opts.producers} producers, {opts.workers} workers, best of {opts.rounds}): "
+        f"queues {queues}; task priorities 0-9; {DELAYED:.0%} delayed "
+        f"{DELAY_RANGE[0] * 1000:g}-{DELAY_RANGE[1] * 1000:g} ms; {FAILING:.0%} failing once, "
+        f"retried after {RETRY.base * 1000:g} ms; {GROUPED:.0%} in {GROUPS} serial groups"
+    )
+    common = [
+        "--tasks",
+        str(n),
+        "--time-limit",
+        str(opts.time_limit),
+        "--producers",
+        str(opts.producers),
+        "--workers",
+        str(opts.workers),
+        "--warmup",
+        str(_warmup_for(n)),
+    ]
+    ours: list[dict[str, Any]] = []
+    noop: list[dict[str, Any]] = []
+    for _ in range(opts.rounds):
+        for scenario, into in (("throughput", noop), ("mixed", ours)):
+            into.append(
+                run_result(
+                    "benchmarks.inproc",
+                    [scenario, *common],
+                    cwd=tmp,
+                    timeout=opts.time_limit * 2 + 40,
+                )
+            )
+    best = max(ours, key=lambda r: r["per_second"])
+    best_noop = max(noop, key=lambda r: r["per_second"])
+    rounds = " ".join(f"{r['per_second']:,.0f}" for r in ours)
+    noop_rounds = " ".join(f"{r['per_second']:,.0f}" for r in noop)
+    lat = best["latency"]
+    print(f"   mixed               {fmt_rate(best['per_second'], 'tasks/s')}   (rounds {rounds})")
+    print(
+        f"{'':27}{best['tasks'] / max(1, best['commits']):.0f} tasks/commit; process CPU "
+        f"{best['cpu_percent']:.0f}% of a core; retries seen {best['retries']:,} "
+        f"({best['planned']['failing']:,} tasks planned to fail once)"
+    )
+    print(
+        f"{'':27}enqueue -> finish under this load, tasks neither delayed nor failing: "
+        f"p50 {fmt_us(lat['p50_us'])}, p99 {fmt_us(lat['p99_us'])} (n={lat['samples']:,})"
+    )
+    print(
+        f"   no-op, as section 1 {fmt_rate(best_noop['per_second'], 'tasks/s')}   "
+        f"(rounds {noop_rounds})"
+    )
+    incomplete = [r for r in ours + noop if not r["completed"]]
+    if incomplete:
+        print(f"   WARNING: {len(incomplete)} run(s) hit the time limit before all finished")
+    print_warnings(ours + noop)
+    print(f"   mixed / no-op = {best['per_second'] / best_noop['per_second']:.1%}")
+    first = same_run.get("noop_per_second")
+    if first:
+        change = best_noop["per_second"] / first - 1
+        within = "within" if abs(change) <= NOOP_TOLERANCE else "NOT within"
+        print(
+            f"   no-op here vs section 1 ({first:,.0f} tasks/s, {same_run['noop_tasks']:,.0f} "
+            f"tasks): {change:+.1%}, {within} {NOOP_TOLERANCE:.0%}"
+        )
+        print(
+            "   (both no-op figures are the same code in the same run, so their gap is this"
+            " machine's noise; whether the no-op figure fell is a comparison with an earlier run)"
+        )
+    else:
+        print(
+            "   (section 1 did not run, so there is no second no-op figure to check this one"
+            " against; whether it fell is a comparison with an earlier run's section 1)"
+        )
+    rss["in-process taskserver (mixed)"] = max(r["peak_rss"] for r in ours)
+    if opts.verbose:
+        print(f"   raw: {ours} {noop}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected sections, print every figure; 1 if a measurement failed, else 0."""
     opts = parse_args(argv)
@@ -533,7 +639,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rss: dict[str, int | None] = {}
     failures = 0
     started = time.monotonic()
-    sections = (("throughput", throughput), ("http", http), ("latency", latency))
+    sections = (
+        ("throughput", throughput),
+        ("http", http),
+        ("latency", latency),
+        ("mixed", mixed),
+    )
     with tempfile.TemporaryDirectory(prefix="taskserver-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         for name, section in sections:
@@ -546,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"   FAILED: {exc}")
             sys.stdout.flush()
     print()
-    print("4. Peak RSS (VmHWM of each server before it stopped; ru_maxrss of the others)")
+    print("5. Peak RSS (VmHWM of each server before it stopped; ru_maxrss of the others)")
     for name, value in rss.items():
         print(f"   {name:<40} {fmt_mib(value):>10}")
     print()

@@ -23,6 +23,10 @@ Scenarios:
     a stall is not hidden). Baseline: one aiosqlite ``INSERT`` plus ``commit()``
     round trip in the same process and conditions, the least a durable enqueue
     can cost.
+``mixed``
+    Like ``throughput`` but a mixed workload: queues of different priorities
+    (one with a concurrency limit), per-task priorities, delays, retries and
+    serial groups. See ``benchmarks/mixed.py``.
 """
 
 from __future__ import annotations
@@ -121,16 +125,23 @@ async def _stop(server: TaskServer) -> None:
 
 @contextlib.asynccontextmanager
 async def serving(
-    db: str, workers: int, finishes: Finishes, warnings: list[str]
+    db: str,
+    workers: int,
+    finishes: Finishes,
+    warnings: list[str],
+    setup: Callable[[TaskServer], None] | None = None,
 ) -> AsyncIterator[TaskServer]:
     """A started ``TaskServer`` with ``finishes``' callbacks, stopped on the way out.
 
-    A ``stop()`` that hangs after a good measurement becomes a warning in
+    ``setup`` (declaring queues, say) is called before the server starts. A
+    ``stop()`` that hangs after a good measurement becomes a warning in
     ``warnings`` (the figures stand); after a failed one it is only logged.
     """
     server = TaskServer(_settings(db, workers))
     server.on("task", finishes.task)
     server.on("finish", finishes.finish)
+    if setup is not None:
+        setup(server)
     await server.start()
     measured = False
     try:
@@ -349,7 +360,9 @@ async def latency(
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.inproc")
     parser.add_argument(
-        "scenario", choices=("throughput", "baseline-throughput", "latency"), help="what to measure"
+        "scenario",
+        choices=("throughput", "baseline-throughput", "latency", "mixed"),
+        help="what to measure",
     )
     parser.add_argument("--tasks", type=int, default=50_000)
     parser.add_argument("--producers", type=int, default=512)
@@ -416,6 +429,19 @@ def _run_scenario(args: argparse.Namespace, db: str) -> dict[str, Any]:
     if args.scenario == "baseline-throughput":
         return run(
             baseline_throughput(db, tasks=args.tasks, batch=args.batch, time_limit=args.time_limit)
+        )
+    if args.scenario == "mixed":
+        from .mixed import mixed_throughput  # here: mixed imports this module
+
+        return run(
+            mixed_throughput(
+                db,
+                tasks=args.tasks,
+                producers=args.producers,
+                workers=args.workers,
+                warmup=args.warmup,
+                time_limit=args.time_limit,
+            )
         )
     return run(
         latency(
