@@ -410,7 +410,7 @@ class TaskServer:
         """Enqueue many tasks in one transaction: all or none.
 
         Each item is a ``TaskSpec`` (its options override ``options``) or plain data.
-        A bad item raises ``ValidationError`` naming it (``items[3].timeout``) and
+        A bad item raises ``ValidationError`` naming it (``tasks[3].timeout``) and
         nothing is written.
         """
         specs = [

@@ -106,6 +106,8 @@ class _Conditional:
 class _Exec:
     statements: list[tuple[str, tuple[Any, ...]]]
     future: asyncio.Future[int]
+    #: resolve to the sum of all rows changed (else: those of the last statement)
+    total: bool = False
 
 
 @dataclass(slots=True)
@@ -558,10 +560,12 @@ class Store:
             statements.append((sql.TRIM_EVENTS_BY_AGE, (before, chunk)))
         if keep is not None:
             statements.append((sql.TRIM_EVENTS_BY_COUNT, (self._next_event_id - 1 - keep, chunk)))
-        return self._exec(statements)
+        return self._exec(statements, total=True)
 
-    def _exec(self, statements: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[int]:
-        op = _Exec(statements, Commit(loop=asyncio.get_running_loop()))
+    def _exec(
+        self, statements: list[tuple[str, tuple[Any, ...]]], *, total: bool = False
+    ) -> asyncio.Future[int]:
+        op = _Exec(statements, Commit(loop=asyncio.get_running_loop()), total)
         self._check_room(1).execs.append(op)
         return op.future
 
@@ -717,10 +721,8 @@ class Store:
                         )
                     )
             for ex in batch.execs:
-                count = 0
-                for statement, params in ex.statements:
-                    count = max(0, db.execute(statement, params).rowcount)
-                outcome.counts.append(count)
+                counts = [max(0, db.execute(q, params).rowcount) for q, params in ex.statements]
+                outcome.counts.append(sum(counts) if ex.total else counts[-1] if counts else 0)
             if events:
                 events.sort(key=lambda e: e.id)
                 rows = [sql.event_row(e, now) for e in events]

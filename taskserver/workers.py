@@ -163,7 +163,10 @@ class Callback:
     def of(cls, fn: Callable[..., Any], *, cpu_bound: bool = False) -> Callback:
         if not callable(fn):
             raise TypeError(f"callback must be callable, got {fn!r}")
-        if inspect.iscoroutinefunction(fn):
+        # An object with ``async def __call__`` is a coroutine function too.
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - the method, not callable()
+        ):
             if cpu_bound:
                 raise TypeError("cpu_bound callbacks must be plain functions, not async def")
             return cls(fn, "async")

@@ -377,13 +377,6 @@ async def test_a_manual_retry_gives_the_task_all_its_attempts_again(jobs: Jobs) 
     assert types.count("failed") == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Store._commit_sync (store.py) reports for an exec only the rowcount of its "
-    "last statement; trim_events with both an age and a count limit returns the count "
-    "statement's 0 after deleting a full chunk by age, so the maintenance loop "
-    "(`while await trim_events(...)`) stops and the rest waits a whole maintenance_interval",
-)
 async def test_trimming_by_age_and_count_reports_what_it_deleted(jobs: Jobs) -> None:
     clock = Clock()
     server = await jobs.server(task_workers=0, clock=clock)

@@ -316,13 +316,6 @@ class AsyncCallable:
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: workers.Callback.of checks inspect.iscoroutinefunction(fn), which is False "
-    "for an object with `async def __call__`: it runs in a thread, its coroutine is never "
-    "awaited (RuntimeWarning) and the task fails with 'NotSerializable ... coroutine'; it "
-    "should run on the loop (or on() should refuse it with ConfigError)",
-)
 async def test_an_object_with_async_call_runs_as_a_coroutine(jobs: Jobs) -> None:
     server = await jobs.server(AsyncCallable())
     task_id = await server.task(None)
