@@ -678,6 +678,52 @@ class Store:
             nxt.ready = [t for t in batch.ready if t.id not in new_ids] + nxt.ready
             nxt.delayed = nxt.delayed or batch.delayed
 
+    def _write(self, batch: _Batch, db: sqlite3.Connection, now: float, outcome: _Outcome) -> None:
+        """On the writer thread: the batch's writes in one transaction (caller rolls back)."""
+        cancelled, retried = outcome.committed.cancelled, outcome.committed.retried
+        db.execute("BEGIN IMMEDIATE")
+        for statement, values in sql.insert_many(sql.INSERT_TASK_PREFIX, 14, batch.inserts):
+            db.execute(statement, values)
+        for statement, values in sql.update_many(list(batch.updates.values())):
+            db.execute(statement, values)
+        for statement, params in batch.statements:
+            db.execute(statement, params)
+        events = batch.events
+        for op in batch.conditionals:
+            # The state before, for the server's counters: it may have moved since
+            # the caller looked (queued -> running -> retrying ...).
+            before = db.execute(sql.SELECT_STATE, (op.task_id,)).fetchone()
+            changed = db.execute(op.sql, op.params).rowcount == 1
+            outcome.changed.append(TaskState(before[0]) if changed and before else None)
+            if changed:
+                (cancelled if op.state is TaskState.CANCELLED else retried).append(op.task_id)
+                stub = Task(
+                    id=op.task_id,
+                    data=None,
+                    state=op.state,
+                    max_attempts=1,
+                    timeout=None,
+                    created_at=now,
+                    updated_at=now,
+                )
+                events.append(
+                    Event(
+                        op.event_id,
+                        op.task_id,
+                        op.type,
+                        sql.event_json(stub, op.type, op.extra, now),
+                    )
+                )
+        for ex in batch.execs:
+            counts = [max(0, db.execute(q, params).rowcount) for q, params in ex.statements]
+            outcome.counts.append(sum(counts) if ex.total else counts[-1] if counts else 0)
+        if events:
+            events.sort(key=lambda e: e.id)
+            rows = [sql.event_row(e, now) for e in events]
+            for statement, values in sql.insert_many(sql.INSERT_EVENT_PREFIX, 9, rows):
+                db.execute(statement, values)
+        db.execute("COMMIT")
+
     def _commit_sync(self, batch: _Batch) -> _Outcome:
         # On the writer thread: the whole batch, one transaction, then the reads
         # the batch asked for (so they see exactly what on_commit will reflect).
@@ -685,50 +731,17 @@ class Store:
         assert db is not None
         now = self._clock()
         outcome = _Outcome()
-        cancelled, retried = outcome.committed.cancelled, outcome.committed.retried
+        writes = (
+            batch.inserts
+            or batch.updates
+            or batch.statements
+            or batch.events
+            or batch.conditionals
+            or batch.execs
+        )
         try:
-            db.execute("BEGIN IMMEDIATE")
-            for statement, values in sql.insert_many(sql.INSERT_TASK_PREFIX, 14, batch.inserts):
-                db.execute(statement, values)
-            for statement, values in sql.update_many(list(batch.updates.values())):
-                db.execute(statement, values)
-            for statement, params in batch.statements:
-                db.execute(statement, params)
-            events = batch.events
-            for op in batch.conditionals:
-                # The state before, for the server's counters: it may have moved since
-                # the caller looked (queued -> running -> retrying ...).
-                before = db.execute(sql.SELECT_STATE, (op.task_id,)).fetchone()
-                changed = db.execute(op.sql, op.params).rowcount == 1
-                outcome.changed.append(TaskState(before[0]) if changed and before else None)
-                if changed:
-                    (cancelled if op.state is TaskState.CANCELLED else retried).append(op.task_id)
-                    stub = Task(
-                        id=op.task_id,
-                        data=None,
-                        state=op.state,
-                        max_attempts=1,
-                        timeout=None,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    events.append(
-                        Event(
-                            op.event_id,
-                            op.task_id,
-                            op.type,
-                            sql.event_json(stub, op.type, op.extra, now),
-                        )
-                    )
-            for ex in batch.execs:
-                counts = [max(0, db.execute(q, params).rowcount) for q, params in ex.statements]
-                outcome.counts.append(sum(counts) if ex.total else counts[-1] if counts else 0)
-            if events:
-                events.sort(key=lambda e: e.id)
-                rows = [sql.event_row(e, now) for e in events]
-                for statement, values in sql.insert_many(sql.INSERT_EVENT_PREFIX, 9, rows):
-                    db.execute(statement, values)
-            db.execute("COMMIT")
+            if writes:  # a batch of reads only (pages) needs no transaction
+                self._write(batch, db, now, outcome)
         except BaseException:
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
