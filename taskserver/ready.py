@@ -179,7 +179,9 @@ class ReadyQueue:
                 or self._skip(task.id)
             ):
                 continue
-            self._admit(queue, task)
+            # A page holds only the oldest task of each free group (see page_in): it
+            # may take its group even when the group is known to wait on disk.
+            self._admit(queue, task, head=True)
         else:
             if len(tasks) < queue.requested:
                 queue.backlog = False
