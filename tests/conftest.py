@@ -7,6 +7,7 @@ Fixtures are factories that close what they made. Tests wait for conditions
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -246,3 +247,40 @@ def run_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait(10)
+
+
+# --- the loop must never block --------------------------------------------------------
+
+#: A callback holding the event loop this long is reported (asyncio debug mode).
+SLOW_CALLBACK = 0.5
+
+
+class _SlowCallbacks(logging.Handler):
+    """Collects asyncio's "Executing <handle> took N seconds" reports."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reports: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        # The test's own coroutine may block on purpose (it starts subprocesses,
+        # reads files); server code, aiohttp handlers and workers may not.
+        if message.startswith("Executing") and "coro=<test_" not in message:
+            self.reports.append(message)
+
+
+@pytest.fixture(autouse=True)
+async def loop_never_blocks() -> AsyncIterator[None]:
+    """Fail a test during which anything but the test itself held the loop too long."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = SLOW_CALLBACK
+    handler = _SlowCallbacks()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    assert handler.reports == [], "the event loop was blocked:\n" + "\n".join(handler.reports)
