@@ -12,6 +12,9 @@ field; the healthchecks.io parser), evaluated in UTC unless ``tz`` says otherwis
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any
@@ -19,7 +22,9 @@ from zoneinfo import ZoneInfo
 
 from cronsim import CronSim, CronSimError
 
-from .errors import ConfigError
+from .errors import ConfigError, ServerBusy, ValidationError
+
+log = logging.getLogger(__name__)
 
 #: Missed runs enqueued at start, per schedule, before older ones are skipped.
 MAX_CATCH_UP = 100
@@ -69,3 +74,51 @@ class Schedule:
         """The first due time after ``after``."""
         start = datetime.fromtimestamp(after, self.zone())
         return next(iter(CronSim(self.cron, start))).timestamp()
+
+
+Enqueue = Callable[[Schedule, float], Awaitable[None]]
+
+
+async def run_schedules(
+    schedules: dict[str, Schedule],
+    last_due: dict[str, float],
+    enqueue: Enqueue,
+    clock: Callable[[], float],
+) -> None:
+    """Enqueue every schedule's runs, each due time once; first catch up on missed ones.
+
+    ``last_due`` is what the store recorded (the newest due time enqueued per
+    schedule); ``enqueue(schedule, due)`` must record the new one in the same
+    transaction as the task. Runs until cancelled; a run that cannot be
+    enqueued (the server is full) is logged, never silently dropped.
+    """
+    now = clock()
+    next_due: dict[str, float] = {}
+    for name, schedule in schedules.items():
+        if name not in last_due:
+            next_due[name] = schedule.next_after(now)
+            continue
+        missed, skipped = schedule.due_after(last_due[name], now)
+        if skipped:
+            log.warning(
+                "schedule %r: %d runs missed while stopped are skipped; enqueueing the newest %d",
+                name,
+                skipped,
+                len(missed),
+            )
+        for due in missed:
+            await _enqueue_logged(enqueue, schedule, due)
+        next_due[name] = schedule.next_after(max(last_due[name], now))
+    while next_due:
+        name = min(next_due, key=next_due.__getitem__)
+        due = next_due[name]
+        await asyncio.sleep(max(0.0, due - clock()))
+        await _enqueue_logged(enqueue, schedules[name], due)
+        next_due[name] = schedules[name].next_after(due)
+
+
+async def _enqueue_logged(enqueue: Enqueue, schedule: Schedule, due: float) -> None:
+    try:
+        await enqueue(schedule, due)
+    except (ServerBusy, ValidationError) as exc:
+        log.error("schedule %r: could not enqueue the run due at %s: %s", schedule.name, due, exc)

@@ -37,7 +37,7 @@ from .errors import (
 from .events import EventHub, Subscription
 from .models import TERMINAL, TERMINAL_EVENTS, Event, EventType, RetryPolicy, Task, TaskState
 from .options import Defaults, TaskSpec, encode_payload, prepare
-from .periodic import Schedule
+from .periodic import Schedule, run_schedules
 from .ready import ReadyQueue
 from .store import Committed, NewTask, Store
 from .workers import Callback, Limits, WorkerPool
@@ -855,50 +855,13 @@ class TaskServer:
                 log.exception("retention maintenance failed")
 
     async def _schedule_loop(self) -> None:
-        """Enqueue each periodic schedule's runs once per due time, catching up after a stop."""
-        last = await self.store.schedules()
-        now = self._clock()
-        next_due: dict[str, float] = {}
-        for name, schedule in self._schedules.items():
-            if name in last:
-                missed, skipped = schedule.due_after(last[name], now)
-                if skipped:
-                    log.warning(
-                        "schedule %r: %d runs missed while stopped are skipped; "
-                        "enqueueing the newest %d",
-                        name,
-                        skipped,
-                        len(missed),
-                    )
-                if missed:
-                    try:
-                        await self._enqueue_runs(schedule, missed)
-                    except (ServerBusy, ValidationError) as exc:
-                        # Not silently: say so, and keep the other schedules going.
-                        log.error(
-                            "schedule %r: could not enqueue %d missed run(s): %s",
-                            name,
-                            len(missed),
-                            exc,
-                        )
-                next_due[name] = schedule.next_after(max(last[name], now))
-            else:
-                next_due[name] = schedule.next_after(now)
-        while True:
-            name = min(next_due, key=next_due.__getitem__)
-            await asyncio.sleep(max(0.0, next_due[name] - self._clock()))
-            schedule = self._schedules[name]
-            due = next_due[name]
-            try:
-                await self._enqueue_runs(schedule, [due])
-            except (ServerBusy, ValidationError) as exc:
-                log.error("schedule %r: could not enqueue the run due at %s: %s", name, due, exc)
-            next_due[name] = schedule.next_after(due)
+        """Periodic schedules: see ``periodic.run_schedules``."""
+        last_due = await self.store.schedules()
+        await run_schedules(self._schedules, last_due, self._enqueue_run, self._clock)
 
-    async def _enqueue_runs(self, schedule: Schedule, dues: list[float]) -> None:
-        for due in dues:
-            options = {"name": schedule.name, **schedule.options}
-            await self._insert([TaskSpec(schedule.data, options)], schedule=(schedule.name, due))
+    async def _enqueue_run(self, schedule: Schedule, due: float) -> None:
+        options = {"name": schedule.name, **schedule.options}
+        await self._insert([TaskSpec(schedule.data, options)], schedule=(schedule.name, due))
 
 
 def _result_of(task: Task) -> Any:
