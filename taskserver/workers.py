@@ -335,6 +335,16 @@ class WorkerPool:
             # Fire and forget: the process does not wait; the store keeps the batch alive.
             self._progress(self._running[worker], fraction, message)
 
+    def _live_progress(self, task: Task, fraction: float, message: str | None) -> Awaitable[None]:
+        # Progress from a context whose attempt is over (a stray background coroutine,
+        # a thread that ran past its timeout) must not overwrite the task's record.
+        worker = self._by_task.get(task.id)
+        if worker is None or self._running.get(worker) is not task:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return self._progress(task, fraction, message)
+
     def cancel(self, task_id: int) -> bool:
         """Cancel a running task. Returns ``False`` when no worker runs it.
 
@@ -411,7 +421,7 @@ class WorkerPool:
         task.started_at = self._clock()
         task.progress = task.message = task.error = task.traceback = task.hook_error = None
         self._report(task, EventType.STARTED, {"worker": worker_id})
-        run = _Run(task, worker_id, self._progress)
+        run = _Run(task, worker_id, self._live_progress)
         await self._hook("before", run)
         try:
             result = await self._call(self._task_cb, run, task.timeout)
