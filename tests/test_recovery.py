@@ -63,6 +63,17 @@ async def task_state(http: aiohttp.ClientSession, base: str, task_id: int) -> st
     return state
 
 
+async def wait_state(
+    http: aiohttp.ClientSession, base: str, task_id: int, state: str, message: str
+) -> None:
+    """Wait until the server reports ``task_id`` in ``state``."""
+
+    async def reached() -> bool:
+        return await task_state(http, base, task_id) == state
+
+    await wait_for(reached, message=message)
+
+
 def db_rows(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         return [tuple(row) for row in conn.execute(sql, params).fetchall()]
@@ -196,10 +207,7 @@ async def test_sigterm_lets_a_running_task_finish_and_keeps_the_queue(
         running = await post_task(http, first.url, {"data": {"until_file": str(gate)}})
         waiting = [await post_task(http, first.url, {"data": {"sleep": 0}}) for _ in range(3)]
 
-        async def is_running() -> bool:
-            return await task_state(http, first.url, running) == "running"
-
-        await wait_for(is_running, message="the first task running")
+        await wait_state(http, first.url, running, "running", "the first task running")
 
     first.proc.send_signal(signal.SIGTERM)
     await wait_for(lambda: "stopping" in first.log.read_text(), message="the server stops")
@@ -253,10 +261,7 @@ async def test_sigterm_requeues_a_task_that_outlives_the_grace_period(
     async with aiohttp.ClientSession() as http:
         slow = await post_task(http, first.url, {"data": {"until_file": str(gate)}})
 
-        async def is_running() -> bool:
-            return await task_state(http, first.url, slow) == "running"
-
-        await wait_for(is_running, message="the task running")
+        await wait_state(http, first.url, slow, "running", "the task running")
 
     first.proc.send_signal(signal.SIGTERM)
 
@@ -271,11 +276,9 @@ async def test_sigterm_requeues_a_task_that_outlives_the_grace_period(
     gate.touch()
     second = await start(run_server, *args)
     async with aiohttp.ClientSession() as http:
-
-        async def succeeded() -> bool:
-            return await task_state(http, second.url, slow) == "succeeded"
-
-        await wait_for(succeeded, message="the task completes after the restart")
+        await wait_state(
+            http, second.url, slow, "succeeded", "the task completes after the restart"
+        )
     assert await asyncio.to_thread(second.terminate) == 0
 
 
@@ -290,10 +293,7 @@ async def test_sigterm_exits_while_a_thread_task_still_blocks(
     async with aiohttp.ClientSession() as http:
         blocked = await post_task(http, first.url, {"data": {"until_file": str(gate)}})
 
-        async def is_running() -> bool:
-            return await task_state(http, first.url, blocked) == "running"
-
-        await wait_for(is_running, message="the thread task running")
+        await wait_state(http, first.url, blocked, "running", "the thread task running")
 
     first.proc.send_signal(signal.SIGTERM)
 
@@ -309,11 +309,9 @@ async def test_sigterm_exits_while_a_thread_task_still_blocks(
     gate.touch()
     second = await asyncio.to_thread(run_server, *app, *args)
     async with aiohttp.ClientSession() as http:
-
-        async def succeeded() -> bool:
-            return await task_state(http, second.url, blocked) == "succeeded"
-
-        await wait_for(succeeded, message="the task completes after the restart")
+        await wait_state(
+            http, second.url, blocked, "succeeded", "the task completes after the restart"
+        )
     assert await asyncio.to_thread(second.terminate) == 0
 
 
