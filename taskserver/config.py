@@ -129,6 +129,14 @@ class Settings:
         "seconds running tasks get to finish on shutdown before they are re-queued",
         _range(0),
     )
+    # Python's default is 5 ms: the SQLite writer thread, between two statements,
+    # would wait that long for the GIL whenever the event loop is busy.
+    gil_switch_interval: float = _setting(
+        0.0005,
+        "seconds a thread may hold Python's GIL while another waits for it"
+        " (sys.setswitchinterval while the server runs; 0: leave Python's default)",
+        _range(0, 0.1),
+    )
     max_body_bytes: int = _setting(
         1_048_576, "largest accepted HTTP request body, in bytes", _range(1)
     )

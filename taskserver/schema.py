@@ -6,7 +6,10 @@ store's logic reads without the SQL text in the way.
 
 from __future__ import annotations
 
+import functools
+import math
 import sqlite3
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -83,16 +86,25 @@ TASK_COLUMNS = (
     " timeout, retry, progress, message, result, error, traceback, finish_error, hook_error,"
     " created_at, available_at, started_at, finished_at, updated_at"
 )
-INSERT_TASK = (
-    "INSERT INTO tasks (id, state, name, queue, priority, serial_group, unique_key, data,"
-    " max_attempts, timeout, retry, created_at, available_at, updated_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Writes never bind None: the sqlite3 module binds it through its adapter lookup,
+# which costs about 6x an int, and the writer thread holds the GIL while it binds.
+# A missing text is bound as '' and stored as NULL by nullif(); a missing number
+# is bound as NaN, which SQLite stores as NULL. (No stored text is ever '': labels
+# are 1-200 characters, JSON is never empty, an empty progress message is none.)
+NO_TEXT = ""
+NO_NUMBER = math.nan
+#: One row of ``INSERT_TASK_PREFIX … VALUES``, in ``insert_row`` order.
+TASK_ROW = (
+    "(?, ?, nullif(?, ''), ?, ?, nullif(?, ''), nullif(?, ''), ?, ?, ?, nullif(?, ''), ?, ?, ?)"
 )
-UPDATE_TASK = (
-    "UPDATE tasks SET state = ?, attempts = ?, progress = ?, message = ?, result = ?, error = ?,"
-    " traceback = ?, finish_error = ?, hook_error = ?, available_at = ?, started_at = ?,"
-    " finished_at = ?, updated_at = ? WHERE id = ?"
+#: The columns ``update_row`` writes, as ``column = {value}`` with ``{}`` for the value's place.
+_UPDATE_SET = (
+    "state = {0}, attempts = {1}, progress = {2}, message = nullif({3}, ''),"
+    " result = nullif({4}, ''), error = nullif({5}, ''), traceback = nullif({6}, ''),"
+    " finish_error = nullif({7}, ''), hook_error = nullif({8}, ''), available_at = {9},"
+    " started_at = {10}, finished_at = {11}, updated_at = {12}"
 )
+UPDATE_TASK = f"UPDATE tasks SET {_UPDATE_SET.format(*(['?'] * 13))} WHERE id = ?"
 CANCEL_PENDING = (
     "UPDATE tasks SET state = 'cancelled', finished_at = ?, updated_at = ?"
     " WHERE id = ? AND state IN ('queued', 'waiting', 'retrying')"
@@ -199,22 +211,19 @@ UPSERT_SCHEDULE = (
 )
 
 
-def insert_many(
-    prefix: str, width: int, rows: list[tuple[Any, ...]]
-) -> list[tuple[str, list[Any]]]:
+def insert_many(prefix: str, row: str, rows: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
     """Multi-row ``INSERT`` statements for ``rows``: ``(sql, flat parameters)`` pairs.
 
+    ``row`` is the placeholder of one row, say ``(?, ?)``.
+
     One statement per up to ``ROWS_PER_INSERT`` rows instead of one step per row:
-    fewer round trips between the writer thread and the GIL, which the event
+    each statement costs the writer thread one wait for the GIL, which the event
     loop's thread holds most of the time.
     """
-    out: list[tuple[str, list[Any]]] = []
-    one = "(" + ", ".join("?" * width) + ")"
-    for start in range(0, len(rows), ROWS_PER_INSERT):
-        chunk = rows[start : start + ROWS_PER_INSERT]
-        params = [value for row in chunk for value in row]
-        out.append((f"{prefix} VALUES {', '.join([one] * len(chunk))}", params))
-    return out
+    return [
+        (f"{prefix} VALUES {_values(row, len(chunk))}", list(chain.from_iterable(chunk)))
+        for chunk in _chunks(rows)
+    ]
 
 
 def update_many(rows: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
@@ -226,26 +235,38 @@ def update_many(rows: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
     """
     if sqlite3.sqlite_version_info < (3, 33):
         return [(UPDATE_TASK, list(row)) for row in rows]
-    out: list[tuple[str, list[Any]]] = []
-    one = "(" + ", ".join("?" * 14) + ")"
-    for start in range(0, len(rows), ROWS_PER_INSERT):
-        chunk = rows[start : start + ROWS_PER_INSERT]
-        params = [value for row in chunk for value in row]
-        out.append(
-            (
-                f"{UPDATE_FROM_PREFIX} (VALUES {', '.join([one] * len(chunk))}) AS v"
-                " WHERE tasks.id = v.column14",
-                params,
-            )
+    return [
+        (
+            f"{UPDATE_FROM_PREFIX} (VALUES {_values(UPDATE_ROW, len(chunk))}) AS v"
+            " WHERE tasks.id = v.column14",
+            list(chain.from_iterable(chunk)),
         )
-    return out
+        for chunk in _chunks(rows)
+    ]
+
+
+def _chunks(rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    return [rows[i : i + ROWS_PER_INSERT] for i in range(0, len(rows), ROWS_PER_INSERT)]
+
+
+@functools.lru_cache(maxsize=256)
+def _values(row: str, count: int) -> str:
+    """``row`` ``count`` times, comma-separated: built once per shape."""
+    return ", ".join([row] * count)
+
+
+def placeholders(width: int) -> str:
+    """``(?, ?, …)`` with ``width`` places."""
+    return "(" + ", ".join("?" * width) + ")"
+
+
+UPDATE_ROW = placeholders(14)
+EVENT_ROW = placeholders(9)
+TASK_EVENT_ROW = placeholders(5)
 
 
 UPDATE_FROM_PREFIX = (
-    "UPDATE tasks SET state = v.column1, attempts = v.column2, progress = v.column3,"
-    " message = v.column4, result = v.column5, error = v.column6, traceback = v.column7,"
-    " finish_error = v.column8, hook_error = v.column9, available_at = v.column10,"
-    " started_at = v.column11, finished_at = v.column12, updated_at = v.column13 FROM"
+    f"UPDATE tasks SET {_UPDATE_SET.format(*(f'v.column{i}' for i in range(1, 14)))} FROM"
 )
 #: Rows per multi-row statement; 500 x 14 parameters stays under SQLite's 32,766.
 ROWS_PER_INSERT = 500
@@ -256,6 +277,9 @@ INSERT_TASK_PREFIX = (
 INSERT_EVENT_PREFIX = (
     "INSERT INTO events (id, task_id, type, data, topics, private, uid, retry, at)"
 )
+#: Events of tasks leave topics, private, uid and retry at their defaults: fewer
+#: parameters for the writer thread to bind while it holds the GIL.
+INSERT_TASK_EVENT_PREFIX = "INSERT INTO events (id, task_id, type, data, at)"
 
 
 def dumps(value: Any) -> str:
@@ -313,19 +337,19 @@ def task_from_row(row: Any) -> Task:
 
 
 def insert_row(task: Task, data_text: str) -> tuple[Any, ...]:
-    """Parameters of ``INSERT_TASK`` for a new task."""
-    retry = dumps(task.retry.to_json()) if task.retry else None
+    """Parameters of one ``TASK_ROW`` for a new task (no None: see ``NO_TEXT``)."""
+    retry = dumps(task.retry.to_json()) if task.retry else NO_TEXT
     return (
         task.id,
         task.state,
-        task.name,
+        task.name or NO_TEXT,
         task.queue,
         task.priority,
-        task.serial_group,
-        task.unique_key,
+        task.serial_group or NO_TEXT,
+        task.unique_key or NO_TEXT,
         data_text,
         task.max_attempts,
-        task.timeout,
+        NO_NUMBER if task.timeout is None else task.timeout,
         retry,
         task.created_at,
         task.available_at,
@@ -334,20 +358,20 @@ def insert_row(task: Task, data_text: str) -> tuple[Any, ...]:
 
 
 def update_row(task: Task, result_text: str | None) -> tuple[Any, ...]:
-    """Parameters of ``UPDATE_TASK``: the task's whole mutable state."""
+    """Parameters of ``UPDATE_TASK``: the task's whole mutable state (no None: see ``NO_TEXT``)."""
     return (
         task.state,
         task.attempts,
-        task.progress,
-        task.message,
-        result_text,
-        task.error,
-        task.traceback,
-        task.finish_error,
-        task.hook_error,
+        NO_NUMBER if task.progress is None else task.progress,
+        task.message or NO_TEXT,
+        result_text or NO_TEXT,
+        task.error or NO_TEXT,
+        task.traceback or NO_TEXT,
+        task.finish_error or NO_TEXT,
+        task.hook_error or NO_TEXT,
         task.available_at,
-        task.started_at,
-        task.finished_at,
+        NO_NUMBER if task.started_at is None else task.started_at,
+        NO_NUMBER if task.finished_at is None else task.finished_at,
         task.updated_at,
         task.id,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,8 @@ class TaskServer:
         self._unique_lock = asyncio.Lock()
         #: a task with no options, resolved once (``_prepare``'s fast path)
         self._plain: NewTask | None = None
+        #: Python's switch interval before start() set settings.gil_switch_interval.
+        self._switch_interval: float | None = None
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else ("running" if self._started else "idle")
@@ -247,6 +250,9 @@ class TaskServer:
             clock=self._clock,
         )
         await self._store.open()
+        if self.settings.gil_switch_interval:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(self.settings.gil_switch_interval)
         self._counts = await self._store.count_by_state()
         self._unique = await self._store.active_unique_keys()
         self._unique_by_id = {task_id: key for key, task_id in self._unique.items()}
@@ -321,6 +327,9 @@ class TaskServer:
                     future.exception()
         self._waiters.clear()
         await self.store.close()
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
         self._started = False
 
     @property
@@ -789,6 +798,7 @@ class TaskServer:
             counts[task.state] += 1
 
     def _record_progress(self, task: Task, fraction: float, message: str | None) -> Any:
+        message = message or None  # an empty message is none (the store relies on it)
         task.progress, task.message = fraction, message
         extra: dict[str, Any] = {"progress": fraction, "message": message}
         return self.store.update_task(task, EventType.PROGRESS, extra)

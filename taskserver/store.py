@@ -682,7 +682,9 @@ class Store:
         """On the writer thread: the batch's writes in one transaction (caller rolls back)."""
         cancelled, retried = outcome.committed.cancelled, outcome.committed.retried
         db.execute("BEGIN IMMEDIATE")
-        for statement, values in sql.insert_many(sql.INSERT_TASK_PREFIX, 14, batch.inserts):
+        for statement, values in sql.insert_many(
+            sql.INSERT_TASK_PREFIX, sql.TASK_ROW, batch.inserts
+        ):
             db.execute(statement, values)
         for statement, values in sql.update_many(list(batch.updates.values())):
             db.execute(statement, values)
@@ -718,9 +720,16 @@ class Store:
             counts = [max(0, db.execute(q, params).rowcount) for q, params in ex.statements]
             outcome.counts.append(sum(counts) if ex.total else counts[-1] if counts else 0)
         if events:
-            events.sort(key=lambda e: e.id)
-            rows = [sql.event_row(e, now) for e in events]
-            for statement, values in sql.insert_many(sql.INSERT_EVENT_PREFIX, 9, rows):
+            if batch.conditionals:  # their events were appended here, with earlier ids
+                events.sort(key=lambda e: e.id)
+            task_rows = [
+                (e.id, e.task_id, e.type, e.json, now) for e in events if e.task_id is not None
+            ]
+            insert = sql.insert_many(sql.INSERT_TASK_EVENT_PREFIX, sql.TASK_EVENT_ROW, task_rows)
+            if len(task_rows) < len(events):  # updates published to the hub, no task
+                rows = [sql.event_row(e, now) for e in events if e.task_id is None]
+                insert += sql.insert_many(sql.INSERT_EVENT_PREFIX, sql.EVENT_ROW, rows)
+            for statement, values in insert:
                 db.execute(statement, values)
         db.execute("COMMIT")
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 from typing import Any
 
 import orjson
 import pytest
 
-from taskserver import NotSerializable, ServerClosed, ValidationError
+from taskserver import NotSerializable, ServerClosed, TaskContext, ValidationError
 
 from .conftest import ServerFactory
 
@@ -152,3 +153,63 @@ async def test_task_refused_when_not_started(make_server: ServerFactory) -> None
     await server.stop()
     with pytest.raises(ServerClosed):
         await server.task("late")
+
+
+def stored_types(db: str, task_id: int) -> dict[str, str]:
+    """SQLite's ``typeof`` of every column of the committed row."""
+    with sqlite3.connect(db) as conn:
+        names = [r[1] for r in conn.execute("PRAGMA table_info(tasks)")]
+        row = conn.execute(
+            f"SELECT {', '.join(f'typeof({n})' for n in names)} FROM tasks WHERE id = ?",
+            (task_id,),
+        ).fetchone()
+    return dict(zip(names, row, strict=True))
+
+
+async def test_missing_values_are_stored_as_null_and_given_ones_as_given(
+    make_server: ServerFactory,
+) -> None:
+    # The writer binds no None (see schema.NO_TEXT): '' and NaN stand in for it and
+    # must come out as NULL, while real values, '' results included, stay as they are.
+    async def work(ctx: TaskContext) -> Any:
+        await ctx.progress(0.5, "" if ctx.data == "plain" else "half")
+        return None if ctx.data == "plain" else ""
+
+    server = await make_server(work)
+    db = server.settings.db
+    plain = await server.task("plain")
+    given = await server.task(
+        "given", name="mail", serial_group="g", unique_key="k", timeout=30.0, max_attempts=2
+    )
+    await server.wait_terminal(plain, timeout=10)
+    await server.wait_terminal(given, timeout=10)
+
+    types = stored_types(db, plain)
+    for column in (
+        "name", "serial_group", "unique_key", "timeout", "retry", "message", "result",
+        "error", "traceback", "finish_error", "hook_error",
+    ):  # fmt: skip
+        assert types[column] == "null", column
+    assert types["progress"] == types["started_at"] == types["finished_at"] == "real"
+
+    types = stored_types(db, given)
+    assert types["name"] == types["serial_group"] == types["unique_key"] == "text"
+    assert types["message"] == types["result"] == "text"
+    assert types["timeout"] == "real"
+    row = await server.get(given)
+    assert (row.name, row.serial_group, row.unique_key) == ("mail", "g", "k")
+    assert (row.message, row.result, row.timeout) == ("half", "", 30.0)
+    assert (await server.get(plain)).message is None
+
+
+async def test_the_gil_switch_interval_is_set_while_the_server_runs(
+    make_server: ServerFactory,
+) -> None:
+    before = sys.getswitchinterval()
+    server = await make_server(gil_switch_interval=0.0007)
+    assert sys.getswitchinterval() == pytest.approx(0.0007)
+    await server.stop()
+    assert sys.getswitchinterval() == before
+    untouched = await make_server(gil_switch_interval=0)
+    assert sys.getswitchinterval() == before
+    await untouched.stop()
