@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .errors import Conflict, ServerBusy, TaskNotFound, TaskServerError, ValidationError
 from .models import TERMINAL, Task, TaskState
@@ -70,33 +71,50 @@ def problem(
     )
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn errors into problem+json, so every failure has the same shape."""
-    try:
-        return await handler(request)
-    except ValidationError as exc:
-        return problem(422 if exc.field else 400, "Invalid request", str(exc), field=exc.field)
-    except TaskNotFound as exc:
-        return problem(404, "Task not found", str(exc), field="id")
-    except Conflict as exc:
-        return problem(409, "Conflict", str(exc))
-    except ServerBusy as exc:
-        retry = str(max(1, round(exc.retry_after)))
-        return problem(503, "Service unavailable", str(exc), headers={"Retry-After": retry})
-    except TaskServerError as exc:
-        return problem(500, "Internal error", str(exc))
-    except web.HTTPException as exc:
-        if exc.status < 400 or exc.content_type == PROBLEM:
+#: Called with every response a handler returns (or a problem response), before it is sent.
+ResponseHook = Callable[[web.Request, web.StreamResponse], None]
+
+
+def problem_middleware(decorate: ResponseHook | None = None) -> Middleware:
+    """A middleware turning errors into problem+json, so every failure has the same shape.
+
+    ``decorate`` then adds headers to every response not sent yet (a stream a
+    handler opened was sent at ``prepare``): one plain call, where an
+    ``on_response_prepare`` signal cost 13 µs a request, a fifth of a hello-world one.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except ValidationError as exc:
+            status = 422 if exc.field else 400
+            response = problem(status, "Invalid request", str(exc), field=exc.field)
+        except TaskNotFound as exc:
+            response = problem(404, "Task not found", str(exc), field="id")
+        except Conflict as exc:
+            response = problem(409, "Conflict", str(exc))
+        except ServerBusy as exc:
+            retry = str(max(1, round(exc.retry_after)))
+            response = problem(503, "Service unavailable", str(exc), headers={"Retry-After": retry})
+        except TaskServerError as exc:
+            response = problem(500, "Internal error", str(exc))
+        except web.HTTPException as exc:
+            if exc.status < 400 or exc.content_type == PROBLEM:
+                raise
+            headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+            response = problem(exc.status, exc.reason, exc.text or exc.reason, headers=headers)
+        except (asyncio.CancelledError, ConnectionResetError):
             raise
-        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-        return problem(exc.status, exc.reason, exc.text or exc.reason, headers=headers)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        # Still one shape for every failure; the details go to the log, not the client.
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return problem(500, "Internal error", "the server failed; see its log")
+        except Exception:
+            # Still one shape for every failure; the details go to the log, not the client.
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            response = problem(500, "Internal error", "the server failed; see its log")
+        if decorate is not None and not response.prepared:
+            decorate(request, response)
+        return response
+
+    return middleware
 
 
 # --- parsing helpers ------------------------------------------------------------

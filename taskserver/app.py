@@ -37,9 +37,9 @@ def attach(app: web.Application, server: TaskServer, *, prefix: str = "") -> Non
     """
     server.check()
     app[TASKSERVER] = server
-    app.middlewares.append(api.problem_middleware)
     api.add_routes(app, prefix)
-    mercure.add_routes(app, server)  # the hub lives at /.well-known/mercure, whatever the prefix
+    hub = mercure.add_routes(app, server)  # at /.well-known/mercure, whatever the prefix
+    app.middlewares.append(api.problem_middleware(hub.decorate))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await server.start()

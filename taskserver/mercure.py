@@ -18,7 +18,7 @@ Platform) work against it unchanged:
   happened. ``mercure_private_tasks`` makes them private.
 * Fan-out never blocks: each subscriber has one bounded queue in the
   ``EventHub``; a slow one is dropped and reconnects with ``Last-Event-ID``.
-* CORS allow-list, ``Link: <hub>; rel="mercure"`` discovery on every response
+* CORS allow-list, ``Link: <hub>; rel="mercure"`` discovery on every response (``decorate``)
   (plus ``rel="self"`` on a task), heartbeats, and the subscriptions API.
   Subscription *events* are not published.
 
@@ -262,7 +262,9 @@ class Mercure:
         except ServerBusy as exc:
             _fail(503, str(exc), headers={"Retry-After": str(max(1, round(exc.retry_after)))})
         connection = Connection(f"urn:uuid:{uuid.uuid4()}", selectors, claims, subscription)
-        headers = {"Last-Event-ID": resumed_from} if resumed_from is not None else None
+        headers = self.stream_headers(request)
+        if resumed_from is not None:
+            headers["Last-Event-ID"] = resumed_from
         return await self._stream(request, connection, after, headers)
 
     async def _resume_point(self, request: web.Request) -> tuple[int | None, str | None]:
@@ -563,42 +565,60 @@ class Mercure:
     # --- CORS and discovery -----------------------------------------------------------------
 
     async def preflight(self, request: web.Request) -> web.Response:
-        """``OPTIONS`` on the hub: CORS headers are added by ``on_response_prepare``."""
+        """``OPTIONS`` on the hub: the CORS headers are added by ``decorate``."""
         return web.Response(status=204, headers={"Allow": "GET, POST, OPTIONS"})
 
     def _origin(self, request: web.Request) -> str:
         base = self.server.settings.base_url
         return base.rstrip("/") if base else f"{request.scheme}://{request.host}"
 
-    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        """Add the discovery ``Link`` to every response, and CORS headers to the hub's."""
-        response.headers.add("Link", f'<{self._origin(request)}{HUB_PATH}>; rel="mercure"')
-        match_info = request.match_info
-        task_id = match_info.get("id", "")
-        if match_info.route.name == "task" and task_id.isdigit() and response.status < 400:
-            response.headers.add("Link", f'<{self.server.topic(int(task_id))}>; rel="self"')
-        if request.path.startswith(HUB_PATH) and self.cors_origins:
-            self._cors(request, response)
+    def _hub_link(self, request: web.Request) -> str:
+        return f'<{self._origin(request)}{HUB_PATH}>; rel="mercure"'
 
-    def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
+    def decorate(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Add the discovery ``Link`` to a response, and CORS headers to the hub's own.
+
+        Called for every response the application returns (its middleware does);
+        a stream is sent before that, so the hub's stream gets the same headers
+        from ``stream_headers``.
+        """
+        headers = response.headers
+        headers.add("Link", self._hub_link(request))
+        match_info = request.match_info
+        if match_info.route.name == "task" and response.status < 400:
+            task_id = match_info.get("id", "")
+            if task_id.isdigit():
+                headers.add("Link", f'<{self.server.topic(int(task_id))}>; rel="self"')
+        if self.cors_origins and request.path.startswith(HUB_PATH):
+            headers.extend(self._cors(request))
+
+    def stream_headers(self, request: web.Request) -> dict[str, str]:
+        """What ``decorate`` would add, for the hub's event stream."""
+        return {"Link": self._hub_link(request), **self._cors(request)}
+
+    def _cors(self, request: web.Request) -> dict[str, str]:
         origin = request.headers.get("Origin")
-        if origin is None:
-            return
+        if origin is None or not self.cors_origins:
+            return {}
+        headers: dict[str, str]
         if origin in self.cors_origins:
             # Listed origins may send credentials (cookie, Authorization).
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Allow-Credentials"] = "true"
-            response.headers.add("Vary", "Origin")
+            headers = {
+                "Access-Control-Allow-Origin": origin,
+                "Access-Control-Allow-Credentials": "true",
+                "Vary": "Origin",
+            }
         elif "*" in self.cors_origins:
             # Never reflected with credentials: "*" serves anonymous use only.
-            response.headers["Access-Control-Allow-Origin"] = "*"
+            headers = {"Access-Control-Allow-Origin": "*"}
         else:
-            return
-        response.headers["Access-Control-Expose-Headers"] = "Last-Event-ID, Link"
+            return {}
+        headers["Access-Control-Expose-Headers"] = "Last-Event-ID, Link"
         if request.method == "OPTIONS":
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-            response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
-            response.headers["Access-Control-Max-Age"] = CORS_MAX_AGE
+            headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+            headers["Access-Control-Max-Age"] = CORS_MAX_AGE
+        return headers
 
 
 #: Where the hub lives on an application: ``app[MERCURE]``.
@@ -626,5 +646,4 @@ def add_routes(app: web.Application, server: HubServer) -> Mercure:
         routes += [("GET", path, hub.subscription), ("OPTIONS", path, hub.preflight)]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
-    app.on_response_prepare.append(hub.on_response_prepare)
     return hub

@@ -287,8 +287,19 @@ def dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def event_json(task: Task, type_: EventType, extra: dict[str, Any] | None, now: float) -> str:
-    """The stored and pushed payload of one event about ``task``."""
+def event_json(
+    task: Task,
+    type_: EventType,
+    extra: dict[str, Any] | None,
+    now: float,
+    *,
+    result: str | None = None,
+) -> str:
+    """The stored and pushed payload of one event about ``task``.
+
+    ``result``, JSON text already encoded for the task's row, is embedded as is.
+    (A dict encoded by orjson is faster here than formatting the text by hand.)
+    """
     payload: dict[str, Any] = {
         "task_id": task.id,
         "type": type_,
@@ -299,6 +310,8 @@ def event_json(task: Task, type_: EventType, extra: dict[str, Any] | None, now: 
     }
     if extra:
         payload.update(extra)
+    if result is not None:
+        payload["result"] = orjson.Fragment(result)
     return dumps(payload)
 
 

@@ -403,17 +403,25 @@ class TaskServer:
         """
         if "unique_key" in options or "serial_group" in options:
             return (await self._insert([TaskSpec(data, options)]))[0]
-        # The hot path: one task, no uniqueness or group to look after.
-        item = self._prepare(TaskSpec(data, options))  # validate before anything else
-        tasks, committed = self._admit(1).insert_tasks((item,))
-        task = tasks[0]
-        self._counts[task.state] += 1
+        task, committed = self._append_one(data, options)
         await committed
         return Submitted(task.id, state=task.state, topic=self.topic(task.id))
 
     async def task(self, data: Any, **options: Any) -> int:
         """Enqueue one task and return its id once it is durable. Options as ``submit``."""
-        return (await self.submit(data, **options)).id
+        if "unique_key" in options or "serial_group" in options:
+            return (await self._insert([TaskSpec(data, options)]))[0].id
+        task, committed = self._append_one(data, options)
+        await committed
+        return task.id
+
+    def _append_one(self, data: Any, options: dict[str, Any]) -> tuple[Task, asyncio.Future[None]]:
+        # The hot path: one task, no uniqueness or group to look after.
+        item = self._prepare(TaskSpec(data, options))  # validate before anything else
+        tasks, committed = self._admit(1).insert_tasks((item,))
+        task = tasks[0]
+        self._counts[task.state] += 1
+        return task, committed
 
     async def task_many(self, items: Iterable[Any], **options: Any) -> list[Submitted]:
         """Enqueue many tasks in one transaction: all or none.

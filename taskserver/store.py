@@ -432,9 +432,13 @@ class Store:
         (and nothing appended) when it cannot be. ``ready`` hands the task to
         ``on_commit`` as ready to run. Never refused: outcomes of running work
         must not be lost. The returned future is the batch's, done at commit.
+        A ``finished`` event carries the task's ``result`` (encoded once, for the
+        row and the event), so ``extra`` must not.
         """
         result = None
-        if task.state is TaskState.SUCCEEDED and task.result is not None:
+        if type_ is EventType.FINISHED or (
+            task.state is TaskState.SUCCEEDED and task.result is not None
+        ):
             try:
                 result = sql.dumps(task.result)
             except TypeError as exc:
@@ -444,8 +448,22 @@ class Store:
         batch = self._current()
         now = self._clock()
         task.updated_at = now
-        batch.updates[task.id] = sql.update_row(task, result)
-        self._new_event(batch, task, type_, extra, now)
+        batch.updates[task.id] = sql.update_row(task, None if task.result is None else result)
+        batch.events.append(
+            Event(
+                self._next_event_id,
+                task.id,
+                type_,
+                sql.event_json(
+                    task,
+                    type_,
+                    extra,
+                    now,
+                    result=result if type_ is EventType.FINISHED else None,
+                ),
+            )
+        )
+        self._next_event_id += 1
         if ready:
             batch.ready.append(task)
         elif task.state in (TaskState.WAITING, TaskState.RETRYING):

@@ -29,7 +29,7 @@ import random
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -422,9 +422,11 @@ class WorkerPool:
         task.progress = task.message = task.error = task.traceback = task.hook_error = None
         self._report(task, EventType.STARTED, {"worker": worker_id})
         run = _Run(task, worker_id, self._live_progress)
-        await self._hook("before", run)
+        hooks = self._callbacks
+        if "before" in hooks:
+            await self._hook("before", run)
         try:
-            result = await self._call(self._task_cb, run, task.timeout)
+            result = await self._start(self._task_cb, run, task.timeout)
         except asyncio.CancelledError as exc:
             if me.cancelling():
                 raise  # a DELETE or a stop: _work decides
@@ -440,16 +442,17 @@ class WorkerPool:
             await self._fail_with(task, run, exc)
             return
         task.result = result
-        await self._hook("after", run, result)
+        if "after" in hooks:
+            await self._hook("after", run, result)
         try:
-            await self._call(self._finish_cb, run, None, result)
+            await self._start(self._finish_cb, run, None, result)
         except asyncio.CancelledError as exc:
             if me.cancelling():
                 raise
             self._finish_failed(task, exc)
         except CALLBACK_ERRORS as exc:
             self._finish_failed(task, exc)
-        self._end(task, TaskState.SUCCEEDED, EventType.FINISHED, {"result": result})
+        self._end(task, TaskState.SUCCEEDED, EventType.FINISHED, None)  # carries the result
 
     async def _fail_with(self, task: Task, run: _Run, exc: BaseException) -> None:
         if isinstance(exc, _TimedOut):
@@ -486,6 +489,15 @@ class WorkerPool:
         log.error("%s hook failed for task %d", name, task.id, exc_info=exc)
         note = f"{name} hook: {type(exc).__name__}: {exc}"
         task.hook_error = f"{task.hook_error}; {note}" if task.hook_error else note
+
+    def _start(
+        self, cb: Callback, run: _Run, timeout: float | None, *args: Any
+    ) -> Coroutine[Any, Any, Any]:
+        """The coroutine running ``cb``: the callback's own when it is ``async`` with no
+        timeout (most are: two coroutine frames fewer per call), else ``_call``'s."""
+        if cb.kind == "async" and not timeout:
+            return cb.fn(run.context(), *args)  # type: ignore[no-any-return]
+        return self._call(cb, run, timeout, *args)
 
     async def _call(self, cb: Callback, run: _Run, timeout: float | None, *args: Any) -> Any:
         if not timeout:  # the common case skips the timeout machinery
