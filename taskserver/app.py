@@ -37,9 +37,8 @@ def attach(app: web.Application, server: TaskServer, *, prefix: str = "") -> Non
     """
     server.check()
     app[TASKSERVER] = server
-    api.add_routes(app, prefix)
-    hub = mercure.add_routes(app, server)  # at /.well-known/mercure, whatever the prefix
-    app.middlewares.append(api.problem_middleware(hub.decorate))
+    api.add_routes(app, server, prefix)
+    mercure.add_routes(app, server)  # the hub lives at /.well-known/mercure, whatever the prefix
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await server.start()

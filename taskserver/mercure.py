@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, NoReturn, Protocol
@@ -50,6 +50,7 @@ from .config import Settings
 from .errors import ConfigError, ServerBusy
 from .events import EventHub, Subscription
 from .models import Event
+from .problems import PROBLEM, Handler, guard, problem_body
 from .sse import open_stream
 from .store import Store
 from .topics import Selectors, TemplateTooComplex
@@ -58,7 +59,6 @@ HUB_PATH = "/.well-known/mercure"
 SUBSCRIPTIONS_PATH = HUB_PATH + "/subscriptions"
 #: The reference hub's headers, so that no proxy or browser caches a stream.
 CACHE_CONTROL = "private, no-cache, no-store, must-revalidate, max-age=0"
-PROBLEM = "application/problem+json"
 JSON_LD = "application/ld+json"
 CONTEXT = "https://mercure.rocks/"
 FORM = "application/x-www-form-urlencoded"
@@ -120,10 +120,20 @@ def uuid7() -> uuid.UUID:
 
 
 def _fail(status: int, detail: str, *, headers: dict[str, str] | None = None) -> NoReturn:
-    """Raise an ``application/problem+json`` HTTP error (passed through by the API middleware)."""
-    title = HTTPStatus(status).phrase
-    body = orjson.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
+    """Raise an ``application/problem+json`` HTTP error (``problems.guard`` passes it on)."""
+    body = problem_body(status, HTTPStatus(status).phrase, detail)
     raise _STATUS_ERRORS[status](text=body.decode(), content_type=PROBLEM, headers=headers)
+
+
+def discovery_link(request: web.Request, base_url: str) -> str:
+    """``Link: <…/.well-known/mercure>; rel="mercure"``, on ``base_url`` or the request's host."""
+    origin = base_url.rstrip("/") if base_url else f"{request.scheme}://{request.host}"
+    return _link_to_hub(origin)
+
+
+@functools.lru_cache(maxsize=64)
+def _link_to_hub(origin: str) -> str:
+    return f'<{origin}{HUB_PATH}>; rel="mercure"'
 
 
 def _parse_origins(value: str, setting: str) -> frozenset[str]:
@@ -572,29 +582,21 @@ class Mercure:
         base = self.server.settings.base_url
         return base.rstrip("/") if base else f"{request.scheme}://{request.host}"
 
-    def _hub_link(self, request: web.Request) -> str:
-        return f'<{self._origin(request)}{HUB_PATH}>; rel="mercure"'
-
     def decorate(self, request: web.Request, response: web.StreamResponse) -> None:
-        """Add the discovery ``Link`` to a response, and CORS headers to the hub's own.
+        """Add the discovery ``Link`` and the CORS headers to a response of the hub.
 
-        Called for every response the application returns (its middleware does);
-        a stream is sent before that, so the hub's stream gets the same headers
+        Every hub route's response gets it, errors included (``problems.guard``);
+        a stream is sent before that, so the hub's stream takes the same headers
         from ``stream_headers``.
         """
-        headers = response.headers
-        headers.add("Link", self._hub_link(request))
-        match_info = request.match_info
-        if match_info.route.name == "task" and response.status < 400:
-            task_id = match_info.get("id", "")
-            if task_id.isdigit():
-                headers.add("Link", f'<{self.server.topic(int(task_id))}>; rel="self"')
-        if self.cors_origins and request.path.startswith(HUB_PATH):
-            headers.extend(self._cors(request))
+        response.headers.add("Link", discovery_link(request, self.server.settings.base_url))
+        if self.cors_origins:
+            response.headers.extend(self._cors(request))
 
     def stream_headers(self, request: web.Request) -> dict[str, str]:
         """What ``decorate`` would add, for the hub's event stream."""
-        return {"Link": self._hub_link(request), **self._cors(request)}
+        link = discovery_link(request, self.server.settings.base_url)
+        return {"Link": link, **self._cors(request)}
 
     def _cors(self, request: web.Request) -> dict[str, str]:
         origin = request.headers.get("Origin")
@@ -624,8 +626,6 @@ class Mercure:
 #: Where the hub lives on an application: ``app[MERCURE]``.
 MERCURE: web.AppKey[Mercure] = web.AppKey("mercure", Mercure)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def add_routes(app: web.Application, server: HubServer) -> Mercure:
     """Mount the hub on ``app`` at ``/.well-known/mercure`` and add the response headers.
@@ -645,5 +645,5 @@ def add_routes(app: web.Application, server: HubServer) -> Mercure:
         path = SUBSCRIPTIONS_PATH + "/{topic}/{subscriber}"
         routes += [("GET", path, hub.subscription), ("OPTIONS", path, hub.preflight)]
     for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
+        app.router.add_route(method, path, guard(handler, hub.decorate))
     return hub

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from taskserver import TASKSERVER, SyncTaskContext, TaskContext
+from taskserver import TASKSERVER, Settings, SyncTaskContext, TaskContext, TaskServer, attach
 
 from .conftest import ClientFactory, wait_for
 
@@ -332,3 +333,30 @@ async def test_healthz(make_client: ClientFactory) -> None:
     assert await response.json() == {"status": "ok"}
     assert client.app is not None
     assert client.app[TASKSERVER].accepting
+
+
+async def test_an_embedding_app_keeps_its_own_errors(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    # problem+json and the discovery Link belong to taskserver's routes only: an
+    # application that mounts taskserver keeps its own error pages and headers.
+    async def own(request: web.Request) -> web.Response:
+        raise web.HTTPConflict(text="the app's own words")
+
+    server = TaskServer(dataclasses.replace(settings, task_workers=0))
+    app = web.Application()
+    app.router.add_get("/own", own)
+    attach(app, server, prefix="/jobs")
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+
+    response = await client.get("/own")
+    assert response.status == 409
+    assert response.content_type == "text/plain"
+    assert await response.text() == "the app's own words"
+    assert "Link" not in response.headers
+
+    response = await client.get("/jobs/tasks/12345")
+    assert response.status == 404
+    assert response.content_type == "application/problem+json"
+    assert (await response.json())["field"] == "id"
+    assert any('rel="mercure"' in link for link in response.headers.getall("Link"))
