@@ -45,7 +45,10 @@ def json_response(
 ) -> web.Response:
     """A JSON response encoded with orjson."""
     # The header given as is: aiohttp's content_type argument parses and rebuilds it.
-    headers = {"Content-Type": JSON, **headers} if headers else {"Content-Type": JSON}
+    if headers is None:
+        headers = {"Content-Type": JSON}
+    else:
+        headers["Content-Type"] = JSON
     return web.Response(body=orjson.dumps(body), status=status, headers=headers)
 
 
@@ -134,23 +137,25 @@ def _spec(body: dict[str, Any], where: str = "") -> TaskSpec:
 async def create_task(request: web.Request) -> web.Response:
     """``POST /tasks {"data", options...}`` → 202 with the new id (200 for a unique match)."""
     server = request.app[SERVER]
-    body = await read_json_object(request, TASK_FIELDS)
-    spec = _spec(body)
-    submitted = await server.submit(spec.data, **spec.options)
-    links = _links(request, server, submitted.id)
+    options = await read_json_object(request, TASK_FIELDS)
+    if "data" not in options:
+        raise ValidationError("data is required (any JSON value)", field="data")
+    data = options.pop("data")  # what is left are the options (names checked above)
+    submitted = await server.submit(data, **options)
+    url = f"{request.app[PREFIX]}/tasks/{submitted.id}"  # url_for() costs a lot per call
+    body = {"url": url, "events_url": f"{url}/events", "topic": submitted.topic}
     if submitted.existing:
         task = await server.get(submitted.id)
         state = TaskState.RUNNING if server.is_running(task.id) else task.state
         return json_response(
-            {"id": task.id, "state": state, "existing": True, **links},
+            {"id": task.id, "state": state, "existing": True, **body},
             status=200,
-            headers={"Location": links["url"]},
+            headers={"Location": url},
         )
-    state = submitted.state or TaskState.QUEUED
     return json_response(
-        {"id": submitted.id, "state": state, "existing": False, **links},
+        {"id": submitted.id, "state": submitted.state, "existing": False, **body},
         status=202,
-        headers={"Location": links["url"]},
+        headers={"Location": url},
     )
 
 
