@@ -18,11 +18,12 @@ Platform) work against it unchanged:
   happened. ``mercure_private_tasks`` makes them private.
 * Fan-out never blocks: each subscriber has one bounded queue in the
   ``EventHub``; a slow one is dropped and reconnects with ``Last-Event-ID``.
-* CORS allow-list, ``Link: <hub>; rel="mercure"`` discovery on every response (``decorate``)
-  (plus ``rel="self"`` on a task), heartbeats, and the subscriptions API.
-  Subscription *events* are not published.
+* CORS allow-list and ``Link: <hub>; rel="mercure"`` discovery on the hub's
+  responses (``decorate``; the API adds the same Link, and ``rel="self"`` on a
+  task), heartbeats, and the subscriptions API. Subscription *events* are not
+  published.
 
-Errors are ``application/problem+json``, as elsewhere in the API.
+Errors are ``application/problem+json`` (``problems.guard``), as elsewhere in the API.
 """
 
 from __future__ import annotations
