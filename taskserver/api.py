@@ -128,20 +128,18 @@ def _task_response(request: web.Request, server: TaskServer, task: Task) -> web.
 
 
 def _spec(body: dict[str, Any], where: str = "") -> TaskSpec:
+    """``body`` (its keys already checked) as data and options; it is consumed."""
     if "data" not in body:
         raise ValidationError("data is required (any JSON value)", field=f"{where}data")
-    options = {k: v for k, v in body.items() if k != "data"}
-    return TaskSpec(body["data"], options)
+    data = body.pop("data")  # what is left are the options
+    return TaskSpec(data, body)
 
 
 async def create_task(request: web.Request) -> web.Response:
     """``POST /tasks {"data", options...}`` → 202 with the new id (200 for a unique match)."""
     server = request.app[SERVER]
-    options = await read_json_object(request, TASK_FIELDS)
-    if "data" not in options:
-        raise ValidationError("data is required (any JSON value)", field="data")
-    data = options.pop("data")  # what is left are the options (names checked above)
-    submitted = await server.submit(data, **options)
+    spec = _spec(await read_json_object(request, TASK_FIELDS))
+    submitted = await server.submit(spec.data, **spec.options)
     url = f"{request.app[PREFIX]}/tasks/{submitted.id}"  # url_for() costs a lot per call
     body = {"url": url, "events_url": f"{url}/events", "topic": submitted.topic}
     if submitted.existing:

@@ -126,10 +126,14 @@ def _fail(status: int, detail: str, *, headers: dict[str, str] | None = None) ->
     raise _STATUS_ERRORS[status](text=body.decode(), content_type=PROBLEM, headers=headers)
 
 
+def public_origin(request: web.Request, base_url: str) -> str:
+    """``base_url`` without its trailing slash, or the scheme and host the request came to."""
+    return base_url.rstrip("/") if base_url else f"{request.scheme}://{request.host}"
+
+
 def discovery_link(request: web.Request, base_url: str) -> str:
     """``Link: <…/.well-known/mercure>; rel="mercure"``, on ``base_url`` or the request's host."""
-    origin = base_url.rstrip("/") if base_url else f"{request.scheme}://{request.host}"
-    return _link_to_hub(origin)
+    return _link_to_hub(public_origin(request, base_url))
 
 
 @functools.lru_cache(maxsize=64)
@@ -547,7 +551,7 @@ class Mercure:
         if claims is None:
             _fail(401, "a subscriber token is required", headers=CHALLENGE)
         path = request.rel_url.raw_path
-        urls = (path, f"{self._origin(request)}{path}")
+        urls = (path, f"{public_origin(request, self.server.settings.base_url)}{path}")
         if claims.subscribe is None or not claims.subscribe.match_any(urls):
             _fail(403, "the token's mercure.subscribe selectors do not match this URL")
 
@@ -578,10 +582,6 @@ class Mercure:
     async def preflight(self, request: web.Request) -> web.Response:
         """``OPTIONS`` on the hub: the CORS headers are added by ``decorate``."""
         return web.Response(status=204, headers={"Allow": "GET, POST, OPTIONS"})
-
-    def _origin(self, request: web.Request) -> str:
-        base = self.server.settings.base_url
-        return base.rstrip("/") if base else f"{request.scheme}://{request.host}"
 
     def decorate(self, request: web.Request, response: web.StreamResponse) -> None:
         """Add the discovery ``Link`` and the CORS headers to a response of the hub.

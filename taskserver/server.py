@@ -410,7 +410,7 @@ class TaskServer:
     async def task(self, data: Any, **options: Any) -> int:
         """Enqueue one task and return its id once it is durable. Options as ``submit``."""
         if "unique_key" in options or "serial_group" in options:
-            return (await self._insert([TaskSpec(data, options)]))[0].id
+            return (await self.submit(data, **options)).id
         task, committed = self._append_one(data, options)
         await committed
         return task.id

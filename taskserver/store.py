@@ -363,11 +363,16 @@ class Store:
         return batch
 
     def _new_event(
-        self, batch: _Batch, task: Task, type_: EventType, extra: dict[str, Any] | None, now: float
+        self,
+        batch: _Batch,
+        task: Task,
+        type_: EventType,
+        extra: dict[str, Any] | None,
+        now: float,
+        result: str | None = None,
     ) -> None:
-        batch.events.append(
-            Event(self._next_event_id, task.id, type_, sql.event_json(task, type_, extra, now))
-        )
+        json = sql.event_json(task, type_, extra, now, result=result)
+        batch.events.append(Event(self._next_event_id, task.id, type_, json))
         self._next_event_id += 1
 
     def insert_tasks(
@@ -449,21 +454,9 @@ class Store:
         now = self._clock()
         task.updated_at = now
         batch.updates[task.id] = sql.update_row(task, None if task.result is None else result)
-        batch.events.append(
-            Event(
-                self._next_event_id,
-                task.id,
-                type_,
-                sql.event_json(
-                    task,
-                    type_,
-                    extra,
-                    now,
-                    result=result if type_ is EventType.FINISHED else None,
-                ),
-            )
+        self._new_event(
+            batch, task, type_, extra, now, result if type_ is EventType.FINISHED else None
         )
-        self._next_event_id += 1
         if ready:
             batch.ready.append(task)
         elif task.state in (TaskState.WAITING, TaskState.RETRYING):
