@@ -132,7 +132,7 @@ class Settings:
     # Python's default is 5 ms: the SQLite writer thread, between two statements,
     # would wait that long for the GIL whenever the event loop is busy.
     gil_switch_interval: float = _setting(
-        0.0005,
+        0.0001,
         "seconds a thread may hold Python's GIL while another waits for it"
         " (sys.setswitchinterval while the server runs; 0: leave Python's default)",
         _range(0, 0.1),

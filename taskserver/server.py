@@ -358,11 +358,10 @@ class TaskServer:
 
     def _prepare(self, spec: TaskSpec, where: str = "") -> NewTask:
         if not spec.options:
-            # The common case: no options. Resolve the defaults once, encode the data only.
-            if self._plain is None:
-                self._plain = self._resolve(TaskSpec(None), where)
+            # The common case: no options. The defaults are resolved once; only the data
+            # is encoded.
             text, value = encode_payload(spec.data, f"{where}data")
-            p = self._plain
+            p = self._plain_options()
             return NewTask(
                 text,
                 value,
@@ -378,6 +377,12 @@ class TaskServer:
                 None,
             )
         return self._resolve(spec, where)
+
+    def _plain_options(self) -> NewTask:
+        """The options of a task given none, resolved once (``text``/``data`` unused)."""
+        if self._plain is None:
+            self._plain = self._resolve(TaskSpec(None), "")
+        return self._plain
 
     def _resolve(self, spec: TaskSpec, where: str) -> NewTask:
         name_defaults = self._name_defaults.get(spec.options.get("name") or "")
@@ -416,10 +421,15 @@ class TaskServer:
         return task.id
 
     def _append_one(self, data: Any, options: dict[str, Any]) -> tuple[Task, asyncio.Future[None]]:
-        # The hot path: one task, no uniqueness or group to look after.
-        item = self._prepare(TaskSpec(data, options))  # validate before anything else
-        tasks, committed = self._admit(1).insert_tasks((item,))
-        task = tasks[0]
+        # The hot path: one task, no uniqueness or group to look after. Everything is
+        # validated before anything is appended.
+        if options:
+            item = self._resolve(TaskSpec(data, options), "")
+            text, data = item.text, item.data
+        else:
+            item = self._plain_options()
+            text, data = encode_payload(data)
+        task, committed = self._admit(1).insert_task(item, text, data)
         self._counts[task.state] += 1
         return task, committed
 

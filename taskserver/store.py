@@ -388,38 +388,51 @@ class Store:
         """
         batch = self._check_room(2 * len(items))
         now = self._clock()
-        tasks: list[Task] = []
-        for item in items:
-            due = now if item.available_at is None else item.available_at
-            task = Task(
-                id=self._next_task_id,
-                data=item.data,
-                state=TaskState.QUEUED if due <= now else TaskState.WAITING,
-                max_attempts=item.max_attempts,
-                timeout=item.timeout,
-                created_at=now,
-                updated_at=now,
-                queue=item.queue,
-                priority=item.priority,
-                available_at=due,
-                name=item.name,
-                serial_group=item.serial_group,
-                unique_key=item.unique_key,
-                retry=item.retry,
-            )
-            self._next_task_id += 1
-            batch.inserts.append(sql.insert_row(task, item.text))
-            batch.inserted.append(task)
-            if task.state is TaskState.QUEUED:
-                batch.ready.append(task)
-                self._new_event(batch, task, EventType.QUEUED, None, now)
-            else:
-                batch.delayed = True
-                self._new_event(batch, task, EventType.QUEUED, {"available_at": due}, now)
-            tasks.append(task)
+        tasks = [self._add_task(batch, item, item.text, item.data, now) for item in items]
         if schedule is not None:
             batch.statements.append((sql.UPSERT_SCHEDULE, schedule))
         return tasks, batch.future
+
+    def insert_task(
+        self, options: NewTask, text: str, data: Any
+    ) -> tuple[Task, asyncio.Future[None]]:
+        """``insert_tasks`` of one task: ``options``' resolved options with this data.
+
+        ``text`` is the data's JSON; ``options.text`` and ``options.data`` are not
+        used, so one resolved ``NewTask`` serves every task with the same options.
+        """
+        batch = self._check_room(2)
+        return self._add_task(batch, options, text, data, self._clock()), batch.future
+
+    def _add_task(self, batch: _Batch, item: NewTask, text: str, data: Any, now: float) -> Task:
+        due = now if item.available_at is None else item.available_at
+        # Positional: a dataclass takes them faster than keywords (this runs per task).
+        task = Task(
+            self._next_task_id,
+            data,
+            TaskState.QUEUED if due <= now else TaskState.WAITING,
+            item.max_attempts,
+            item.timeout,
+            now,
+            now,
+            item.queue,
+            item.priority,
+            due,
+            item.name,
+            item.serial_group,
+            item.unique_key,
+            item.retry,
+        )
+        self._next_task_id += 1
+        batch.inserts.append(sql.insert_row(task, text))
+        batch.inserted.append(task)
+        if task.state is TaskState.QUEUED:
+            batch.ready.append(task)
+            self._new_event(batch, task, EventType.QUEUED, None, now)
+        else:
+            batch.delayed = True
+            self._new_event(batch, task, EventType.QUEUED, {"available_at": due}, now)
+        return task
 
     def update_task(
         self,
