@@ -137,6 +137,13 @@ class Settings:
         " (sys.setswitchinterval while the server runs; 0: leave Python's default)",
         _range(0, 0.1),
     )
+    # Python's default is 700: at that, the cyclic GC ran every few requests.
+    gc_threshold: int = _setting(
+        10_000,
+        "allocations between two young-generation garbage collections while the server"
+        " runs; what exists at start is frozen out of collections (0: leave Python's GC)",
+        _range(0, 1_000_000),
+    )
     max_body_bytes: int = _setting(
         1_048_576, "largest accepted HTTP request body, in bytes", _range(1)
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from .models import TERMINAL, TERMINAL_EVENTS, Event, EventType, RetryPolicy, Ta
 from .options import Defaults, TaskSpec, encode_payload, prepare
 from .periodic import Schedule, run_schedules
 from .ready import ReadyQueue
+from .runtime import RuntimeTuning
 from .store import Committed, NewTask, Store
 from .workers import Callback, Limits, WorkerPool
 
@@ -116,8 +116,7 @@ class TaskServer:
         self._unique_lock = asyncio.Lock()
         #: a task with no options, resolved once (``_prepare``'s fast path)
         self._plain: NewTask | None = None
-        #: Python's switch interval before start() set settings.gil_switch_interval.
-        self._switch_interval: float | None = None
+        self._tuning = RuntimeTuning(self.settings.gil_switch_interval, self.settings.gc_threshold)
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else ("running" if self._started else "idle")
@@ -250,9 +249,7 @@ class TaskServer:
             clock=self._clock,
         )
         await self._store.open()
-        if self.settings.gil_switch_interval:
-            self._switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(self.settings.gil_switch_interval)
+        self._tuning.apply()
         self._counts = await self._store.count_by_state()
         self._unique = await self._store.active_unique_keys()
         self._unique_by_id = {task_id: key for key, task_id in self._unique.items()}
@@ -327,9 +324,7 @@ class TaskServer:
                     future.exception()
         self._waiters.clear()
         await self.store.close()
-        if self._switch_interval is not None:
-            sys.setswitchinterval(self._switch_interval)
-            self._switch_interval = None
+        self._tuning.undo()
         self._started = False
 
     @property

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "taskserver"
 
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"models", "config", "topics", "periodic", "processes", "problems"},
+    {"models", "config", "topics", "periodic", "processes", "problems", "runtime"},
     {"schema", "auth"},
     {"store", "ready", "events"},
     {"workers", "options", "sse"},

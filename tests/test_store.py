@@ -7,6 +7,7 @@ sees is what survives a crash.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import sys
 from typing import Any
@@ -212,4 +213,18 @@ async def test_the_gil_switch_interval_is_set_while_the_server_runs(
     assert sys.getswitchinterval() == before
     untouched = await make_server(gil_switch_interval=0)
     assert sys.getswitchinterval() == before
+    await untouched.stop()
+
+
+async def test_the_gc_threshold_is_set_while_the_server_runs(make_server: ServerFactory) -> None:
+    before = gc.get_threshold()
+    server = await make_server(gc_threshold=12_345)
+    assert gc.get_threshold() == (12_345, *before[1:])
+    assert gc.get_freeze_count() > 0  # what existed at start is out of the sweeps
+    await server.stop()
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+    untouched = await make_server(gc_threshold=0)
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
     await untouched.stop()
