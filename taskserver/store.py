@@ -46,6 +46,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: Seconds between WAL checkpoints while there are commits.
 CHECKPOINT_INTERVAL = 1.0
+#: Loop iterations between waking a batch's callers and handing the next batch to
+#: the writer. At 64 keep-alive HTTP clients, 3 made batches bigger and commits
+#: fewer: +12% requests/s against 1 or 2 (8 alternated runs), and loop CPU per
+#: request 103 -> 92 us; 4 and 6 measured the same as 3. An idle iteration costs
+#: a few microseconds, so latency at low load did not move (p50 ~0.43 ms).
+GATHER_ITERATIONS = 3
 
 Deliver = Callable[[list[Task]], None]
 
@@ -645,10 +651,13 @@ class Store:
                 self._on_commit(outcome.committed)
             except Exception:
                 log.exception("on_commit hook failed")
-            # 2. wake the callers awaiting this batch and let them run once, so the
-            #    writes they make next (a producer's next task) join the next batch;
+            # 2. wake the callers awaiting this batch and let the loop go round a few
+            #    times before the next batch goes to the writer, so what the answers
+            #    provoke joins it: a producer's next task, and an HTTP client's next
+            #    request (its answer is written, the request read, its handler run);
             batch.future.set_result(None)
-            await asyncio.sleep(0)
+            for _ in range(GATHER_ITERATIONS):
+                await asyncio.sleep(0)
             # 3. then feed the workers: they run while the writer thread commits the
             #    next batch (the two overlap);
             try:
