@@ -1,0 +1,41 @@
+"""The WAL stays bounded under writes that never pause.
+
+SQLite starts a WAL over only once all of it has been copied into the database,
+and a background checkpoint never catches up with a writer that never stops:
+the file grew without end. Past ``wal_limit_pages`` the writer copies the rest
+itself, right after a commit, and the WAL starts over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from taskserver.store import NewTask, Store
+
+
+async def test_the_wal_starts_over_under_writes_that_never_pause(tmp_path: Path) -> None:
+    db = str(tmp_path / "wal.db")
+    wal = tmp_path / "wal.db-wal"
+    store = Store(db, wal_limit_pages=64, checkpoint_interval=0.05)
+    await store.open()
+    try:
+        item = NewTask('{"n":1}', {"n": 1}, 1, None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2.0
+        written = 0
+        biggest = 0
+        while loop.time() < deadline or store.wal_restarts == 0:
+            _, committed = store.insert_tasks([item] * 200)
+            await committed
+            written += 200
+            biggest = max(biggest, wal.stat().st_size)  # a local file: no wait worth a thread
+            assert loop.time() < deadline + 10, "the WAL never started over"
+    finally:
+        await store.close()
+    # 2 s of batches of 200 tasks is tens of MB of WAL frames (each task is two rows).
+    assert written >= 20_000
+    assert store.wal_restarts > 0
+    # Between two restarts the WAL holds what was written since the last one: a
+    # few checkpoint intervals' worth, not all of it.
+    assert biggest < 8 * 1024 * 1024, f"the WAL grew to {biggest:,} bytes"
