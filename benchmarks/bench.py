@@ -512,11 +512,16 @@ def http(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
         # commits than hello-world does to fill its event loop.
         ratio = _ratio(peak)
         what = "each at its best concurrency" if len(opts.concurrency) > 1 else "as above"
+        # The target is judged on the raw client: the aiohttp client saturates first.
+        judged = (
+            f"target >= {HTTP_RATIO_TARGET:.0%}: {verdict(ratio >= HTTP_RATIO_TARGET)}"
+            if client == "raw"
+            else "the target is judged on the raw client"
+        )
         print(
             f"   {client:>7} client, {what}: taskserver / hello-world = {ratio:.1%} "
             f"({peak['taskserver']['concurrency']} vs {peak['hello-world']['concurrency']} "
-            f"connections); target >= {HTTP_RATIO_TARGET:.0%}: "
-            f"{verdict(ratio >= HTTP_RATIO_TARGET)}{_client_note(peak['hello-world'])}"
+            f"connections); {judged}{_client_note(peak['hello-world'])}"
         )
     if opts.verbose:
         print(f"   raw: {results}")
