@@ -19,7 +19,9 @@ none inherits another's heap), all on this machine, loopback only. The figures:
    the target compares each server at the concurrency that served it best (its
    capacity): taskserver at 50% of hello-world or better. Hello-world fills its
    event loop at 64; durable enqueue needs more requests in flight to keep the
-   loop busy while the handlers wait for their group commit.
+   loop busy while the handlers wait for their group commit. Each taskserver
+   measurement gets a fresh server and database (its requests/s falls as the
+   database grows, and hello-world keeps no state).
    Two load generators are used: an aiohttp ``ClientSession`` (the reference,
    but on two cores it saturates before an aiohttp server does) and a raw
    asyncio keep-alive client that costs little, so the server saturates. The
@@ -466,32 +468,35 @@ def http(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
                         _measure_http(opts, hello, client, conc, rss)
                     )
             rss["hello-world server"] = max(rss.get("hello-world server") or 0, hello.peak_rss or 0)
-        db = tmp / f"http-{round_}.db"
-        ts_cmd = [
-            python,
-            "-m",
-            "taskserver",
-            "run",
-            "--port",
-            "0",
-            "--db",
-            str(db),
-            "--task-workers",
-            str(opts.workers),
-            "--app",
-            "benchmarks.apps:noop_setup",
-        ]
-        with serve(ts_cmd, cwd=tmp, log=tmp / "taskserver.log", timeout=30) as server:
-            for client in opts.clients:
-                for conc in opts.concurrency:
-                    if not wait_idle(server.url, opts.time_limit):
-                        raise BenchError("taskserver still had work queued after the time limit")
+        # A fresh server and database for each measurement: a server's requests/s
+        # falls as its database grows (README), and hello-world keeps no state.
+        for client in opts.clients:
+            for conc in opts.concurrency:
+                db = tmp / f"http-{round_}-{client}-{conc}.db"
+                ts_cmd = [
+                    python,
+                    "-m",
+                    "taskserver",
+                    "run",
+                    "--port",
+                    "0",
+                    "--db",
+                    str(db),
+                    "--task-workers",
+                    str(opts.workers),
+                    "--app",
+                    "benchmarks.apps:noop_setup",
+                ]
+                with serve(ts_cmd, cwd=tmp, log=tmp / "taskserver.log", timeout=30) as server:
                     results.setdefault(("taskserver", client, conc), []).append(
                         _measure_http(opts, server, client, conc, rss)
                     )
-            rss["taskserver run (HTTP)"] = max(
-                rss.get("taskserver run (HTTP)") or 0, server.peak_rss or 0
-            )
+                    # Every acknowledged task must also have run.
+                    if not wait_idle(server.url, opts.time_limit):
+                        raise BenchError("taskserver still had work queued after the time limit")
+                    rss["taskserver run (HTTP)"] = max(
+                        rss.get("taskserver run (HTTP)") or 0, server.peak_rss or 0
+                    )
     for client in opts.clients:
         peak: dict[str, dict[str, Any]] = {}
         for conc in opts.concurrency:
