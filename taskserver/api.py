@@ -14,8 +14,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .access import ADMIN, ENQUEUE, READ, READ_TASK, Access, Need
 from .errors import Conflict, TaskNotFound, ValidationError
-from .mercure import discovery_link
+from .mercure import Mercure, discovery_link
 from .models import TERMINAL, Task, TaskState
 from .options import OPTIONS, TaskSpec
 from .problems import guard, problem
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 SERVER: web.AppKey[TaskServer] = web.AppKey("taskserver", TaskServer)
 #: The prefix the API routes were mounted under (``add_routes``).
 PREFIX: web.AppKey[str] = web.AppKey("taskserver_prefix", str)
+#: Who may use the routes (``access.py``).
+ACCESS: web.AppKey[Access] = web.AppKey("taskserver_access", Access)
 
 JSON = "application/json"
 MAX_PAGE = 1000
@@ -348,33 +351,49 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-ROUTES: tuple[tuple[str, str, Handler, str | None], ...] = (
-    ("POST", "/tasks", create_task, "tasks"),
-    ("POST", "/tasks:batch", create_batch, None),
-    ("POST", "/tasks:retry", admin_retry, None),
-    ("POST", "/tasks:purge", admin_purge, None),
-    ("POST", "/tasks/{id}/retry", retry_task, None),
-    ("GET", "/tasks", list_tasks, None),
-    ("GET", "/tasks/{id}", get_task, "task"),
-    ("DELETE", "/tasks/{id}", cancel_task, None),
-    ("GET", "/tasks/{id}/events", task_events, "task_events"),
-    ("GET", "/events", all_events, "events"),
-    ("GET", "/stats", stats, "stats"),
-    ("GET", "/healthz", healthz, "healthz"),
+#: Every route: method, path, handler, name, and what it needs (``access.py``; None: open).
+ROUTES: tuple[tuple[str, str, Handler, str | None, Need | None], ...] = (
+    ("POST", "/tasks", create_task, "tasks", ENQUEUE),
+    ("POST", "/tasks:batch", create_batch, None, ENQUEUE),
+    ("POST", "/tasks:retry", admin_retry, None, ADMIN),
+    ("POST", "/tasks:purge", admin_purge, None, ADMIN),
+    ("POST", "/tasks/{id}/retry", retry_task, None, ADMIN),
+    ("GET", "/tasks", list_tasks, None, READ),
+    ("GET", "/tasks/{id}", get_task, "task", READ_TASK),
+    ("DELETE", "/tasks/{id}", cancel_task, None, ADMIN),
+    ("GET", "/tasks/{id}/events", task_events, "task_events", READ_TASK),
+    ("GET", "/events", all_events, "events", READ),
+    ("GET", "/stats", stats, "stats", READ),
+    ("GET", "/healthz", healthz, "healthz", None),
 )
 
 
-def add_routes(app: web.Application, server: TaskServer, prefix: str = "") -> None:
+def add_routes(
+    app: web.Application, server: TaskServer, prefix: str = "", hub: Mercure | None = None
+) -> Access:
     """Add every API route, under ``prefix`` (e.g. ``/jobs``; empty by default).
 
-    Each handler's errors become problem+json (``problems.guard``), and every
-    response it returns gets the Mercure hub's discovery ``Link``.
+    Each handler is guarded by the ``Access`` this returns (``hub``'s subscriber key
+    verifies Mercure tokens), its errors become problem+json (``problems.guard``),
+    and every response it returns gets the Mercure hub's discovery ``Link``.
+    Raises ``ConfigError`` for an unusable ``api_jwt_key``.
     """
     app[PREFIX] = prefix
+    access = Access(server, prefix, hub)
+    app[ACCESS] = access
     base_url = server.settings.base_url
 
     def discovery(request: web.Request, response: web.StreamResponse) -> None:
         response.headers.add("Link", discovery_link(request, base_url))
 
-    for method, path, handler, name in ROUTES:
-        app.router.add_route(method, prefix + path, guard(handler, discovery), name=name)
+    session: list[tuple[str, Handler]] = [
+        ("GET", access.session),
+        ("POST", access.login),
+        ("DELETE", access.logout),
+    ]
+    for method, handler in session:
+        app.router.add_route(method, prefix + "/session", guard(handler, discovery))
+    for method, path, handler, name, need in ROUTES:
+        guarded = guard(access.protect(handler, need), discovery)
+        app.router.add_route(method, prefix + path, guarded, name=name)
+    return access

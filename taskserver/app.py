@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from . import api, mercure
+from .access import Authorizer
 from .config import Settings
 from .errors import ConfigError
 from .server import TaskServer
@@ -29,16 +30,26 @@ TASKSERVER = api.SERVER
 Setup = Callable[..., Any]
 
 
-def attach(app: web.Application, server: TaskServer, *, prefix: str = "") -> None:
+def attach(
+    app: web.Application,
+    server: TaskServer,
+    *,
+    prefix: str = "",
+    authorize: Authorizer | None = None,
+) -> None:
     """Mount taskserver on ``app``: API routes under ``prefix``, lifecycle, problem+json errors.
 
-    The server starts when the application starts (before the port is bound
-    when run by ``web.run_app``) and stops, gracefully, when it stops.
+    ``authorize(request, scope)`` (as ``server.authorize``) lets the application decide
+    who may use the routes, e.g. from its own session. The server starts when the
+    application starts (before the port is bound when run by ``web.run_app``) and
+    stops, gracefully, when it stops.
     """
     server.check()
+    if authorize is not None:
+        server.authorize(authorize)
     app[TASKSERVER] = server
-    api.add_routes(app, server, prefix)
-    mercure.add_routes(app, server)  # the hub lives at /.well-known/mercure, whatever the prefix
+    hub = mercure.add_routes(app, server)  # at /.well-known/mercure, whatever the prefix
+    api.add_routes(app, server, prefix, hub)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await server.start()

@@ -102,6 +102,10 @@ class Verifier:
 
     def verify(self, token: str) -> Claims:
         """The claims of a valid ``token``; ``AuthError(401)`` otherwise."""
+        return _claims(self.decode(token))
+
+    def decode(self, token: str) -> dict[str, Any]:
+        """Every claim of a valid ``token``; ``AuthError(401)`` otherwise."""
         if not self._key:
             raise AuthError(401, "no key is configured to verify this token")
         try:
@@ -118,10 +122,13 @@ class Verifier:
             raise AuthError(401, "the token has expired") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(401, f"invalid token: {exc}") from None
-        return _claims(payload)
+        if not isinstance(payload, dict):  # pragma: no cover - PyJWT returns a dict
+            raise AuthError(401, "invalid token: the payload must be an object")
+        return payload
 
 
 def _claims(payload: dict[str, Any]) -> Claims:
+    """The ``mercure`` claim of a payload ``decode`` returned; ``AuthError(401)`` if malformed."""
     claim: Any = None
     for name in CLAIM_NAMES:
         if name in payload:
@@ -138,6 +145,9 @@ def _claims(payload: dict[str, Any]) -> Claims:
         payload=claim.get("payload"),
         expires=float(exp) if isinstance(exp, int | float) else None,
     )
+
+
+mercure_claims = _claims
 
 
 def _selectors(claim: dict[str, Any], key: str) -> Selectors | None:

@@ -49,9 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML settings file (default: config/taskserver.toml if present)",
+        help="TOML settings file (default: config/taskserver.toml if present); "
+        "named API tokens go there only, as [api_tokens.NAME] tables",
     )
     for name, field in FIELDS.items():
+        if field.metadata["file_only"]:
+            continue  # a table: the config file only
         run.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
@@ -72,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``taskserver`` command."""
     args = _parser().parse_args(argv)
     if args.command == "run":
-        overrides = {name: getattr(args, name) for name in FIELDS}
+        overrides = {name: getattr(args, name, None) for name in FIELDS}
         try:
             settings = load_settings(config_file=args.config, overrides=overrides)
         except ConfigError as exc:

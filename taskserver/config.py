@@ -10,8 +10,10 @@ Every field's help text is also its ``--flag`` help, so ``--help`` stays complet
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,8 +52,98 @@ def _app_ref(value: Any) -> str | None:
     return "must look like 'package.module:function'"
 
 
-def _setting(default: Any, help: str, check: Check | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "check": check})
+def _setting(
+    default: Any, help: str, check: Check | None = None, *, file_only: bool = False
+) -> Any:
+    # file_only: a table, not a scalar; no --flag and no environment variable.
+    return field(default=default, metadata={"help": help, "check": check, "file_only": file_only})
+
+
+#: What an API credential may allow (taskserver/access.py); ``admin`` implies the others.
+API_SCOPES = ("read", "enqueue", "admin")
+#: Shorter API secrets are refused: a token is a password that never needs typing.
+MIN_TOKEN_CHARS = 16
+_TOKEN_HINT = "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """A named API token from the config file: the SHA-256 of its secret and its scopes."""
+
+    name: str
+    sha256: bytes
+    scopes: frozenset[str]
+
+    def __repr__(self) -> str:  # never the digest: logs and tracebacks show settings
+        return f"<ApiToken {self.name} scopes={','.join(sorted(self.scopes))}>"
+
+    @classmethod
+    def create(cls, name: str, token: str, scopes: list[str]) -> ApiToken:
+        """An ``ApiToken`` from its secret, checked as the config file's are."""
+        return parse_api_tokens({name: {"token": token, "scopes": scopes}}, "code")[0]
+
+
+def _api_token(value: Any) -> str | None:
+    if value and len(value) < MIN_TOKEN_CHARS:
+        return f"must be at least {MIN_TOKEN_CHARS} characters ({_TOKEN_HINT})"
+    return None
+
+
+def _scopes(value: Any, where: str) -> frozenset[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, str) for s in value):
+        raise ConfigError(f"{where}.scopes must be a non-empty list of {', '.join(API_SCOPES)}")
+    unknown = sorted(set(value) - set(API_SCOPES))
+    if unknown:
+        raise ConfigError(
+            f"{where}.scopes: unknown scope {unknown[0]!r}; allowed: {', '.join(API_SCOPES)}"
+        )
+    return frozenset(value)
+
+
+def parse_api_tokens(value: Any, source: str) -> tuple[ApiToken, ...]:
+    """``[api_tokens.NAME]`` tables (``token`` or ``sha256``, and ``scopes``) as ``ApiToken``s.
+
+    Raises ``ConfigError`` naming the table and key at fault.
+    """
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"api_tokens must be a table of tables like [api_tokens.ci] (from {source})"
+        )
+    tokens = []
+    seen: dict[bytes, str] = {}
+    for name, entry in value.items():
+        where = f"api_tokens.{name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a table with token and scopes (from {source})")
+        unknown = sorted(set(entry) - {"token", "sha256", "scopes"})
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r}; allowed: token, sha256, scopes"
+            )
+        if ("token" in entry) == ("sha256" in entry):
+            raise ConfigError(f"{where}: give exactly one of token or sha256 (from {source})")
+        if "token" in entry:
+            secret = entry["token"]
+            if not isinstance(secret, str) or len(secret) < MIN_TOKEN_CHARS:
+                raise ConfigError(
+                    f"{where}.token must be a string of at least {MIN_TOKEN_CHARS} characters "
+                    f"({_TOKEN_HINT})"
+                )
+            digest = hashlib.sha256(secret.encode()).digest()
+        else:
+            hexdigest = entry["sha256"]
+            if not isinstance(hexdigest, str) or not _SHA256_HEX.fullmatch(hexdigest):
+                raise ConfigError(
+                    f"{where}.sha256 must be 64 lowercase hex digits "
+                    '(printf %s "$TOKEN" | sha256sum)'
+                )
+            digest = bytes.fromhex(hexdigest)
+        if digest in seen:
+            raise ConfigError(f"{where}: same token as api_tokens.{seen[digest]}")
+        seen[digest] = name
+        tokens.append(ApiToken(name, digest, _scopes(entry.get("scopes"), where)))
+    return tuple(tokens)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,6 +277,33 @@ class Settings:
     mercure_subscriptions: bool = _setting(
         True, "serve the Mercure subscriptions API (/.well-known/mercure/subscriptions)"
     )
+    # --- who may use the API (taskserver/access.py) and TLS ---
+    api_token: str = _setting(
+        "",
+        "bearer token with every scope (read, enqueue, admin); any token makes the API"
+        " require one, on loopback too",
+        _api_token,
+    )
+    api_tokens: tuple[ApiToken, ...] = _setting(
+        (),
+        "named tokens with their own scopes, as [api_tokens.NAME] tables of the config file",
+        file_only=True,
+    )
+    api_jwt_key: str = _setting(
+        "",
+        "key verifying API JWTs (scopes in the 'taskserver' claim): HS256 secret,"
+        " or RS256 public key as PEM text or a PEM file path",
+    )
+    api_jwt_alg: str = _setting(
+        "HS256", "JWT algorithm of api_jwt_key; tokens must use it", _choice("HS256", "RS256")
+    )
+    insecure_no_auth: bool = _setting(
+        False,
+        "serve the API without credentials on a non-loopback --host (anyone who reaches"
+        " the port can read, enqueue, cancel and purge)",
+    )
+    tls_cert: str = _setting("", "PEM file with the TLS certificate chain: serve HTTPS")
+    tls_key: str = _setting("", "PEM file with the TLS private key (with tls_cert)")
 
     @property
     def public_url(self) -> str:
@@ -210,6 +329,8 @@ def coerce(name: str, value: Any, source: str) -> Any:
     """
     if name not in FIELDS:
         raise ConfigError(f"unknown setting '{name}' in {source}")
+    if name == "api_tokens":
+        return parse_api_tokens(value, source)
     kind = _type_of(name)
     try:
         if value is None or (kind == "str | None" and value == ""):
@@ -283,6 +404,8 @@ def load_settings(
             key = var[len(ENV_PREFIX) :].lower()
             if key not in FIELDS:
                 raise ConfigError(f"unknown setting in environment variable {var}")
+            if FIELDS[key].metadata["file_only"]:
+                raise ConfigError(f"{key} is a table: set it in the config file, not in {var}")
             values[key] = coerce(key, value, f"environment variable {var}")
 
     for key, value in (overrides or {}).items():

@@ -6,6 +6,7 @@
     │   └── NotSerializable  a payload or result cannot be encoded as JSON
     ├── TaskNotFound         no task has that id (HTTP 404)
     ├── Conflict             the task is not in a state that allows it (HTTP 409)
+    ├── AccessDenied         no valid credential (HTTP 401) or not allowed (HTTP 403)
     ├── ServerBusy           a bounded buffer is full (HTTP 503 with Retry-After)
     │   └── ServerClosed     the server is stopping and takes no new work
     ├── TaskError            raised *by a task callback* to steer the outcome
@@ -52,6 +53,19 @@ class TaskNotFound(TaskServerError):
 
 class Conflict(TaskServerError):
     """The task exists but its state does not allow the operation."""
+
+
+class AccessDenied(TaskServerError):
+    """The request lacks a valid credential (``status`` 401) or the right (403).
+
+    An authorizer (``server.authorize``) may raise it to choose the status and message.
+    ``challenge`` is the ``WWW-Authenticate`` header value sent with it.
+    """
+
+    def __init__(self, message: str, *, status: int = 403, challenge: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.challenge = challenge
 
 
 class ServerBusy(TaskServerError):

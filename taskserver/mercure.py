@@ -127,12 +127,35 @@ def _fail(status: int, detail: str, *, headers: dict[str, str] | None = None) ->
 
 
 def public_origin(request: web.Request, base_url: str) -> str:
-    """``base_url`` without its trailing slash, or the scheme and host the request came to."""
-    return base_url.rstrip("/") if base_url else f"{request.scheme}://{request.host}"
+    """``base_url`` without its trailing slash, or the origin of the socket the request came in on.
+
+    Never the ``Host`` header: a client can write anything there, and what is built on
+    it (the discovery ``Link``, URLs a token must match) would point where it says.
+    """
+    return base_url.rstrip("/") if base_url else local_origin(request)
+
+
+def local_origin(request: web.Request) -> str:
+    """``scheme://address:port`` of the listening socket that accepted ``request``."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    scheme = request.scheme
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        return f"{scheme}://localhost"  # a Unix socket, or a closed connection
+    return _origin(scheme, str(sockname[0]), int(sockname[1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _origin(scheme: str, host: str, port: int) -> str:
+    if ":" in host:
+        host = f"[{host}]"
+    if (scheme, port) in (("http", 80), ("https", 443)):
+        return f"{scheme}://{host}"  # as browsers write an Origin
+    return f"{scheme}://{host}:{port}"
 
 
 def discovery_link(request: web.Request, base_url: str) -> str:
-    """``Link: <…/.well-known/mercure>; rel="mercure"``, on ``base_url`` or the request's host."""
+    """``Link: <…/.well-known/mercure>; rel="mercure"``, on ``base_url`` or the listening socket."""
     return _link_to_hub(public_origin(request, base_url))
 
 

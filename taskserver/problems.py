@@ -19,7 +19,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .errors import Conflict, ServerBusy, TaskNotFound, TaskServerError, ValidationError
+from .errors import (
+    AccessDenied,
+    Conflict,
+    ServerBusy,
+    TaskNotFound,
+    TaskServerError,
+    ValidationError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +81,10 @@ def as_problem(request: web.Request, exc: Exception) -> web.Response:
         return problem(404, "Task not found", str(exc), field="id")
     if isinstance(exc, Conflict):
         return problem(409, "Conflict", str(exc))
+    if isinstance(exc, AccessDenied):
+        title = "Unauthorized" if exc.status == 401 else "Forbidden"
+        challenge = {"WWW-Authenticate": exc.challenge} if exc.challenge else None
+        return problem(exc.status, title, str(exc), headers=challenge)
     if isinstance(exc, ServerBusy):
         retry = str(max(1, round(exc.retry_after)))
         return problem(503, "Service unavailable", str(exc), headers={"Retry-After": retry})

@@ -46,6 +46,7 @@ from .workers import Callback, Limits, WorkerPool
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+A = TypeVar("A", bound=Callable[[Any, str], object])
 CallbackName = Literal["task", "finish", "before", "after", "error"]
 CALLBACKS = ("task", "finish", "before", "after", "error")
 
@@ -117,6 +118,8 @@ class TaskServer:
         #: a task with no options, resolved once (``_prepare``'s fast path)
         self._plain: NewTask | None = None
         self._tuning = RuntimeTuning(self.settings.gil_switch_interval, self.settings.gc_threshold)
+        #: ``fn(request, scope)`` deciding who may use the HTTP routes (``authorize``).
+        self.authorizer: Callable[[Any, str], object] | None = None
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else ("running" if self._started else "idle")
@@ -220,6 +223,16 @@ class TaskServer:
         except ValidationError as exc:
             raise ConfigError(f"schedule {name!r}: {exc}") from None
         self._schedules[name] = schedule
+
+    def authorize(self, fn: A) -> A:
+        """Let ``fn(request, scope) -> bool`` (sync or async) decide who may use the HTTP API.
+
+        ``scope`` is ``read``, ``enqueue`` or ``admin``; true allows, false answers 403,
+        and what ``fn`` raises (an ``AccessDenied``, an aiohttp redirect) is the answer.
+        Requests with a valid API token of ours do not reach it. Usable as a decorator.
+        """
+        self.authorizer = fn
+        return fn
 
     def check(self) -> None:
         """Raise ``ConfigError`` when workers are configured but a callback is missing."""

@@ -14,11 +14,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "taskserver"
 
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"models", "config", "topics", "periodic", "processes", "problems", "runtime"},
+    {"models", "config", "topics", "periodic", "processes", "problems", "runtime", "tls"},
     {"schema", "auth"},
     {"store", "ready", "events"},
     {"workers", "options", "sse"},
     {"server", "mercure"},
+    {"access"},
     {"api", "demo"},
     {"app", "admin"},
     {"cli", "__init__", "__main__"},
