@@ -1,8 +1,9 @@
 """taskserver: HTTP, durable in-process task workers and Server-Sent Events in one process."""
 
 from .app import TASKSERVER, attach, create_app
-from .config import Settings, load_settings
+from .config import ApiToken, Settings, load_settings
 from .errors import (
+    AccessDenied,
     ConfigError,
     Conflict,
     NotSerializable,
@@ -30,6 +31,8 @@ __all__ = [
     "ACTIVE",
     "TASKSERVER",
     "TERMINAL",
+    "AccessDenied",
+    "ApiToken",
     "ConfigError",
     "Conflict",
     "Event",

@@ -26,6 +26,8 @@ from .server import TaskServer
 
 #: Where an application finds its TaskServer: ``request.app[TASKSERVER]``.
 TASKSERVER = api.SERVER
+#: Who may use the routes: ``app[ACCESS]`` (``access.Access``).
+ACCESS = api.ACCESS
 
 Setup = Callable[..., Any]
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Sequence
@@ -18,8 +19,9 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from . import admin
-from .app import TASKSERVER, create_app, load_setup
+from . import admin, tls
+from .access import check_exposure
+from .app import ACCESS, TASKSERVER, create_app, load_setup
 from .config import FIELDS, Settings, load_settings
 from .errors import ConfigError
 
@@ -103,9 +105,11 @@ def run(settings: Settings) -> int:
         try:
             setup = load_setup(settings.app) if settings.app else None
             app = loop.run_until_complete(create_app(settings, setup))
+            check_exposure(app[ACCESS], settings)
+            ssl_context = tls.server_context(settings.tls_cert, settings.tls_key)
         except ConfigError as exc:
             _fail(str(exc))
-        code = loop.run_until_complete(_serve(app, settings))
+        code = loop.run_until_complete(_serve(app, settings, ssl_context))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
@@ -122,12 +126,14 @@ def run(settings: Settings) -> int:
     return code
 
 
-async def _serve(app: web.Application, settings: Settings) -> int:
+async def _serve(
+    app: web.Application, settings: Settings, ssl_context: ssl.SSLContext | None = None
+) -> int:
     # shutdown_timeout: how long open requests get; running tasks get grace_period after.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()  # starts the TaskServer: opens the store, recovers, starts workers
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -137,9 +143,10 @@ async def _serve(app: web.Application, settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         address: Any = runner.addresses[0] if runner.addresses else (settings.host, settings.port)
-        app[TASKSERVER].set_public_url(f"http://{address[0]}:{address[1]}")
+        scheme = "https" if ssl_context is not None else "http"
+        app[TASKSERVER].set_public_url(f"{scheme}://{address[0]}:{address[1]}")
         # Parsed by tests and scripts that start on port 0: keep the wording.
-        log.info("taskserver listening on http://%s:%s", address[0], address[1])
+        log.info("taskserver listening on %s://%s:%s", scheme, address[0], address[1])
         await stop.wait()
         log.info("stopping: no new tasks; running ones get %gs", settings.grace_period)
     finally:

@@ -204,7 +204,7 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
-LISTENING = re.compile(r"listening on (http://\S+)")
+LISTENING = re.compile(r"listening on (https?://\S+)")
 
 
 @pytest.fixture
