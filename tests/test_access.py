@@ -5,7 +5,9 @@ Real servers on loopback (``aiohttp_client``), real tokens and real JWTs.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -178,6 +180,16 @@ def api_jwt(scopes: Any, key: Any = JWT_KEY, alg: str = "HS256", **claims: Any) 
     return jwt.encode({"taskserver": {"scopes": scopes}, **claims}, key, algorithm=alg)
 
 
+def unsigned(claims: dict[str, Any]) -> str:
+    """A token with ``alg: none``, as an attacker writes one."""
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    header = b64(b'{"alg":"none"}')
+    return f"{header}.{b64(json.dumps(claims).encode())}."
+
+
 async def test_hs256_jwts_carry_scopes(make_client: ClientFactory) -> None:
     client = await make_client(api_jwt_key=JWT_KEY)
     reader = api_jwt(["read"], sub="grafana")
@@ -189,7 +201,7 @@ async def test_hs256_jwts_carry_scopes(make_client: ClientFactory) -> None:
         "expired": api_jwt(["admin"], exp=int(time.time()) - 10),
         "other key": api_jwt(["admin"], key="another-secret-of-at-least-32-bytes!"),
         "unknown scope": api_jwt(["root"]),
-        "alg none": jwt.encode({"taskserver": {"scopes": ["admin"]}}, None, algorithm="none"),
+        "alg none": unsigned({"taskserver": {"scopes": ["admin"]}}),
     }
     for why, token in refused.items():
         response = await client.get("/stats", headers=bearer(token))
