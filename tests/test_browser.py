@@ -153,3 +153,46 @@ def test_dashboard_runs_cancels_and_shows_failures(
     expect(page.locator(f"#task-{done}")).to_have_attribute("data-state", "succeeded")
     expect(page.locator(f"#task-{slow}")).to_have_attribute("data-state", "cancelled")
     expect(page.locator("#recent tr")).to_have_count(3)
+
+
+@pytest.mark.filterwarnings(r"ignore:unclosed file .*server-\d+\.log:ResourceWarning")
+def test_dashboard_asks_for_a_token_once(
+    run_server: Callable[..., ServerProcess], page: Page
+) -> None:
+    from playwright.sync_api import expect
+
+    token = "browser-token-0123456789abcdef"
+    server = run_server("--task-workers", "2", env={"TASKSERVER_API_TOKEN": token})
+    page.goto(f"{server.url}/?seconds=0.2")
+    login = page.locator("#login")
+    expect(login).to_be_visible()
+    expect(page.locator("#counts")).to_be_hidden()
+
+    page.get_by_label("API token").fill("not-the-token-0123456789")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#login-error")).to_contain_text("HTTP 401")
+
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(login).to_be_hidden()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    done = _queued_id(page)  # a cookie write, from the page's own origin
+    expect(page.locator(f"#task-{done}")).to_have_attribute("data-state", "succeeded")
+
+    # The cookie: HttpOnly (no script sees it), SameSite=Strict; the page kept no token.
+    (cookie,) = page.context.cookies()
+    assert (cookie["name"], cookie["value"]) == ("taskserver_token", token)
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert page.evaluate("document.cookie") == ""
+    assert token not in page.evaluate(
+        "JSON.stringify(localStorage) + JSON.stringify(sessionStorage)"
+    )
+
+    # Once: a new page is signed in already. Sign out forgets it.
+    page.reload()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    expect(login).to_be_hidden()
+    page.get_by_role("button", name="Sign out").click()
+    expect(login).to_be_visible()
+    assert page.context.cookies() == []

@@ -46,6 +46,8 @@ async function request(method, url, payload) {
   } catch (error) {
     return { ok: false, status: 0, body: { detail: `network error: ${error.message}` } };
   }
+  // The session cookie is missing or no longer valid (e.g. a JWT expired): ask again.
+  if (response.status === 401 && url !== "/session") showLogin("Please sign in again.");
   let body = null;
   try {
     body = await response.json();
@@ -603,13 +605,61 @@ async function load() {
   render();
 }
 
+// --- signing in ------------------------------------------------------------------------------
+
+let started = false;
+
+function showLogin(message = "") {
+  document.body.classList.add("signed-out");
+  $("login").hidden = false;
+  $("logout").hidden = true;
+  setText($("login-error"), message);
+  $("token").focus();
+}
+
+async function login(event) {
+  event.preventDefault();
+  const answer = await request("POST", "/session", { token: $("token").value });
+  if (!answer.ok) {
+    setText($("login-error"), `Not signed in: ${problemText(answer)}.`);
+    return;
+  }
+  $("token").value = "";
+  $("login").hidden = true;
+  $("logout").hidden = false;
+  document.body.classList.remove("signed-out");
+  if (!started) {
+    started = true;
+    start(0);
+  } else {
+    location.reload(); // a stream that was refused does not come back by itself
+  }
+}
+
+async function logout() {
+  await request("DELETE", "/session");
+  location.reload();
+}
+
 function init() {
   // ?seconds= sets the default duration (tests use short tasks).
   const seconds = new URLSearchParams(location.search).get("seconds");
   if (seconds !== null && Number.isFinite(Number(seconds))) $("seconds").value = seconds;
   $("enqueue").addEventListener("submit", enqueue);
+  $("login-form").addEventListener("submit", login);
+  $("logout").addEventListener("click", logout);
   document.addEventListener("click", onAction);
-  start(0);
+  request("GET", "/session").then((answer) => {
+    // An older server has no /session: carry on as before.
+    const session = answer.ok ? answer.body : { required: false };
+    if (session.required && !session.authenticated) {
+      showLogin();
+      return;
+    }
+    $("logout").hidden = !session.required;
+    started = true;
+    start(0);
+  });
 }
 
 async function start(attempt) {
