@@ -4,7 +4,8 @@ They talk to a running server over its HTTP API (``--url``, default from
 ``TASKSERVER_URL`` or ``http://127.0.0.1:8080``), so they work the same on the
 server's machine and from a laptop through a tunnel; ``list``, ``show`` and
 ``stats`` can also read the database file itself (``--db``, read-only). Tables
-for people, ``--json`` for scripts.
+for people, ``--json`` for scripts. ``TASKSERVER_API_TOKEN``, the server's own
+setting, is sent as the bearer token when set.
 
 Exit codes scripts can trust: 0 done; 1 the server refused (e.g. 409: the task
 already ended); 2 bad usage; 3 no such task; 4 the server cannot be reached.
@@ -116,7 +117,9 @@ async def _run(args: argparse.Namespace) -> int:
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(base, timeout=timeout) as http:
         method, path, body = _request(args)
-        async with http.request(method, path, json=body) as response:
+        token = os.environ.get("TASKSERVER_API_TOKEN")  # the same token the server is given
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        async with http.request(method, path, json=body, headers=headers) as response:
             raw = await response.read()
             try:
                 payload = orjson.loads(raw or b"null")

@@ -120,6 +120,29 @@ async def test_a_token_from_the_environment_guards_a_public_address(
         assert (await session.get(f"{url}/")).status == 200
 
 
+def test_the_admin_commands_send_the_token(
+    run_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = run_server(env={"TASKSERVER_API_TOKEN": TOKEN})
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TASKSERVER_")}
+
+    def stats(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "taskserver", "stats", "--url", server.url, "--json"],
+            capture_output=True,
+            text=True,
+            env={**clean, "PYTHONPATH": str(ROOT), **env},
+            timeout=30,
+        )
+
+    refused = stats()
+    assert refused.returncode == 1
+    assert "HTTP 401" in refused.stderr
+    done = stats(TASKSERVER_API_TOKEN=TOKEN)
+    assert done.returncode == 0, done.stderr
+    assert '"workers"' in done.stdout
+
+
 # --- TLS ------------------------------------------------------------------------------------------
 
 
