@@ -133,6 +133,8 @@ class Access:
             digest = hashlib.sha256(settings.api_token.encode()).digest()
             self._tokens.append((digest, Principal("api_token", ALL_SCOPES)))
         for token in settings.api_tokens:
+            if self._tokens and hmac.compare_digest(self._tokens[0][0], token.sha256):
+                raise ConfigError(f"api_tokens.{token.name}: same token as api_token")
             self._tokens.append((token.sha256, Principal(f"api_tokens.{token.name}", token.scopes)))
         self._jwt: Verifier | None = None
         if settings.api_jwt_key:
@@ -257,9 +259,11 @@ class Access:
         if header is not None:
             scheme, _, token = header.partition(" ")
             token = token.strip()
-            if scheme.lower() != "bearer" or not token:
+            if scheme.lower() == "bearer" and token:
+                return token, False
+            if self.server.authorizer is None:
                 raise _unauthorized("the Authorization header must be 'Bearer <token>'")
-            return token, False
+            return None, False  # the application's own scheme (Basic, ...): its authorizer's
         if COOKIE not in request.headers.get("Cookie", ""):
             return None, False  # skips parsing the cookies of most requests
         cookie = request.cookies.get(COOKIE)
@@ -311,7 +315,10 @@ class Access:
                 body = None
             token = body.get("token") if isinstance(body, dict) else None
         else:
-            form = await request.post()
+            try:
+                form = await request.post()
+            except ValueError:  # UnicodeDecodeError included
+                raise ValidationError("the form body is not valid", field="token") from None
             token = form.get("token")
         if not isinstance(token, str) or not token.strip():
             raise ValidationError("token is required", field="token")

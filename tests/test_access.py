@@ -269,6 +269,18 @@ async def test_the_authorizer_decides_from_the_host_apps_session(
     assert len(seen) == 4
 
 
+async def test_the_authorizer_sees_the_apps_own_authorization_scheme(
+    make_client: ClientFactory,
+) -> None:
+    client = await secured(make_client)
+    server = client.app[TASKSERVER]
+    server.authorize(lambda request, scope: request.headers["Authorization"] == "Basic YTpi")
+    assert (await client.get("/stats", headers={"Authorization": "Basic YTpi"})).status == 200
+    assert (await client.get("/stats", headers={"Authorization": "Basic eDp5"})).status == 403
+    # Our tokens still work beside it, without asking it.
+    assert (await client.get("/stats", headers=bearer(READER))).status == 200
+
+
 async def test_a_sync_authorizer_by_decorator(make_client: ClientFactory) -> None:
     client = await make_client()
     server = client.app[TASKSERVER]
@@ -478,6 +490,28 @@ def test_token_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="api_tokens is a table: set it in the config file"):
         load_settings(env={"TASKSERVER_API_TOKENS": "x"})
     assert "0123" not in repr(TOKENS[0])  # neither secret nor digest in a repr
+
+
+async def test_a_named_token_equal_to_api_token_is_refused(settings: Settings) -> None:
+    server = TaskServer(
+        Settings(db=settings.db, api_token=READER, api_tokens=(TOKENS[0],), task_workers=0)
+    )
+    with pytest.raises(ConfigError, match=r"api_tokens\.reader: same token as api_token"):
+        attach(web.Application(), server)
+
+
+async def test_a_login_form_body_that_is_not_utf8(make_client: ClientFactory) -> None:
+    client = await secured(make_client)
+    response = await client.post(
+        "/session",
+        data=b"token=\xff\xfe",
+        headers={
+            "Origin": origin_of(client),
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+    )
+    assert response.status == 422
+    assert (await response.json())["field"] == "token"
 
 
 async def test_an_unusable_jwt_key_stops_attach(settings: Settings) -> None:
