@@ -239,7 +239,7 @@ class Access:
             if not decision:
                 raise AccessDenied(f"the application does not allow {need.scope} here")
             return AUTHORIZED
-        if error is not None and (self.enforced or self.private):
+        if error is not None:
             raise error
         if need.by_topic and self.hub is not None:
             mercure_cookie = request.cookies.get(self.hub.cookie_name)
