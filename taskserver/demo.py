@@ -44,9 +44,13 @@ async def demo_finish(ctx: TaskContext, result: Any) -> None:
     log.debug("demo task %d finished: %r", ctx.id, result)
 
 
+#: No other site may frame the dashboard (clickjacking its Cancel and Retry buttons).
+FRAMING = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}
+
+
 async def index(request: web.Request) -> web.Response:
     page = resources.files("taskserver").joinpath("static/dashboard.html").read_text("utf-8")
-    return web.Response(text=page, content_type="text/html")
+    return web.Response(text=page, content_type="text/html", headers=FRAMING)
 
 
 def setup(server: TaskServer, app: web.Application) -> None:

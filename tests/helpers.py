@@ -68,6 +68,13 @@ def setup_missing_finish(server: TaskServer) -> None:
     server.on("task", _echo)
 
 
+def setup_with_authorizer(server: TaskServer) -> None:
+    """Echo tasks; the application lets through requests with ``X-User: admin`` only."""
+    server.on("task", _echo)
+    server.on("finish", _finish)
+    server.authorize(lambda request, scope: request.headers.get("X-User") == "admin")
+
+
 def setup_missing_task(server: TaskServer) -> None:
     """Registers a finish callback only: the server must refuse to start."""
     server.on("finish", _finish)

@@ -116,8 +116,21 @@ async def test_a_token_from_the_environment_guards_a_public_address(
         headers = {"Authorization": f"Bearer {TOKEN}"}
         assert (await session.get(f"{url}/stats", headers=headers)).status == 200
         assert (await session.get(f"{url}/healthz")).status == 200
-        # The dashboard's page and files are public; what they show is not.
-        assert (await session.get(f"{url}/")).status == 200
+        # The dashboard's page and files are public; what they show is not. No framing.
+        page = await session.get(f"{url}/")
+        assert page.status == 200
+        assert page.headers["X-Frame-Options"] == "DENY"
+        assert page.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+
+
+async def test_an_apps_authorizer_counts_as_a_credential(
+    run_server: Callable[..., ServerProcess],
+) -> None:
+    server = run_server("--host", "0.0.0.0", "--app", "tests.helpers:setup_with_authorizer")
+    url = server.url.replace("0.0.0.0", "127.0.0.1")
+    async with aiohttp.ClientSession() as session:
+        assert (await session.get(f"{url}/stats")).status == 403
+        assert (await session.get(f"{url}/stats", headers={"X-User": "admin"})).status == 200
 
 
 def test_the_admin_commands_send_the_token(
