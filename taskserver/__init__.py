@@ -1,7 +1,8 @@
 """taskserver: HTTP, durable in-process task workers and Server-Sent Events in one process."""
 
 from .app import TASKSERVER, attach, create_app
-from .config import ApiToken, Settings, load_settings
+from .config import Settings, load_settings
+from .credentials import ApiToken
 from .errors import (
     AccessDenied,
     ConfigError,

@@ -40,7 +40,8 @@ from aiohttp import web
 from yarl import URL
 
 from .auth import AuthError, Verifier, load_key, mercure_claims
-from .config import API_SCOPES, Settings
+from .config import Settings
+from .credentials import API_SCOPES
 from .errors import AccessDenied, ConfigError, ValidationError
 from .mercure import Mercure, local_origin
 from .server import TaskServer

@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "taskserver"
 
 LAYERS: list[set[str]] = [
     {"errors"},
+    {"credentials"},
     {"models", "config", "topics", "periodic", "processes", "problems", "runtime", "tls"},
     {"schema", "auth"},
     {"store", "ready", "events"},
