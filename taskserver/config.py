@@ -52,10 +52,17 @@ def _app_ref(value: Any) -> str | None:
 
 
 def _setting(
-    default: Any, help: str, check: Check | None = None, *, file_only: bool = False
+    default: Any,
+    help: str,
+    check: Check | None = None,
+    *,
+    file_only: bool = False,
+    secret: bool = False,
 ) -> Any:
     # file_only: a table, not a scalar; no --flag and no environment variable.
-    return field(default=default, metadata={"help": help, "check": check, "file_only": file_only})
+    # secret: left out of repr(), so that logging the settings leaks no key.
+    metadata = {"help": help, "check": check, "file_only": file_only}
+    return field(default=default, repr=not secret, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,9 +174,10 @@ class Settings:
     mercure_publisher_jwt_key: str = _setting(
         "",
         "Mercure publisher key: HS256 secret, or RS256 public key as PEM text or a PEM file path",
+        secret=True,
     )
     mercure_subscriber_jwt_key: str = _setting(
-        "", "Mercure subscriber key, same forms (empty: the publisher key)"
+        "", "Mercure subscriber key, same forms (empty: the publisher key)", secret=True
     )
     mercure_anonymous: bool = _setting(
         False, "let Mercure subscribers without a token connect (public updates only)"
@@ -195,6 +203,7 @@ class Settings:
         "bearer token with every scope (read, enqueue, admin); any token makes the API"
         " require one, on loopback too",
         check_api_token,
+        secret=True,
     )
     api_tokens: tuple[ApiToken, ...] = _setting(
         (),
@@ -205,6 +214,7 @@ class Settings:
         "",
         "key verifying API JWTs (scopes in the 'taskserver' claim): HS256 secret,"
         " or RS256 public key as PEM text or a PEM file path",
+        secret=True,
     )
     api_jwt_alg: str = _setting(
         "HS256", "JWT algorithm of api_jwt_key; tokens must use it", _choice("HS256", "RS256")

@@ -1,6 +1,6 @@
 """API credentials as the settings hold them: scope names and named tokens.
 
-Only the SHA-256 of a token is kept, never the secret; ``access.py`` compares
+A named token keeps only the SHA-256 of its secret; ``access.py`` compares
 digests in constant time.
 """
 

@@ -490,6 +490,10 @@ def test_token_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="api_tokens is a table: set it in the config file"):
         load_settings(env={"TASKSERVER_API_TOKENS": "x"})
     assert "0123" not in repr(TOKENS[0])  # neither secret nor digest in a repr
+    settings = Settings(
+        api_token=ADMIN_TOKEN, api_jwt_key=JWT_KEY, mercure_publisher_jwt_key=MERCURE_KEY
+    )
+    assert all(key not in repr(settings) for key in (ADMIN_TOKEN, JWT_KEY, MERCURE_KEY))
 
 
 async def test_a_named_token_equal_to_api_token_is_refused(settings: Settings) -> None:
