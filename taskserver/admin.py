@@ -24,12 +24,14 @@ from typing import Any
 import aiohttp
 import orjson
 
+from .config import URL_ENV
 from .models import TaskState
 from .store import Snapshot
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+DEFAULT_URL = "http://127.0.0.1:8080"
 LIST_COLUMNS = ("id", "state", "queue", "name", "attempts", "progress", "error")
 
 
@@ -46,8 +48,8 @@ def add_commands(commands: Any, parser_class: type[argparse.ArgumentParser]) -> 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--url",
-        default=os.environ.get("TASKSERVER_URL", "http://127.0.0.1:8080"),
-        help="the running server (default: $TASKSERVER_URL or %(default)s)",
+        default=os.environ.get(URL_ENV, DEFAULT_URL),
+        help=f"the running server (default: ${URL_ENV} or {DEFAULT_URL})",
     )
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
 
