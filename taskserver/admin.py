@@ -147,10 +147,13 @@ async def _call(http: aiohttp.ClientSession, method: str, path: str, body: Any) 
         return response.status, raw.decode(errors="replace").strip()  # not ours: say what came
 
 
+def _detail(payload: Any) -> str:
+    return str(payload.get("detail") if isinstance(payload, dict) else payload)
+
+
 def _refused(status: int, payload: Any) -> int:
     """Say why on stderr, in one line; the exit code for an HTTP error ``status``."""
-    detail = payload.get("detail") if isinstance(payload, dict) else payload
-    print(f"taskserver: error: {detail} (HTTP {status})", file=sys.stderr)
+    print(f"taskserver: error: {_detail(payload)} (HTTP {status})", file=sys.stderr)
     if status == 404:
         return EXIT_NOT_FOUND
     return EXIT_USAGE if status in (400, 422) else EXIT_REFUSED
@@ -171,7 +174,7 @@ async def _retry_each(http: aiohttp.ClientSession, args: argparse.Namespace) -> 
             retried.append(task_id)
             continue
         code = max(code, _refused(status, payload))
-        errors[str(task_id)] = payload.get("detail") if isinstance(payload, dict) else payload
+        errors[str(task_id)] = _detail(payload)
     _print(args, {"retried": retried, "errors": errors})
     return code
 
