@@ -290,16 +290,29 @@ async def cancel_task(request: web.Request) -> web.Response:
 
 
 async def task_events(request: web.Request) -> web.StreamResponse:
-    """``GET /tasks/{id}/events`` → SSE: stored events, then live ones, until the end."""
+    """``GET /tasks/{id}/events`` → SSE: stored events, then live ones, until the end.
+
+    ``204`` to a cursor at or past the last event of an ended task: ``EventSource``
+    reconnects whenever a stream ends, and a 204 is what makes it stop.
+    """
     server = request.app[SERVER]
     task_id = task_id_of(request)
     after = last_event_id(request)
     subscription = server.subscribe(task_id)
     try:
-        await server.get(task_id)  # 404 before the stream starts
+        task = await server.get(task_id)  # 404 before the stream starts
+        # Committed state: an ended task's last event is stored by now.
+        done = (
+            after > 0
+            and task.state in TERMINAL
+            and not await server.events_after(after, task_id=task_id, limit=1)
+        )
     except BaseException:
         subscription.close()
         raise
+    if done:
+        subscription.close()
+        return web.Response(status=204)
 
     async def replay(after_id: int) -> list[Any]:
         return await server.events_after(after_id, task_id=task_id)
