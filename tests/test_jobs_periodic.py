@@ -196,7 +196,7 @@ async def test_an_hourly_schedule_runs_at_the_top_of_the_hour(jobs: Jobs) -> Non
     def hourly(server: TaskServer) -> None:
         server.schedule("tick", "@hourly", {"beat": True})
 
-    client, _ = await jobs.client(configure=hourly, clock=clock)
+    await jobs.client(configure=hourly, clock=clock)
 
     async def ran() -> list[tuple[float, str, int, str]]:
         return await ticks(jobs.settings.db)
