@@ -111,6 +111,9 @@ class TaskServer:
         self._schedules: dict[str, Schedule] = {}
         self._unique: dict[str, int] = {}
         self._unique_by_id: dict[int, str] = {}
+        #: the commit of each task with a unique key until it is durable: a caller given
+        #: such a task as ``existing`` awaits it, so the id it gets can be read
+        self._unique_commits: dict[int, asyncio.Future[None]] = {}
         self._due_wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._unique_lock = asyncio.Lock()
@@ -459,18 +462,20 @@ class TaskServer:
             # Looking up recent tasks awaits the disk: two callers with the same key
             # must not both miss, so such look-ups and their appends take turns.
             async with self._unique_lock:
-                results, committed = await self._append(prepared, schedule)
+                results, commits = await self._append(prepared, schedule)
         else:
-            results, committed = await self._append(prepared, schedule)
-        if committed is not None:
+            results, commits = await self._append(prepared, schedule)
+        for committed in commits:
             await committed
         return results
 
     async def _append(
         self, prepared: list[NewTask], schedule: tuple[str, float] | None
-    ) -> tuple[list[Submitted], asyncio.Future[None] | None]:
-        """Resolve unique keys and append the new tasks; returns the answers and the commit."""
+    ) -> tuple[list[Submitted], list[asyncio.Future[None]]]:
+        """Resolve unique keys and append the new tasks; returns the answers and the
+        commits to await: the new tasks' and those of existing tasks not yet durable."""
         results: list[Submitted | None] = [None] * len(prepared)
+        commits: list[asyncio.Future[None]] = []
         fresh: list[NewTask] = []
         positions: list[int] = []  # where each fresh task's answer goes
         repeats: list[tuple[int, int]] = []  # (position, index in fresh): same key twice
@@ -490,6 +495,9 @@ class TaskServer:
                     existing = recent.get(key)
                 if existing is not None:
                     results[i] = Submitted(existing, existing=True, topic=self.topic(existing))
+                    pending = self._unique_commits.get(existing)
+                    if pending is not None and pending not in commits:
+                        commits.append(pending)
                     continue
                 if key in first_with_key:
                     repeats.append((i, first_with_key[key]))
@@ -497,9 +505,10 @@ class TaskServer:
                 first_with_key[key] = len(fresh)
             positions.append(i)
             fresh.append(item)
-        committed = None
         if fresh:
             tasks, committed = self._admit(len(fresh)).insert_tasks(fresh, schedule=schedule)
+            commits.append(committed)
+            keyed: list[int] = []
             for task in tasks:
                 self._counts[task.state] += 1
                 if task.serial_group is not None:
@@ -507,13 +516,22 @@ class TaskServer:
                 if task.unique_key is not None:
                     self._unique[task.unique_key] = task.id
                     self._unique_by_id[task.id] = task.unique_key
+                    self._unique_commits[task.id] = committed
+                    keyed.append(task.id)
+            if keyed:
+                committed.add_done_callback(lambda _: self._durable(keyed))
             for position, task in zip(positions, tasks, strict=True):
                 results[position] = Submitted(task.id, state=task.state, topic=self.topic(task.id))
             for position, index in repeats:
                 results[position] = Submitted(
                     tasks[index].id, existing=True, topic=self.topic(tasks[index].id)
                 )
-        return [r for r in results if r is not None], committed
+        return [r for r in results if r is not None], commits
+
+    def _durable(self, task_ids: list[int]) -> None:
+        # Their batch is done (committed or failed): answers need not wait for it any more.
+        for task_id in task_ids:
+            self._unique_commits.pop(task_id, None)
 
     def topic(self, task_id: int) -> str:
         """The topic (an IRI) on which a task's events are published."""
