@@ -346,8 +346,15 @@ class TaskServer:
     def _admit(self, count: int) -> Store:
         if self._closing or not self._started:
             raise ServerClosed("the server is not accepting tasks (stopping or not started)")
+        limit = self.settings.max_queued
+        if count > limit:
+            # Waiting cannot help: not even an empty queue takes it (a 503 would be retried).
+            raise ValidationError(
+                f"{count} new tasks in one batch can never fit: max_queued is {limit}",
+                field="tasks",
+            )
         active = self._counts[TaskState.QUEUED] + self._counts[TaskState.WAITING]
-        if active + count > self.settings.max_queued:
+        if active + count > limit:
             raise ServerBusy(
                 f"{active} tasks are waiting to run, the limit is {self.settings.max_queued}",
                 retry_after=5.0,
@@ -436,7 +443,8 @@ class TaskServer:
 
         Each item is a ``TaskSpec`` (its options override ``options``) or plain data.
         A bad item raises ``ValidationError`` naming it (``tasks[3].timeout``) and
-        nothing is written.
+        nothing is written; so does a batch with more new tasks than ``max_queued``
+        (it could never fit). ``ServerBusy`` means it would fit in an emptier queue.
         """
         specs = [
             item.with_defaults(options)
