@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 
 from .errors import Conflict, TaskNotFound, ValidationError
+from .jsonints import refuse_wide_integers
 from .mercure import discovery_link
 from .models import TERMINAL, Task, TaskState
 from .options import OPTIONS, TaskSpec
@@ -67,6 +68,7 @@ async def read_json_object(request: web.Request, allowed: frozenset[str]) -> dic
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ValidationError(f"the body is not valid JSON: {exc}") from None
+    refuse_wide_integers(raw)
     if not isinstance(body, dict):
         raise ValidationError("the body must be a JSON object", field="body")
     for key in body:
