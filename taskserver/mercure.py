@@ -38,11 +38,12 @@ import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, NoReturn, Protocol
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
+from multidict import MultiDict
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from yarl import URL
 
@@ -124,6 +125,19 @@ def _fail(status: int, detail: str, *, headers: dict[str, str] | None = None) ->
     """Raise an ``application/problem+json`` HTTP error (``problems.guard`` passes it on)."""
     body = problem_body(status, HTTPStatus(status).phrase, detail)
     raise _STATUS_ERRORS[status](text=body.decode(), content_type=PROBLEM, headers=headers)
+
+
+async def _read_form(request: web.Request) -> MultiDict[str]:
+    """The urlencoded body's fields, decoded strictly as UTF-8 (400 otherwise).
+
+    ``request.post()`` raises on raw bytes that are not UTF-8 (a 500) and turns
+    bad percent-escapes into U+FFFD (the update silently altered): neither is sent.
+    """
+    raw = await request.read()  # client_max_size bounds it
+    try:
+        return MultiDict(parse_qsl(raw.decode(), keep_blank_values=True, errors="strict"))
+    except UnicodeDecodeError:
+        _fail(400, "the form body is not valid UTF-8 (raw, or percent-encoded in a field)")
 
 
 def public_origin(request: web.Request, base_url: str) -> str:
@@ -430,7 +444,7 @@ class Mercure:
             _fail(403, "the token has no mercure.publish selectors")
         if request.content_type != FORM:
             _fail(415, f"the body must be {FORM}, got {request.content_type or 'none'}")
-        form = await request.post()
+        form = await _read_form(request)
 
         def field(name: str) -> str | None:
             value = form.get(name)
