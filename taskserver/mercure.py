@@ -213,7 +213,6 @@ class Mercure:
         self.connections: dict[str, Connection] = {}
         self._frames: dict[int, bytes] = {}
         # Ids accepted but not yet committed: a duplicate would fail a whole batch.
-        self._pending_ids: set[str] = set()
         self.published = 0
 
     def __repr__(self) -> str:
@@ -500,28 +499,19 @@ class Mercure:
         type_: str | None,
         retry: int | None,
     ) -> str:
-        """Append the update to the store and wait for its commit; its id. 409 if a duplicate."""
+        """Append the update to the store and wait for its commit; its id.
+
+        A publisher's id the hub has seen is taken again, as the reference hub does:
+        the id names the update for subscribers, it is not a key.
+        """
         if uid is None:
             uid = f"urn:uuid:{uuid7()}"
-        elif uid in self._pending_ids:
-            _fail(409, f"an update with id {uid!r} is being published")
-        pending = self._pending_ids
-        pending.add(uid)
         try:
-            store = self.server.store
-            if await store.find_event(uid) is not None:
-                _fail(409, f"an update with id {uid!r} exists")
-            _, committed = store.publish_update(
+            _, committed = self.server.store.publish_update(
                 topics, data, private=private, uid=uid, type_=type_, retry=retry
             )
         except ServerBusy as exc:
-            pending.discard(uid)
             _fail(503, str(exc), headers={"Retry-After": str(max(1, round(exc.retry_after)))})
-        except BaseException:
-            pending.discard(uid)
-            raise
-        # Kept until committed, when find_event sees it; even if this request is cancelled.
-        committed.add_done_callback(lambda _: pending.discard(uid))
         await asyncio.shield(committed)
         return uid
 

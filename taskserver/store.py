@@ -520,8 +520,7 @@ class Store:
         """Append an update published to the hub (no task) to the current batch.
 
         It is stored in the same sequence as task events, so one ``Last-Event-ID``
-        replays both in order. ``uid`` must be unique (the caller checks with
-        ``find_event``; a duplicate fails the whole batch). Raises ``ServerBusy``
+        replays both in order. ``uid`` need not be unique. Raises ``ServerBusy``
         when the batch is full.
         """
         batch = self._check_room(1)
@@ -888,7 +887,8 @@ class Store:
         return [sql.event_from_row(r) for r in rows]
 
     async def find_event(self, uid: str) -> int | None:
-        """The sequence number of the stored event with publisher id ``uid``, or ``None``."""
+        """The sequence number of the first stored event with publisher id ``uid``, or
+        ``None`` (a publisher may reuse an id: replay after its first use misses nothing)."""
         rows = await self._fetch(sql.SELECT_EVENT_BY_UID, (uid,))
         return int(rows[0][0]) if rows else None
 
