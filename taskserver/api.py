@@ -7,6 +7,8 @@ answer. Any ``TaskServerError`` (or aiohttp ``HTTPException``) becomes an
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .errors import Conflict, TaskNotFound, ValidationError
+from .errors import Conflict, ServerBusy, TaskNotFound, ValidationError
 from .jsonints import refuse_wide_integers
 from .mercure import discovery_link
 from .models import TERMINAL, Task, TaskState
@@ -37,6 +39,10 @@ TASK_FIELDS = frozenset({"data"}) | OPTIONS
 MAX_BATCH = 10_000
 #: Longest ``?wait=`` long poll, in seconds.
 MAX_WAIT = 60
+#: How long ``/readyz`` waits for its probe write: a probe answers well within it.
+READY_PROBE_TIMEOUT = 2.0
+#: ``Retry-After`` of a 503 from ``/readyz``, in seconds.
+READY_RETRY_AFTER = 5
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -356,11 +362,36 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz`` → 200 while the server takes tasks, 503 while stopping."""
+    """``GET /healthz`` → 200 while the process serves HTTP: liveness, nothing more.
+
+    Draining or a store that cannot write is for ``/readyz``: a liveness probe that
+    failed then would have the process restarted in the middle of its shutdown.
+    """
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz`` → 200 when tasks can be taken and stored; 503 + Retry-After while
+    the server drains or while its store cannot write (e.g. a full disk).
+
+    After a failed write, each check makes one real write (shared by concurrent
+    checks, at most ``READY_PROBE_TIMEOUT`` s) to learn whether writes commit again.
+    The body names no cause: the log has it.
+    """
     server = request.app[SERVER]
     if not server.accepting:
-        return problem(503, "Stopping", "the server is shutting down", headers={"Retry-After": "5"})
-    return json_response({"status": "ok"})
+        return _not_ready("the server is shutting down")
+    store = server.store
+    if store.cannot_write() is not None:
+        with contextlib.suppress(ServerBusy, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(store.probe_write()), READY_PROBE_TIMEOUT)
+        if store.cannot_write() is not None:
+            return _not_ready("the store cannot write")
+    return json_response({"status": "ready"})
+
+
+def _not_ready(detail: str) -> web.Response:
+    return problem(503, "Not ready", detail, headers={"Retry-After": str(READY_RETRY_AFTER)})
 
 
 ROUTES: tuple[tuple[str, str, Handler, str | None], ...] = (
@@ -376,6 +407,7 @@ ROUTES: tuple[tuple[str, str, Handler, str | None], ...] = (
     ("GET", "/events", all_events, "events"),
     ("GET", "/stats", stats, "stats"),
     ("GET", "/healthz", healthz, "healthz"),
+    ("GET", "/readyz", readyz, "readyz"),
 )
 
 

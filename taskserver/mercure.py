@@ -43,8 +43,8 @@ from urllib.parse import parse_qsl, quote
 import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
-from multidict import MultiDict
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from multidict import MultiDict
 from yarl import URL
 
 from .auth import AuthError, Claims, Verifier, load_key

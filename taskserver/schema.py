@@ -78,6 +78,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+#: A write that changes nothing but does reach the disk: one page (the header) goes
+#: to the WAL. Readiness uses it to learn whether writes commit again.
+PROBE_WRITE = f"PRAGMA user_version = {len(MIGRATIONS)}"
+
 PRAGMAS = (
     "PRAGMA journal_mode = WAL",
     "PRAGMA busy_timeout = 5000",

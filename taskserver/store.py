@@ -102,6 +102,8 @@ class _Outcome:
     changed: list[TaskState | None] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     pages: list[list[Task]] = field(default_factory=list)
+    #: a transaction with writes committed (a batch of reads only proves nothing)
+    wrote: bool = False
 
 
 @dataclass(slots=True)
@@ -218,6 +220,9 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self.commits = 0
+        #: Why the last write failed (``None`` once a write commits): see ``cannot_write``.
+        self.write_error: str | None = None
+        self._probe: asyncio.Future[int] | None = None
         #: Times the writer copied the whole WAL so that it starts over (WAL_LIMIT_PAGES).
         self.wal_restarts = 0
         #: The highest event id committed so far (events are committed in id order).
@@ -623,6 +628,29 @@ class Store:
         self._check_room(1).execs.append(op)
         return op.future
 
+    def cannot_write(self) -> str | None:
+        """Why writes cannot be expected to commit now, or ``None`` when they can.
+
+        The store is closing, its writer has stopped, or the last transaction
+        that wrote failed (``write_error``: e.g. the disk is full) and none has
+        committed since. ``probe_write`` finds out whether that has passed.
+        """
+        if self._closing:
+            return "the store is closing"
+        if self._writer is None or self._writer.done():
+            return "the store's writer is not running"
+        return self.write_error
+
+    def probe_write(self) -> asyncio.Future[int]:
+        """A real write (the database header rewritten, unchanged) in the next batch.
+
+        Resolves once it committed (which clears ``write_error``), or raises
+        ``ServerBusy`` if it failed. Callers asking while one is pending share it.
+        """
+        if self._probe is None or self._probe.done():
+            self._probe = self._exec([(sql.PROBE_WRITE, ())])
+        return self._probe
+
     def page_queued(self, queue: str, limit: int, busy_groups: list[str], deliver: Deliver) -> None:
         """Ask the writer for the first ``limit`` queued tasks of ``queue``, in run order,
         leaving out tasks of the serial groups in ``busy_groups``.
@@ -664,6 +692,8 @@ class Store:
                 self._failed(batch, exc)
                 continue
             self.commits += 1
+            if outcome.wrote:
+                self.write_error = None
             if outcome.committed.events:
                 self.committed_event_id = max(
                     self.committed_event_id, outcome.committed.events[-1].id
@@ -711,6 +741,7 @@ class Store:
         ready queue asks again instead of waiting forever.
         """
         error = ServerBusy(f"the database refused the write: {exc}", retry_after=1.0)
+        self.write_error = f"{type(exc).__name__}: {exc}"
         for cond in batch.conditionals:
             cond.future.set_exception(error)
             cond.future.exception()
@@ -808,6 +839,7 @@ class Store:
         try:
             if writes:  # a batch of reads only (pages) needs no transaction
                 self._write(batch, db, now, outcome)
+                outcome.wrote = True
         except BaseException:
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")

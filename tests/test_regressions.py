@@ -13,6 +13,7 @@ import pytest
 
 from taskserver import Settings, TaskContext, ValidationError
 
+from .conftest import ClientFactory, sse, wait_for
 from .jobs_harness import Gate, Jobs, all_tasks, get_json, post, refused, state_of
 from .test_mercure import (
     BOOK,
@@ -25,8 +26,6 @@ from .test_mercure import (
     subscribed,
     token,
 )
-
-from .conftest import ClientFactory, sse, wait_for
 
 
 @pytest.fixture
@@ -135,7 +134,7 @@ async def test_a_batch_larger_than_max_queued_is_refused_for_good(jobs: Jobs) ->
     too_many = {"tasks": [{"data": i} for i in range(6)]}
     response = await client.post("/tasks:batch", json=too_many)
     problem = await refused(response, 422, "tasks")
-    assert "max_queued" in problem["detail"] and "5" in problem["detail"], problem
+    assert "max_queued is 5" in problem["detail"], problem
     assert "Retry-After" not in response.headers
     with pytest.raises(ValidationError, match="max_queued"):
         await server.task_many(list(range(6)))
@@ -161,9 +160,7 @@ async def test_a_batch_larger_than_max_queued_is_refused_for_good(jobs: Jobs) ->
         (b'{"data": 1, "priority": 123456789012345678901234567890}', "priority"),
     ],
 )
-async def test_integers_beyond_64_bits_are_refused(
-    jobs: Jobs, body: bytes, field: str
-) -> None:
+async def test_integers_beyond_64_bits_are_refused(jobs: Jobs, body: bytes, field: str) -> None:
     client, _ = await jobs.client()
     headers = {"Content-Type": "application/json"}
     response = await client.post("/tasks", data=body, headers=headers)
