@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "taskserver"
 
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"models", "config", "topics", "periodic", "processes", "problems", "runtime"},
+    {"models", "config", "topics", "periodic", "processes", "problems", "runtime", "jsonints"},
     {"schema", "auth"},
     {"store", "ready", "events"},
     {"workers", "options", "sse"},
