@@ -71,6 +71,8 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="mercure"'}
 #: Selectors per subscription request, and topics per update: every list is bounded.
 MAX_SELECTORS = 100
 MAX_TOPICS = 100
+#: Most fields in one publish form: its topics and the five other fields, some repeated.
+MAX_FIELDS = MAX_TOPICS + 20
 #: Longest published topic: template matching can be quadratic in it (see topics.py).
 MAX_TOPIC_LENGTH = 2048
 MAX_ID_LENGTH = 1024
@@ -135,9 +137,13 @@ async def _read_form(request: web.Request) -> MultiDict[str]:
     """
     raw = await request.read()  # client_max_size bounds it
     try:
-        return MultiDict(parse_qsl(raw.decode(), keep_blank_values=True, errors="strict"))
+        text = raw.decode()
+        pairs = parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=MAX_FIELDS)
     except UnicodeDecodeError:
         _fail(400, "the form body is not valid UTF-8 (raw, or percent-encoded in a field)")
+    except ValueError:
+        _fail(400, f"at most {MAX_FIELDS} form fields per update")
+    return MultiDict(pairs)
 
 
 def public_origin(request: web.Request, base_url: str) -> str:
