@@ -727,6 +727,7 @@ class TaskServer:
             else None,
             "subscribers": len(self.hub),
             "commits": self._store.commits if self._store else 0,
+            "failed_commits": self._store.failed_commits if self._store else 0,
             "last_event_id": self._store.committed_event_id if self._store else 0,
         }
 

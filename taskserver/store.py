@@ -60,6 +60,12 @@ WAL_LIMIT_PAGES = 16_384
 #: request 103 -> 92 us; 4 and 6 measured the same as 3. An idle iteration costs
 #: a few microseconds, so latency at low load did not move (p50 ~0.43 ms).
 GATHER_ITERATIONS = 3
+#: After a failed commit the writer waits this long before the next one, doubling
+#: up to WRITE_RETRY_CAP while commits keep failing: what a failed batch carries
+#: (workers' outcomes) was retried at once, 8,000 failing commits (and logged
+#: tracebacks) a second on a disk that refused every write.
+WRITE_RETRY_BASE = 0.05
+WRITE_RETRY_CAP = 2.0
 
 Deliver = Callable[[list[Task]], None]
 
@@ -220,6 +226,10 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self.commits = 0
+        #: Transactions that failed (and were rolled back), and how many in a row now.
+        self.failed_commits = 0
+        self._failing = 0
+        self._retry_now = asyncio.Event()
         #: Why the last write failed (``None`` once a write commits): see ``cannot_write``.
         self.write_error: str | None = None
         self._probe: asyncio.Future[int] | None = None
@@ -302,6 +312,7 @@ class Store:
         """Commit whatever is pending, stop the writer and close the connections."""
         self._closing = True
         self._wake.set()
+        self._retry_now.set()
         if self._writer is not None:
             await self._writer
             self._writer = None
@@ -649,6 +660,7 @@ class Store:
         """
         if self._probe is None or self._probe.done():
             self._probe = self._exec([(sql.PROBE_WRITE, ())])
+            self._retry_now.set()
         return self._probe
 
     def page_queued(self, queue: str, limit: int, busy_groups: list[str], deliver: Deliver) -> None:
@@ -688,9 +700,19 @@ class Store:
             try:
                 outcome = await self._in_writer(self._commit_sync, batch)
             except Exception as exc:
-                log.exception("commit of %d writes failed", len(batch))
+                self.failed_commits += 1
+                self._failing += 1
+                if self._failing == 1:
+                    log.exception("commit of %d writes failed", len(batch))
+                else:
+                    log.error("commit of %d writes failed again: %s", len(batch), exc)
                 self._failed(batch, exc)
+                delay = min(WRITE_RETRY_CAP, WRITE_RETRY_BASE * 2 ** (self._failing - 1))
+                self._retry_now.clear()
+                with contextlib.suppress(TimeoutError):  # a probe_write or close() cuts it short
+                    await asyncio.wait_for(self._retry_now.wait(), delay)
                 continue
+            self._failing = 0
             self.commits += 1
             if outcome.wrote:
                 self.write_error = None

@@ -112,6 +112,68 @@ async def test_readiness_follows_real_write_failures(
     assert server.terminate() == 0
 
 
+HELD_APP = """
+import asyncio, pathlib
+
+def setup(server):
+    @server.on("task")
+    async def task(ctx):
+        while not pathlib.Path("release").exists():  # the test creates it
+            await asyncio.sleep(0.01)
+        return "done"
+
+    @server.on("finish")
+    async def finish(ctx, result):
+        pass
+"""
+
+
+async def test_a_failing_disk_is_retried_with_backoff_and_loses_no_outcome(
+    run_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    # A worker's outcome cannot be dropped, so a failed batch carries it to the next
+    # one; that next commit was tried at once, 8,000 times a second, each logging a
+    # traceback, for as long as the disk refused.
+    (tmp_path / "held_app.py").write_text(HELD_APP)
+    db = str(tmp_path / "tasks.db")
+    server = run_server("--task-workers", "1", "--app", "held_app:setup", "--db", db)
+    url = server.url
+    async with aiohttp.ClientSession() as session:
+
+        async def get(path: str) -> Any:
+            async with session.get(f"{url}{path}") as response:
+                assert response.status == 200, await response.text()
+                return await response.json()
+
+        async def failed_commits(at_least: int) -> bool:
+            return bool((await get("/stats"))["failed_commits"] >= at_least)
+
+        async with session.post(f"{url}/tasks", json={"data": 1}) as response:
+            task_id = (await response.json())["id"]
+
+        async def running() -> bool:
+            return bool((await get(f"/tasks/{task_id}"))["state"] == "running")
+
+        await wait_for(running, message="the task runs")
+        fsize_limit(server.proc.pid, 0)
+        try:
+            (tmp_path / "release").touch()  # its outcome is written while writes fail
+            await wait_for(lambda: failed_commits(1), message="a failed commit")
+            started = asyncio.get_running_loop().time()
+            await wait_for(lambda: failed_commits(4), message="three retries")
+            # 0.05 + 0.1 + 0.2 s of backoff at least (it was milliseconds).
+            assert asyncio.get_running_loop().time() - started >= 0.3
+            async with session.get(f"{url}/readyz") as response:
+                await check_not_ready(response, "the store cannot write")
+        finally:
+            fsize_limit(server.proc.pid, resource.RLIM_INFINITY)
+        async with session.get(f"{url}/readyz") as response:  # its probe cuts the backoff
+            assert response.status == 200, await response.text()
+        task = await get(f"/tasks/{task_id}")
+        assert (task["state"], task["result"]) == ("succeeded", "done")
+    assert server.terminate() == 0
+
+
 @contextlib.contextmanager
 def small_filesystem(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` mounted at ``path`` (root only); skips where mounting is refused."""
