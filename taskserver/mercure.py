@@ -218,7 +218,6 @@ class Mercure:
         )
         self.connections: dict[str, Connection] = {}
         self._frames: dict[int, bytes] = {}
-        # Ids accepted but not yet committed: a duplicate would fail a whole batch.
         self.published = 0
 
     def __repr__(self) -> str:
