@@ -1,6 +1,7 @@
 """taskserver inside an aiohttp application you already have.
 
-    python -m examples.embedded        # serves on 127.0.0.1:8080
+    python -m examples.embedded                # serves on 127.0.0.1:8080
+    python -m examples.embedded --port 9000    # or PORT=9000 python -m examples.embedded
 
 ``attach`` adds the task API, the error format and the server's lifecycle (one
 ``cleanup_ctx``: start before the port is bound, graceful stop after).
@@ -8,6 +9,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from typing import Any
 
 from aiohttp import web
@@ -40,5 +43,14 @@ def make_app(settings: Settings | None = None) -> web.Application:
     return app
 
 
+def main() -> None:
+    """Serve on ``--host``/``--port`` (default ``$PORT``, else 8080)."""
+    parser = argparse.ArgumentParser(description="taskserver embedded in an aiohttp app")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    args = parser.parse_args()
+    web.run_app(make_app(), host=args.host, port=args.port)
+
+
 if __name__ == "__main__":
-    web.run_app(make_app(), host="127.0.0.1", port=8080)
+    main()

@@ -8,7 +8,9 @@ for people, ``--json`` for scripts. ``TASKSERVER_API_TOKEN``, the server's own
 setting, is sent as the bearer token when set.
 
 Exit codes scripts can trust: 0 done; 1 the server refused (e.g. 409: the task
-already ended); 2 bad usage; 3 no such task; 4 the server cannot be reached.
+already ended); 2 bad usage; 3 no such task; 4 the server cannot be reached
+(and 141 when stdout's reader went away, see ``cli``). ``retry`` with several
+ids exits with the highest code of theirs.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ import re
 import sqlite3
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import orjson
 
+from .config import URL_ENV
 from .models import TaskState
 from .store import Snapshot
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+DEFAULT_URL = "http://127.0.0.1:8080"
 LIST_COLUMNS = ("id", "state", "queue", "name", "attempts", "progress", "error")
 
 
@@ -47,8 +52,8 @@ def add_commands(commands: Any, parser_class: type[argparse.ArgumentParser]) -> 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--url",
-        default=os.environ.get("TASKSERVER_URL", "http://127.0.0.1:8080"),
-        help="the running server (default: $TASKSERVER_URL or %(default)s)",
+        default=os.environ.get(URL_ENV, DEFAULT_URL),
+        help=f"the running server (default: ${URL_ENV} or {DEFAULT_URL})",
     )
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -66,7 +71,9 @@ def add_commands(commands: Any, parser_class: type[argparse.ArgumentParser]) -> 
     tasks = commands.add_parser("tasks", help="list, show, cancel, retry or purge tasks")
     verbs = tasks.add_subparsers(dest="verb", required=True, parser_class=parser_class)
     listing = verbs.add_parser("list", parents=[common, offline], help="one page of tasks")
-    listing.add_argument("--state", help="only tasks in this state")
+    listing.add_argument(
+        "--state", choices=[s.value for s in TaskState], help="only tasks in this state"
+    )
     listing.add_argument("--limit", type=int, default=50, help="rows (default %(default)s)")
     listing.add_argument("--after", type=int, default=0, help="ids above this one")
     listing.set_defaults(action="list")
@@ -101,8 +108,9 @@ def add_commands(commands: Any, parser_class: type[argparse.ArgumentParser]) -> 
 def run(args: argparse.Namespace) -> int:
     """Carry out an admin command; returns the exit code."""
     if args.action == "retry" and not args.ids and not args.failed:
-        print("taskserver: error: give task ids or --failed", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage("give task ids or --failed")
+    if args.action == "retry" and args.ids and args.failed:
+        return _usage("give task ids or --failed, not both")
     if getattr(args, "db", None):
         return _offline(args)
     try:
@@ -112,31 +120,66 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_UNREACHABLE
 
 
+def _usage(message: str) -> int:
+    print(f"taskserver: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 async def _run(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(base, timeout=timeout) as http:
-        method, path, body = _request(args)
-        token = os.environ.get("TASKSERVER_API_TOKEN")  # the same token the server is given
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        async with http.request(method, path, json=body, headers=headers) as response:
-            raw = await response.read()
-            try:
-                payload = orjson.loads(raw or b"null")
-            except orjson.JSONDecodeError:
-                payload = raw.decode(errors="replace").strip()  # not ours: say what came
-            if response.status >= 400:
-                detail = payload.get("detail") if isinstance(payload, dict) else payload
-                print(f"taskserver: error: {detail} (HTTP {response.status})", file=sys.stderr)
-                return (
-                    EXIT_NOT_FOUND
-                    if response.status == 404
-                    else (EXIT_USAGE if response.status in (400, 422) else EXIT_REFUSED)
-                )
+    token = os.environ.get("TASKSERVER_API_TOKEN")  # the same token the server is given
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with aiohttp.ClientSession(base, timeout=timeout, headers=headers) as http:
+        if args.action == "retry" and args.ids:
+            return await _retry_each(http, args)
+        status, payload = await _call(http, *_request(args))
+    if status >= 400:
+        return _refused(status, payload)
     _print(args, payload)
-    if args.action == "retry" and payload.get("errors"):
-        return EXIT_REFUSED
     return EXIT_OK
+
+
+async def _call(http: aiohttp.ClientSession, method: str, path: str, body: Any) -> tuple[int, Any]:
+    """One request: its status and its body, JSON when it is (else the text that came)."""
+    async with http.request(method, path, json=body) as response:
+        raw = await response.read()
+    try:
+        return response.status, orjson.loads(raw or b"null")
+    except orjson.JSONDecodeError:
+        return response.status, raw.decode(errors="replace").strip()  # not ours: say what came
+
+
+def _detail(payload: Any) -> str:
+    return str(payload.get("detail") if isinstance(payload, dict) else payload)
+
+
+def _refused(status: int, payload: Any) -> int:
+    """Say why on stderr, in one line; the exit code for an HTTP error ``status``."""
+    print(f"taskserver: error: {_detail(payload)} (HTTP {status})", file=sys.stderr)
+    if status == 404:
+        return EXIT_NOT_FOUND
+    return EXIT_USAGE if status in (400, 422) else EXIT_REFUSED
+
+
+async def _retry_each(http: aiohttp.ClientSession, args: argparse.Namespace) -> int:
+    """``retry ID...``: each task on its own, so a missing one exits 3 and a refused one 1.
+
+    With several ids the exit code is the highest of theirs; every failure gets
+    its own line on stderr.
+    """
+    retried: list[int] = []
+    errors: dict[str, str] = {}
+    code = EXIT_OK
+    for task_id in args.ids:
+        status, payload = await _call(http, "POST", f"/tasks/{task_id}/retry", None)
+        if status < 400:
+            retried.append(task_id)
+            continue
+        code = max(code, _refused(status, payload))
+        errors[str(task_id)] = _detail(payload)
+    _print(args, {"retried": retried, "errors": errors})
+    return code
 
 
 def _offline(args: argparse.Namespace) -> int:
@@ -155,11 +198,7 @@ def _offline(args: argparse.Namespace) -> int:
                 return EXIT_NOT_FOUND
             payload = task.to_json()
         elif args.action == "list":
-            try:
-                state = TaskState(args.state) if args.state else None
-            except ValueError:
-                print(f"taskserver: error: no state {args.state!r}", file=sys.stderr)
-                return EXIT_USAGE
+            state = TaskState(args.state) if args.state else None
             tasks = snapshot.list_tasks(state=state, after=args.after, limit=args.limit)
             last = tasks[-1].id if len(tasks) == args.limit else None
             payload = {"tasks": [t.to_json() for t in tasks], "next_after": last}
@@ -217,6 +256,18 @@ def _cell(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _field(key: str, value: Any) -> str:
+    """One field of a whole task, for people: JSON values, ISO 8601 UTC times, whole text."""
+    if value is None or (key.endswith("_at") and not value):
+        return "-"
+    if key.endswith("_at") and isinstance(value, int | float):
+        moment = datetime.fromtimestamp(value, UTC).isoformat(timespec="milliseconds")
+        return moment.replace("+00:00", "Z")
+    if isinstance(value, str) and key not in ("data", "result"):
+        return value
+    return orjson.dumps(value).decode()
+
+
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """Rows as an aligned text table."""
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
@@ -234,14 +285,9 @@ def _human(action: str, payload: Any) -> str:
         return text
     if action in ("show", "cancel"):
         width = max(len(k) for k in payload)
-        return "\n".join(
-            f"{k.ljust(width)}  {_cell(v) if k != 'traceback' else v or '-'}"
-            for k, v in payload.items()
-        )
-    if action == "retry":
-        lines = [f"re-queued {len(payload['retried'])} task(s)"]
-        lines += [f"task {k}: {v}" for k, v in payload["errors"].items()]
-        return "\n".join(lines)
+        return "\n".join(f"{k.ljust(width)}  {_field(k, v)}" for k, v in payload.items())
+    if action == "retry":  # the errors went to stderr, one line each
+        return f"re-queued {len(payload['retried'])} task(s)"
     if action == "purge":
         return f"purged {payload['purged']} task(s)"
     workers = payload["workers"]

@@ -7,6 +7,8 @@ answer. Any ``TaskServerError`` (or aiohttp ``HTTPException``) becomes an
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,7 +17,8 @@ import orjson
 from aiohttp import web
 
 from .access import ADMIN, ENQUEUE, READ, READ_TASK, Access, Need
-from .errors import Conflict, TaskNotFound, ValidationError
+from .errors import Conflict, ServerBusy, TaskNotFound, ValidationError
+from .jsonints import refuse_wide_integers
 from .mercure import Mercure, discovery_link
 from .models import TERMINAL, Task, TaskState
 from .options import OPTIONS, TaskSpec
@@ -39,6 +42,10 @@ TASK_FIELDS = frozenset({"data"}) | OPTIONS
 MAX_BATCH = 10_000
 #: Longest ``?wait=`` long poll, in seconds.
 MAX_WAIT = 60
+#: How long ``/readyz`` waits for its probe write: a probe answers well within it.
+READY_PROBE_TIMEOUT = 2.0
+#: ``Retry-After`` of a 503 from ``/readyz``, in seconds.
+READY_RETRY_AFTER = 5
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -70,6 +77,7 @@ async def read_json_object(request: web.Request, allowed: frozenset[str]) -> dic
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ValidationError(f"the body is not valid JSON: {exc}") from None
+    refuse_wide_integers(raw)
     if not isinstance(body, dict):
         raise ValidationError("the body must be a JSON object", field="body")
     for key in body:
@@ -293,16 +301,29 @@ async def cancel_task(request: web.Request) -> web.Response:
 
 
 async def task_events(request: web.Request) -> web.StreamResponse:
-    """``GET /tasks/{id}/events`` → SSE: stored events, then live ones, until the end."""
+    """``GET /tasks/{id}/events`` → SSE: stored events, then live ones, until the end.
+
+    ``204`` to a cursor at or past the last event of an ended task: ``EventSource``
+    reconnects whenever a stream ends, and a 204 is what makes it stop.
+    """
     server = request.app[SERVER]
     task_id = task_id_of(request)
     after = last_event_id(request)
     subscription = server.subscribe(task_id)
     try:
-        await server.get(task_id)  # 404 before the stream starts
+        task = await server.get(task_id)  # 404 before the stream starts
+        # Committed state: an ended task's last event is stored by now.
+        done = (
+            after > 0
+            and task.state in TERMINAL
+            and not await server.events_after(after, task_id=task_id, limit=1)
+        )
     except BaseException:
         subscription.close()
         raise
+    if done:
+        subscription.close()
+        return web.Response(status=204)
 
     async def replay(after_id: int) -> list[Any]:
         return await server.events_after(after_id, task_id=task_id)
@@ -344,11 +365,36 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz`` → 200 while the server takes tasks, 503 while stopping."""
+    """``GET /healthz`` → 200 while the process serves HTTP: liveness, nothing more.
+
+    Draining or a store that cannot write is for ``/readyz``: a liveness probe that
+    failed then would have the process restarted in the middle of its shutdown.
+    """
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz`` → 200 when tasks can be taken and stored; 503 + Retry-After while
+    the server drains or while its store cannot write (e.g. a full disk).
+
+    After a failed write, each check makes one real write (shared by concurrent
+    checks, at most ``READY_PROBE_TIMEOUT`` s) to learn whether writes commit again.
+    The body names no cause: the log has it.
+    """
     server = request.app[SERVER]
     if not server.accepting:
-        return problem(503, "Stopping", "the server is shutting down", headers={"Retry-After": "5"})
-    return json_response({"status": "ok"})
+        return _not_ready("the server is shutting down")
+    store = server.store
+    if store.cannot_write() is not None:
+        with contextlib.suppress(ServerBusy, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(store.probe_write()), READY_PROBE_TIMEOUT)
+        if store.cannot_write() is not None:
+            return _not_ready("the store cannot write")
+    return json_response({"status": "ready"})
+
+
+def _not_ready(detail: str) -> web.Response:
+    return problem(503, "Not ready", detail, headers={"Retry-After": str(READY_RETRY_AFTER)})
 
 
 #: Every route: method, path, handler, name, and what it needs (``access.py``; None: open).
@@ -365,6 +411,7 @@ ROUTES: tuple[tuple[str, str, Handler, str | None, Need | None], ...] = (
     ("GET", "/events", all_events, "events", READ),
     ("GET", "/stats", stats, "stats", READ),
     ("GET", "/healthz", healthz, "healthz", None),
+    ("GET", "/readyz", readyz, "readyz", None),
 )
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import signal
 import ssl
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -24,6 +26,7 @@ from .access import check_exposure
 from .app import ACCESS, TASKSERVER, create_app, load_setup
 from .config import FIELDS, Settings, load_settings
 from .errors import ConfigError
+from .workers import TASK_THREAD_PREFIX
 
 log = logging.getLogger("taskserver")
 
@@ -40,13 +43,13 @@ def _parser() -> argparse.ArgumentParser:
         description="A task server: HTTP, durable in-process "
         "task workers and Server-Sent Events in one process.",
     )
+    parser.add_argument("--version", action="version", version=f"taskserver {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser(
         "run",
         help="serve HTTP and run the task workers",
         description="Serve HTTP and run the task workers. Every flag can also be set in "
         "config/taskserver.toml or as TASKSERVER_<NAME> in the environment; flags win.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     run.add_argument(
         "--config",
@@ -57,15 +60,27 @@ def _parser() -> argparse.ArgumentParser:
     for name, field in FIELDS.items():
         if field.metadata["file_only"]:
             continue  # a table: the config file only
+        # default=None: a flag not given must not hide the file's or the environment's value.
+        text = field.metadata["help"].replace("%", "%%")  # argparse %-formats help
+        if "default:" not in text:  # some say it in their own words ("default: the demo")
+            text += f" (default: {_shown(field.default)})"
         run.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            metavar=name.upper(),
-            default=None,
-            help=f"{field.metadata['help']} [default: {field.default}]",
+            f"--{name.replace('_', '-')}", dest=name, metavar=name.upper(), default=None, help=text
         )
     admin.add_commands(commands, _Parser)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("taskserver")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a bare tree
+        return "unknown"
+
+
+def _shown(default: Any) -> str:
+    text = "none" if default is None else "''" if default == "" else str(default)
+    return text.replace("%", "%%")
 
 
 def _fail(message: str) -> NoReturn:
@@ -82,8 +97,32 @@ def main(argv: Sequence[str] | None = None) -> None:
             settings = load_settings(config_file=args.config, overrides=overrides)
         except ConfigError as exc:
             _fail(str(exc))
+        # As uvicorn and celery do: --app mypkg.tasks:setup is found in the current
+        # directory, whichever way taskserver was started.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         raise SystemExit(run(settings))
-    raise SystemExit(admin.run(args))
+    raise SystemExit(_quiet_on_closed_pipe(admin.run, args))
+
+
+#: The exit status of a command killed by SIGPIPE, as the shell reports it (128 + 13).
+EXIT_PIPE = 128 + signal.SIGPIPE
+
+
+def _quiet_on_closed_pipe(command: Callable[[argparse.Namespace], int], args: Any) -> int:
+    """Run ``command``; when stdout's reader went away (``| head``), end without a traceback.
+
+    Python's own advice for SIGPIPE: point stdout at devnull so the flush at
+    exit cannot fail again, and exit as a process killed by SIGPIPE would.
+    """
+    try:
+        code = command(args)
+        sys.stdout.flush()  # inside the try: a failing flush at exit would print a traceback
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
+    return code
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -113,7 +152,13 @@ def run(settings: Settings) -> int:
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
-    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    # Task threads only: aiohttp's static files use the loop's default executor,
+    # whose idle threads end with the interpreter.
+    stuck = [t for t in threading.enumerate() if t.name.startswith(TASK_THREAD_PREFIX)]
+    deadline = time.monotonic() + 0.2  # idle ones are ending: the pool was shut down
+    for thread in stuck:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in stuck if t.is_alive()]
     if stuck:
         # A thread callback that ignores ctx.cancelled cannot be stopped, and the
         # interpreter would wait for it forever at exit. Everything is stored and

@@ -4,6 +4,8 @@ Precedence, lowest first: the defaults below < the TOML file
 (``config/taskserver.toml`` when it exists, or the one named by ``--config`` /
 ``TASKSERVER_CONFIG``) < ``TASKSERVER_<NAME>`` environment variables < CLI flags.
 Unknown keys and bad values raise ``ConfigError`` naming the key and its source.
+The ``TASKSERVER_*`` variables in ``NOT_SETTINGS`` are not settings: the server
+leaves them alone, so no setting may take one of their names.
 Every field's help text is also its ``--flag`` help, so ``--help`` stays complete.
 """
 
@@ -23,6 +25,14 @@ from .errors import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("config/taskserver.toml")
 ENV_PREFIX = "TASKSERVER_"
+#: ``TASKSERVER_*`` variables that are not settings, and who reads them. A new one
+#: goes here, or ``taskserver run`` refuses it as an unknown setting.
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+URL_ENV = ENV_PREFIX + "URL"
+NOT_SETTINGS = {
+    CONFIG_ENV: "the settings file to read (see load_settings)",
+    URL_ENV: "the server the admin commands talk to (taskserver/admin.py)",
+}
 
 Check = Callable[[Any], str | None]
 
@@ -307,8 +317,8 @@ def load_settings(
     values: dict[str, Any] = {}
 
     path = Path(config_file) if config_file else None
-    if path is None and env.get(ENV_PREFIX + "CONFIG"):
-        path = Path(env[ENV_PREFIX + "CONFIG"])
+    if path is None and env.get(CONFIG_ENV):
+        path = Path(env[CONFIG_ENV])
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path is None and DEFAULT_CONFIG_FILE.is_file():
@@ -322,7 +332,7 @@ def load_settings(
             values[key] = coerce(key, value, str(path))
 
     for var, value in env.items():
-        if var.startswith(ENV_PREFIX) and var != ENV_PREFIX + "CONFIG":
+        if var.startswith(ENV_PREFIX) and var not in NOT_SETTINGS:
             key = var[len(ENV_PREFIX) :].lower()
             if key not in FIELDS:
                 raise ConfigError(f"unknown setting in environment variable {var}")

@@ -38,12 +38,13 @@ import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, NoReturn, Protocol
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from multidict import MultiDict
 from yarl import URL
 
 from .auth import AuthError, Claims, Verifier, load_key
@@ -70,6 +71,8 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="mercure"'}
 #: Selectors per subscription request, and topics per update: every list is bounded.
 MAX_SELECTORS = 100
 MAX_TOPICS = 100
+#: Most fields in one publish form: its topics and the five other fields, some repeated.
+MAX_FIELDS = MAX_TOPICS + 20
 #: Longest published topic: template matching can be quadratic in it (see topics.py).
 MAX_TOPIC_LENGTH = 2048
 MAX_ID_LENGTH = 1024
@@ -124,6 +127,23 @@ def _fail(status: int, detail: str, *, headers: dict[str, str] | None = None) ->
     """Raise an ``application/problem+json`` HTTP error (``problems.guard`` passes it on)."""
     body = problem_body(status, HTTPStatus(status).phrase, detail)
     raise _STATUS_ERRORS[status](text=body.decode(), content_type=PROBLEM, headers=headers)
+
+
+async def _read_form(request: web.Request) -> MultiDict[str]:
+    """The urlencoded body's fields, decoded strictly as UTF-8 (400 otherwise).
+
+    ``request.post()`` raises on raw bytes that are not UTF-8 (a 500) and turns
+    bad percent-escapes into U+FFFD (the update silently altered): neither is sent.
+    """
+    raw = await request.read()  # client_max_size bounds it
+    try:
+        text = raw.decode()
+        pairs = parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=MAX_FIELDS)
+    except UnicodeDecodeError:
+        _fail(400, "the form body is not valid UTF-8 (raw, or percent-encoded in a field)")
+    except ValueError:
+        _fail(400, f"at most {MAX_FIELDS} form fields per update")
+    return MultiDict(pairs)
 
 
 def public_origin(request: web.Request, base_url: str) -> str:
@@ -221,8 +241,6 @@ class Mercure:
         )
         self.connections: dict[str, Connection] = {}
         self._frames: dict[int, bytes] = {}
-        # Ids accepted but not yet committed: a duplicate would fail a whole batch.
-        self._pending_ids: set[str] = set()
         self.published = 0
 
     def __repr__(self) -> str:
@@ -453,7 +471,7 @@ class Mercure:
             _fail(403, "the token has no mercure.publish selectors")
         if request.content_type != FORM:
             _fail(415, f"the body must be {FORM}, got {request.content_type or 'none'}")
-        form = await request.post()
+        form = await _read_form(request)
 
         def field(name: str) -> str | None:
             value = form.get(name)
@@ -509,28 +527,19 @@ class Mercure:
         type_: str | None,
         retry: int | None,
     ) -> str:
-        """Append the update to the store and wait for its commit; its id. 409 if a duplicate."""
+        """Append the update to the store and wait for its commit; its id.
+
+        A publisher's id the hub has seen is taken again, as the reference hub does:
+        the id names the update for subscribers, it is not a key.
+        """
         if uid is None:
             uid = f"urn:uuid:{uuid7()}"
-        elif uid in self._pending_ids:
-            _fail(409, f"an update with id {uid!r} is being published")
-        pending = self._pending_ids
-        pending.add(uid)
         try:
-            store = self.server.store
-            if await store.find_event(uid) is not None:
-                _fail(409, f"an update with id {uid!r} exists")
-            _, committed = store.publish_update(
+            _, committed = self.server.store.publish_update(
                 topics, data, private=private, uid=uid, type_=type_, retry=retry
             )
         except ServerBusy as exc:
-            pending.discard(uid)
             _fail(503, str(exc), headers={"Retry-After": str(max(1, round(exc.retry_after)))})
-        except BaseException:
-            pending.discard(uid)
-            raise
-        # Kept until committed, when find_event sees it; even if this request is cancelled.
-        committed.add_done_callback(lambda _: pending.discard(uid))
         await asyncio.shield(committed)
         return uid
 

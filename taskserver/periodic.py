@@ -8,6 +8,8 @@ warning says how many).
 
 Cron expressions are parsed by ``cronsim`` (5 fields, plus an optional seconds
 field; the healthchecks.io parser), evaluated in UTC unless ``tz`` says otherwise.
+The shorthands of Vixie cron (``@hourly``, ``@daily``, ...) are translated here:
+cronsim knows none of them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ log = logging.getLogger(__name__)
 
 #: Missed runs enqueued at start, per schedule, before older ones are skipped.
 MAX_CATCH_UP = 100
+#: Vixie cron's shorthands and what they stand for (``@reboot`` has no due times).
+ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +55,21 @@ class Schedule:
     def zone(self) -> tzinfo:
         return UTC if self.tz == "UTC" else ZoneInfo(self.tz)
 
+    @property
+    def expression(self) -> str:
+        """``cron`` with a shorthand (``@daily``) spelt out in fields."""
+        return ALIASES.get(self.cron.strip().lower(), self.cron)
+
     def check(self) -> None:
         """Raise ``ConfigError`` naming the schedule when the expression or zone is bad."""
+        if self.expression.startswith("@"):
+            raise ConfigError(
+                f"schedule {self.name!r}: unknown cron shorthand {self.cron!r}; "
+                f"use fields or one of {', '.join(ALIASES)}"
+            )
         try:
             self.zone()
-            CronSim(self.cron, datetime.now(UTC))
+            CronSim(self.expression, datetime.now(UTC))
         except (CronSimError, ValueError, KeyError) as exc:
             raise ConfigError(f"schedule {self.name!r}: bad cron {self.cron!r}: {exc}") from None
 
@@ -56,7 +78,7 @@ class Schedule:
         newest), and how many older ones were left out (estimated past a long outage)."""
         times: list[float] = []
         start = datetime.fromtimestamp(after, self.zone())
-        for moment in CronSim(self.cron, start):
+        for moment in CronSim(self.expression, start):
             ts = moment.timestamp()
             if ts > until:
                 break
@@ -73,7 +95,7 @@ class Schedule:
     def next_after(self, after: float) -> float:
         """The first due time after ``after``."""
         start = datetime.fromtimestamp(after, self.zone())
-        return next(iter(CronSim(self.cron, start))).timestamp()
+        return next(iter(CronSim(self.expression, start))).timestamp()
 
 
 Enqueue = Callable[[Schedule, float], Awaitable[None]]

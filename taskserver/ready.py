@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -33,7 +34,9 @@ class _Queue:
     name: str
     priority: int = 0
     concurrency: int | None = None
-    heap: list[tuple[int, int, Task]] = field(default_factory=list)
+    #: (-priority, id, push number, task): the push number is unique, so the heap never
+    #: compares two Tasks, even when a task left behind by a cancel is pushed again
+    heap: list[tuple[int, int, int, Task]] = field(default_factory=list)
     #: every task of this queue in memory: eligible or held by its serial group
     present: dict[int, Task] = field(default_factory=dict)
     running: int = 0
@@ -80,6 +83,7 @@ class ReadyQueue:
         #: serial groups with tasks waiting on disk behind the owner
         self._group_backlog: set[str] = set()
         self._fetching: set[str] = set()
+        self._pushes = itertools.count()
 
     def __len__(self) -> int:
         return sum(len(q.present) for q in self._order)
@@ -202,7 +206,7 @@ class ReadyQueue:
                 return False
             self._own(group, task.id)
         queue.present[task.id] = task
-        heapq.heappush(queue.heap, (-task.priority, task.id, task))
+        heapq.heappush(queue.heap, (-task.priority, task.id, next(self._pushes), task))
         self._wake_one()
         return True
 
@@ -311,9 +315,12 @@ class ReadyQueue:
                 continue
             heap = queue.heap
             while heap:
-                _, task_id, task = heapq.heappop(heap)
-                if queue.present.pop(task_id, None) is None:
-                    continue  # removed (cancelled) while it waited
+                _, task_id, _, task = heapq.heappop(heap)
+                if queue.present.get(task_id) is not task:
+                    # Removed (cancelled) while it waited, maybe back since (a retry)
+                    # under a newer entry: only the entry of the task held now counts.
+                    continue
+                del queue.present[task_id]
                 if queue.paging:
                     queue.taken.add(task_id)
                 queue.running += 1

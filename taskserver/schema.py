@@ -71,7 +71,16 @@ MIGRATIONS: tuple[str, ...] = (
         last_due  REAL NOT NULL    -- the latest due time already enqueued
     );
     """,
+    # A publisher may reuse an update id, as the reference Mercure hub allows.
+    """
+    DROP INDEX events_by_uid;
+    CREATE INDEX events_by_uid ON events (uid, id) WHERE uid IS NOT NULL;
+    """,
 )
+
+#: A write that changes nothing but does reach the disk: one page (the header) goes
+#: to the WAL. Readiness uses it to learn whether writes commit again.
+PROBE_WRITE = f"PRAGMA user_version = {len(MIGRATIONS)}"
 
 PRAGMAS = (
     "PRAGMA journal_mode = WAL",
@@ -120,7 +129,7 @@ INSERT_EVENT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 EVENT_COLUMNS = "id, task_id, type, data, topics, private, uid, retry"
-SELECT_EVENT_BY_UID = "SELECT id FROM events WHERE uid = ?"
+SELECT_EVENT_BY_UID = "SELECT id FROM events WHERE uid = ? ORDER BY id LIMIT 1"
 SELECT_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
 SELECT_STATE = "SELECT state FROM tasks WHERE id = ?"
 #: The highest id a table ever had: its rows, or sqlite_sequence once they are purged.

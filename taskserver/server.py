@@ -112,6 +112,9 @@ class TaskServer:
         self._schedules: dict[str, Schedule] = {}
         self._unique: dict[str, int] = {}
         self._unique_by_id: dict[int, str] = {}
+        #: the commit of each task with a unique key until it is durable: a caller given
+        #: such a task as ``existing`` awaits it, so the id it gets can be read
+        self._unique_commits: dict[int, asyncio.Future[None]] = {}
         self._due_wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._unique_lock = asyncio.Lock()
@@ -356,8 +359,15 @@ class TaskServer:
     def _admit(self, count: int) -> Store:
         if self._closing or not self._started:
             raise ServerClosed("the server is not accepting tasks (stopping or not started)")
+        limit = self.settings.max_queued
+        if count > limit:
+            # Waiting cannot help: not even an empty queue takes it (a 503 would be retried).
+            raise ValidationError(
+                f"{count} new tasks in one batch can never fit: max_queued is {limit}",
+                field="tasks",
+            )
         active = self._counts[TaskState.QUEUED] + self._counts[TaskState.WAITING]
-        if active + count > self.settings.max_queued:
+        if active + count > limit:
             raise ServerBusy(
                 f"{active} tasks are waiting to run, the limit is {self.settings.max_queued}",
                 retry_after=5.0,
@@ -446,7 +456,8 @@ class TaskServer:
 
         Each item is a ``TaskSpec`` (its options override ``options``) or plain data.
         A bad item raises ``ValidationError`` naming it (``tasks[3].timeout``) and
-        nothing is written.
+        nothing is written; so does a batch with more new tasks than ``max_queued``
+        (it could never fit). ``ServerBusy`` means it would fit in an emptier queue.
         """
         specs = [
             item.with_defaults(options)
@@ -472,18 +483,20 @@ class TaskServer:
             # Looking up recent tasks awaits the disk: two callers with the same key
             # must not both miss, so such look-ups and their appends take turns.
             async with self._unique_lock:
-                results, committed = await self._append(prepared, schedule)
+                results, commits = await self._append(prepared, schedule)
         else:
-            results, committed = await self._append(prepared, schedule)
-        if committed is not None:
+            results, commits = await self._append(prepared, schedule)
+        for committed in commits:
             await committed
         return results
 
     async def _append(
         self, prepared: list[NewTask], schedule: tuple[str, float] | None
-    ) -> tuple[list[Submitted], asyncio.Future[None] | None]:
-        """Resolve unique keys and append the new tasks; returns the answers and the commit."""
+    ) -> tuple[list[Submitted], list[asyncio.Future[None]]]:
+        """Resolve unique keys and append the new tasks; returns the answers and the
+        commits to await: the new tasks' and those of existing tasks not yet durable."""
         results: list[Submitted | None] = [None] * len(prepared)
+        commits: list[asyncio.Future[None]] = []
         fresh: list[NewTask] = []
         positions: list[int] = []  # where each fresh task's answer goes
         repeats: list[tuple[int, int]] = []  # (position, index in fresh): same key twice
@@ -503,6 +516,9 @@ class TaskServer:
                     existing = recent.get(key)
                 if existing is not None:
                     results[i] = Submitted(existing, existing=True, topic=self.topic(existing))
+                    pending = self._unique_commits.get(existing)
+                    if pending is not None and pending not in commits:
+                        commits.append(pending)
                     continue
                 if key in first_with_key:
                     repeats.append((i, first_with_key[key]))
@@ -510,9 +526,10 @@ class TaskServer:
                 first_with_key[key] = len(fresh)
             positions.append(i)
             fresh.append(item)
-        committed = None
         if fresh:
             tasks, committed = self._admit(len(fresh)).insert_tasks(fresh, schedule=schedule)
+            commits.append(committed)
+            keyed: list[int] = []
             for task in tasks:
                 self._counts[task.state] += 1
                 if task.serial_group is not None:
@@ -520,13 +537,22 @@ class TaskServer:
                 if task.unique_key is not None:
                     self._unique[task.unique_key] = task.id
                     self._unique_by_id[task.id] = task.unique_key
+                    self._unique_commits[task.id] = committed
+                    keyed.append(task.id)
+            if keyed:
+                committed.add_done_callback(lambda _: self._durable(keyed))
             for position, task in zip(positions, tasks, strict=True):
                 results[position] = Submitted(task.id, state=task.state, topic=self.topic(task.id))
             for position, index in repeats:
                 results[position] = Submitted(
                     tasks[index].id, existing=True, topic=self.topic(tasks[index].id)
                 )
-        return [r for r in results if r is not None], committed
+        return [r for r in results if r is not None], commits
+
+    def _durable(self, task_ids: list[int]) -> None:
+        # Their batch is done (committed or failed): answers need not wait for it any more.
+        for task_id in task_ids:
+            self._unique_commits.pop(task_id, None)
 
     def topic(self, task_id: int) -> str:
         """The topic (an IRI) on which a task's events are published."""
@@ -714,6 +740,7 @@ class TaskServer:
             else None,
             "subscribers": len(self.hub),
             "commits": self._store.commits if self._store else 0,
+            "failed_commits": self._store.failed_commits if self._store else 0,
             "last_event_id": self._store.committed_event_id if self._store else 0,
         }
 

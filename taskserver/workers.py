@@ -40,6 +40,9 @@ from .processes import ProcessSlots
 
 log = logging.getLogger(__name__)
 
+#: Names of the threads that run plain-function task callbacks (and only those).
+TASK_THREAD_PREFIX = "taskserver-task"
+
 Kind = Literal["async", "thread", "process"]
 
 
@@ -297,7 +300,7 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         kinds = {cb.kind for cb in self._callbacks.values()}
         if "thread" in kinds:
-            self._threads = ThreadPoolExecutor(self.size, thread_name_prefix="taskserver-task")
+            self._threads = ThreadPoolExecutor(self.size, thread_name_prefix=TASK_THREAD_PREFIX)
         if "process" in kinds:
             self._progress_queue = multiprocessing.get_context("spawn").Queue(maxsize=10_000)
             self._slots = ProcessSlots(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -111,3 +112,79 @@ async def test_retry_needs_ids_or_failed() -> None:
     code, _, err = await cli("tasks", "retry", "--url", "http://127.0.0.1:9")
     assert code == 2
     assert "give task ids or --failed" in err
+
+
+async def test_every_command_exits_with_its_documented_code(
+    run_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    db = str(tmp_path / "codes.db")
+    server = run_server("--task-workers", "2", "--db", db)
+    url = ["--url", server.url]
+    async with aiohttp.ClientSession() as http:
+        good = await enqueue(http, server.url, {"seconds": 0})
+        assert await ended(http, server.url, good) == "succeeded"
+        slow = await enqueue(http, server.url, {"seconds": 30})
+
+        # 3: no such task, whatever the command.
+        for args in (["show", "42"], ["cancel", "42"], ["retry", "42"]):
+            code, _, err = await cli("tasks", *args, *url)
+            assert (code, err.count("\n")) == (3, 1), (args, err)
+            assert "task 42 does not exist" in err
+        # Several ids: a line for each failure, the highest code (3 over 1).
+        code, out, err = await cli("tasks", "retry", str(good), "42", str(slow), *url)
+        assert (code, err.count("\n")) == (3, 3), err  # succeeded, missing, running
+        assert (await cli("tasks", "show", "42", "--db", db))[0] == 3
+
+        # 1: the server refused; the message names the task once.
+        code, out, err = await cli("tasks", "retry", str(good), *url)
+        assert code == 1
+        assert out.strip() == "re-queued 0 task(s)"
+        assert err.count(f"task {good}") == 1, err
+
+        # 2: bad usage, one line; nothing is asked of the server (it is unreachable).
+        for args in (
+            ["tasks", "retry", "1", "--failed"],
+            ["tasks", "retry"],
+            ["tasks", "list", "--state", "done"],
+            ["tasks", "list", "--state", "done", "--db", db],
+            ["tasks", "purge", "--older-than", "soon"],
+            ["tasks", "show", "seven"],
+        ):
+            code, _, err = await cli(*args, "--url", "http://127.0.0.1:9")
+            assert (code, err.count("\n")) == (2, 1), (args, err)
+        code, _, err = await cli("tasks", "list", "--state", "bogus", *url)  # the server says
+        assert (code, err.count("\n")) == (2, 1), err
+
+        # 0: done.
+        for args in (["cancel", str(slow)], ["retry", str(slow)], ["list"], ["show", str(good)]):
+            assert (await cli("tasks", *args, *url))[0] == 0, args
+        assert (await cli("stats", *url))[0] == 0
+        assert (await cli("tasks", "purge", "--older-than", "1d", *url))[0] == 0
+        assert (await cli("tasks", "retry", "--failed", *url))[0] == 0
+        assert (await cli("tasks", "cancel", str(slow), *url))[0] == 0
+
+        # 4: unreachable, for every command that asks the server.
+        asks = (["stats"], ["tasks", "list"], ["tasks", "cancel", "1"], ["tasks", "retry", "1"])
+        for args in asks:
+            code, _, err = await cli(*args, "--url", "http://127.0.0.1:9")
+            assert (code, err.count("\n")) == (4, 1), (args, err)
+    assert await asyncio.to_thread(server.terminate) == 0
+
+
+async def test_show_prints_json_and_iso_times_for_people(
+    run_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    db = str(tmp_path / "show.db")
+    server = run_server("--task-workers", "1", "--db", db)
+    async with aiohttp.ClientSession() as http:
+        task_id = await enqueue(http, server.url, {"seconds": 0, "to": "a@example.com"})
+        assert await ended(http, server.url, task_id) == "succeeded"
+    for source in (["--url", server.url], ["--db", db]):
+        code, out, _ = await cli("tasks", "show", str(task_id), *source)
+        assert code == 0
+        rows = dict(line.split(None, 1) for line in out.splitlines() if len(line.split()) > 1)
+        assert orjson.loads(rows["data"]) == {"seconds": 0, "to": "a@example.com"}
+        assert orjson.loads(rows["result"])["slept"] == 0
+        for key in ("created_at", "started_at", "finished_at", "updated_at"):
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rows[key]), rows[key]
+    assert await asyncio.to_thread(server.terminate) == 0

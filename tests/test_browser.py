@@ -196,3 +196,44 @@ def test_dashboard_asks_for_a_token_once(
     page.get_by_role("button", name="Sign out").click()
     expect(login).to_be_visible()
     assert page.context.cookies() == []
+
+
+@pytest.mark.filterwarnings(r"ignore:unclosed file .*server-\d+\.log:ResourceWarning")
+def test_event_source_stops_after_an_ended_tasks_events(
+    run_server: Callable[..., ServerProcess], page: Page
+) -> None:
+    import json
+    import urllib.request
+
+    server = run_server("--task-workers", "1")
+    request = urllib.request.Request(
+        f"{server.url}/tasks",
+        data=json.dumps({"data": {"seconds": 0}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        task_id = json.load(response)["id"]
+    with urllib.request.urlopen(f"{server.url}/tasks/{task_id}?wait=10", timeout=20) as response:
+        assert json.load(response)["state"] == "succeeded"
+
+    page.goto(f"{server.url}/healthz")  # any page of the same origin
+    # Task events are named: addEventListener, not onmessage (which sees none of them).
+    page.evaluate(
+        """(url) => {
+            window.seen = []; window.opens = 0; window.unnamed = 0;
+            const events = new EventSource(url);
+            window.events = events;
+            for (const type of ["queued", "started", "progress", "finished"]) {
+                events.addEventListener(type, () => window.seen.push(type));
+            }
+            events.onopen = () => { window.opens += 1; };
+            events.onmessage = () => { window.unnamed += 1; };
+        }""",
+        f"/tasks/{task_id}/events",
+    )
+    # The replay ends; EventSource reconnects with Last-Event-ID, gets 204 and stops.
+    page.wait_for_function("() => window.events.readyState === EventSource.CLOSED", timeout=WAIT_MS)
+    seen = page.evaluate("() => window.seen")
+    assert seen[0] == "queued"
+    assert seen.count("finished") == 1
+    assert page.evaluate("() => [window.opens, window.unnamed]") == [1, 0]

@@ -152,3 +152,56 @@ async def test_a_full_queue_during_catch_up_does_not_stop_the_schedules(jobs: Jo
         return any(created > emptied for created, *_ in await ticks(db))
 
     await wait_for(scheduling_again, timeout=3, message="a run after the queue emptied")
+
+
+@pytest.mark.parametrize(
+    ("alias", "same_as"),
+    [
+        ("@yearly", "0 0 1 1 *"),
+        ("@annually", "0 0 1 1 *"),
+        ("@monthly", "0 0 1 * *"),
+        ("@weekly", "0 0 * * 0"),
+        ("@daily", "0 0 * * *"),
+        ("@midnight", "0 0 * * *"),
+        ("@hourly", "0 * * * *"),
+        ("@HOURLY", "0 * * * *"),
+    ],
+)
+def test_cron_aliases_mean_what_cron_says(alias: str, same_as: str) -> None:
+    from taskserver.periodic import Schedule
+
+    now = time.time()
+    alias_schedule, plain = Schedule("a", alias), Schedule("p", same_as)
+    alias_schedule.check()
+    assert alias_schedule.next_after(now) == plain.next_after(now)
+    assert alias_schedule.due_after(now - 400 * 86400, now) == plain.due_after(
+        now - 400 * 86400, now
+    )
+
+
+def test_an_unknown_alias_is_refused_by_name() -> None:
+    server = TaskServer(Settings(db=":memory:"))
+    with pytest.raises(ConfigError, match="@fortnightly"):
+        server.schedule("never", "@fortnightly")
+
+
+async def test_an_hourly_schedule_runs_at_the_top_of_the_hour(jobs: Jobs) -> None:
+    # A clock 0.3 s before the next full hour, so the run comes soon.
+    now = time.time()
+    offset = (now // 3600 + 1) * 3600 - 0.3 - now
+
+    def clock() -> float:
+        return time.time() + offset
+
+    def hourly(server: TaskServer) -> None:
+        server.schedule("tick", "@hourly", {"beat": True})
+
+    await jobs.client(configure=hourly, clock=clock)
+
+    async def ran() -> list[tuple[float, str, int, str]]:
+        return await ticks(jobs.settings.db)
+
+    (created_at, _, _, data), *_ = await wait_for(ran, timeout=10, message="the hourly run")
+    assert orjson.loads(data) == {"beat": True}
+    assert await last_due(jobs.settings.db) % 3600 == 0
+    assert created_at % 3600 < 60

@@ -15,7 +15,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "taskserver"
 LAYERS: list[set[str]] = [
     {"errors"},
     {"credentials"},
-    {"models", "config", "topics", "periodic", "processes", "problems", "runtime", "tls"},
+    {
+        "models",
+        "config",
+        "topics",
+        "periodic",
+        "processes",
+        "problems",
+        "runtime",
+        "tls",
+        "jsonints",
+    },
     {"schema", "auth"},
     {"store", "ready", "events"},
     {"workers", "options", "sse"},
