@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from . import admin, tls
+from . import admin, netguard, tls
 from .access import check_exposure
 from .app import ACCESS, TASKSERVER, create_app, load_setup
 from .config import FIELDS, Settings, load_settings
@@ -175,7 +175,7 @@ async def _serve(
     app: web.Application, settings: Settings, ssl_context: ssl.SSLContext | None = None
 ) -> int:
     # shutdown_timeout: how long open requests get; running tasks get grace_period after.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    runner = netguard.runner(app, settings, access_log=None, shutdown_timeout=5.0)
     await runner.setup()  # starts the TaskServer: opens the store, recovers, starts workers
     try:
         site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)

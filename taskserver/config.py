@@ -168,6 +168,32 @@ class Settings:
     max_body_bytes: int = _setting(
         1_048_576, "largest accepted HTTP request body, in bytes", _range(1)
     )
+    # --- hostile clients: connection bound and timeouts (taskserver/netguard.py) ---
+    # A connection costs one descriptor and a few KB; the open-files limit caps it anyway.
+    max_connections: int = _setting(
+        10_000,
+        "client connections open at once (capped by the open-files limit); a new one"
+        " past it is answered 503 with Retry-After and closed",
+        _range(1),
+    )
+    # Go's ReadHeaderTimeout, nginx's client_header_timeout: a slow head is an attack.
+    request_head_timeout: float = _setting(
+        10.0,
+        "seconds a request's head (request line and headers) may take, from connecting"
+        " or from its first byte on a kept-alive connection; then 408 and close",
+        _range(0.01),
+    )
+    # 30 s for a 1 MiB body is a floor of about 35 KB/s.
+    request_body_timeout: float = _setting(
+        30.0,
+        "seconds a request's body may take to arrive once its head has; then 408 and"
+        " close (event streams and long polls have no body and are not cut)",
+        _range(0.01),
+    )
+    # nginx's default; aiohttp's own is an hour.
+    keepalive_timeout: float = _setting(
+        75.0, "seconds an idle keep-alive connection stays open between requests", _range(0.01)
+    )
     subscriber_queue: int = _setting(
         1_000, "events buffered per SSE subscriber before a slow one is dropped", _range(1)
     )

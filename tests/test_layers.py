@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
         "tls",
         "jsonints",
     },
-    {"schema", "auth"},
+    {"schema", "auth", "netguard"},
     {"store", "ready", "events"},
     {"workers", "options", "sse"},
     {"server", "mercure"},

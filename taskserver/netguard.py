@@ -1,0 +1,316 @@
+"""Connections from hostile clients: a bound on them, deadlines for heads and bodies.
+
+aiohttp already bounds what a request may hold (``max_line_size``,
+``max_field_size``, ``client_max_size``) and closes idle keep-alive connections
+(``keepalive_timeout``, given here from ``Settings``). What it lacks is added per
+connection, by a ``RequestHandler`` subclass that ``runner()`` makes aiohttp use:
+
+- a bound on open connections: past ``max_connections`` a new connection is
+  answered ``503`` with ``Retry-After`` and closed before anything is parsed;
+- a deadline for a request's head: ``request_head_timeout`` from accepting the
+  connection, or from the first byte of a later head on a kept-alive one, then
+  ``408`` (or a silent close when nothing was sent) and close;
+- a deadline for a request's body: ``request_body_timeout`` from its head; the
+  handler's read then raises ``BodyTimeout`` (a ``408`` that closes the connection).
+
+Nothing runs per request when a request arrives whole in one read: the checks are
+two attribute tests per read, and timers are armed only for heads and bodies
+that arrive in pieces. A request without a body (event streams, long polls)
+has no deadline once its head has arrived.
+
+At start ``runner()`` raises the soft open-files limit to the hard one (with the
+common soft limit of 1024, 1,100 idle connections left no descriptor for a new
+client) and caps ``max_connections`` below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, cast
+
+from aiohttp import web
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+
+from .config import Settings
+from .problems import PROBLEM, problem_body
+
+log = logging.getLogger(__name__)
+
+#: Descriptors kept back from connections: SQLite and its WAL, process-pool pipes,
+#: static files being sent, the loop's own, logs.
+FD_RESERVE = 256
+#: At most one "limit reached" warning this often, with the count refused since.
+WARN_EVERY = 60.0
+#: What a hard limit of "unlimited" is taken to mean when raising the soft one.
+UNLIMITED_FILES = 1 << 20
+
+
+def _raw_problem(status: int, reason: str, detail: str, *extra: str) -> bytes:
+    """A whole HTTP/1.1 problem response that closes the connection, as bytes."""
+    body = problem_body(status, reason, detail)
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        f"Content-Type: {PROBLEM}",
+        f"Content-Length: {len(body)}",
+        *extra,
+        "Connection: close",
+        "",
+        "",
+    ]
+    return "\r\n".join(head).encode("ascii") + body
+
+
+REFUSED = _raw_problem(
+    503, "Service Unavailable", "too many open connections; retry later", "Retry-After: 1"
+)
+HEAD_TIMEOUT = _raw_problem(
+    408, "Request Timeout", "the request's head did not arrive within request_head_timeout"
+)
+
+
+class BodyTimeout(web.HTTPRequestTimeout, TimeoutError):
+    """Raised by a handler's body read when the body is late: a ``408`` that closes.
+
+    Being a ``TimeoutError`` too lets aiohttp's lingering read after the response
+    end quietly instead of logging it as unhandled.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            body=problem_body(
+                408,
+                "Request Timeout",
+                "the request's body did not arrive within request_body_timeout",
+                "body",
+            ),
+            content_type=PROBLEM,
+        )
+        self.force_close()
+
+
+class ConnectionGuard:
+    """The bound and the deadlines every connection of one server checks, and counts."""
+
+    __slots__ = (
+        "_warned_at",
+        "_warned_refused",
+        "body_timeout",
+        "body_timeouts",
+        "head_timeout",
+        "head_timeouts",
+        "limit",
+        "open",
+        "refused",
+    )
+
+    def __init__(self, limit: int, head_timeout: float, body_timeout: float) -> None:
+        self.limit = limit
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.open = 0  # connections being served now
+        self.refused = 0  # connections turned away at the bound, ever
+        self.head_timeouts = 0
+        self.body_timeouts = 0
+        self._warned_at = -WARN_EVERY
+        self._warned_refused = 0
+
+    def refuse(self, transport: asyncio.Transport) -> None:
+        """Answer ``503`` on a connection past the bound and close it; warn now and then."""
+        self.refused += 1
+        transport.write(REFUSED)
+        transport.close()
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY:
+            log.warning(
+                "connection limit %d reached: new connections get 503 (%d refused since"
+                " the last warning); raise max_connections or the open-files limit",
+                self.limit,
+                self.refused - self._warned_refused,
+            )
+            self._warned_at = now
+            self._warned_refused = self.refused
+
+    def __repr__(self) -> str:
+        return (
+            f"<ConnectionGuard open={self.open}/{self.limit} refused={self.refused}"
+            f" head_timeouts={self.head_timeouts} body_timeouts={self.body_timeouts}>"
+        )
+
+
+class _GuardedHandler(RequestHandler):
+    """aiohttp's connection protocol, plus the bound and the head and body deadlines.
+
+    Reads aiohttp's ``_waiter`` (set while waiting for a head, with no request in
+    flight), ``_messages`` (heads parsed, not yet handled) and ``_request_count``.
+    """
+
+    __slots__ = (
+        "_body_payload",
+        "_body_timer",
+        "_counted",
+        "_guard",
+        "_head_count",
+        "_head_deadline",
+        "_head_partial",
+        "_head_timer",
+    )
+
+    def __init__(self, guard: ConnectionGuard, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._counted = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_deadline = 0.0
+        self._head_count = 0  # _request_count when the head being timed began
+        self._head_partial = False  # some of that head arrived (so it gets a 408)
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_payload: StreamReader | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        guard = self._guard
+        if guard.open >= guard.limit:
+            # uvloop's transports are not asyncio.Transport subclasses, hence the cast.
+            guard.refuse(cast(asyncio.Transport, transport))  # never parsed: no task, no timer
+            return
+        guard.open += 1
+        self._counted = True
+        super().connection_made(transport)
+        self._arm_head()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._counted:
+            self._counted = False
+            self._guard.open -= 1
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._disarm_body()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            # Bytes, yet no whole head and no request in flight: a head is on its way.
+            if self._head_count != self._request_count or self._head_timer is None:
+                self._arm_head()
+            self._head_partial = True
+        elif self._messages:
+            payload = self._messages[-1][1]
+            if not payload.is_eof() and payload is not self._body_payload:
+                self._arm_body(payload)
+
+    def _arm_head(self) -> None:
+        self._head_count = self._request_count
+        self._head_partial = False
+        self._head_deadline = self._loop.time() + self._guard.head_timeout
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_at(self._head_deadline, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        waiter = self._waiter
+        if self._request_count != self._head_count or waiter is None or waiter.done():
+            return  # the head arrived; the next one is timed from its first byte
+        if self._loop.time() < self._head_deadline:  # re-armed for a later head
+            self._head_timer = self._loop.call_at(self._head_deadline, self._head_expired)
+            return
+        self._guard.head_timeouts += 1
+        if self._head_partial and self.transport is not None:
+            self.transport.write(HEAD_TIMEOUT)
+        self.force_close()
+
+    def _arm_body(self, payload: StreamReader) -> None:
+        self._disarm_body()
+        self._body_payload = payload
+        self._body_timer = self._loop.call_later(self._guard.body_timeout, self._body_expired)
+        payload.on_eof(self._disarm_body)
+
+    def _disarm_body(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        self._body_payload = None
+
+    def _body_expired(self) -> None:
+        payload = self._body_payload
+        self._body_timer = None
+        self._body_payload = None
+        if payload is None or payload.is_eof() or payload.exception() is not None:
+            return
+        self._guard.body_timeouts += 1
+        payload.set_exception(BodyTimeout())
+
+
+class _GuardedServer(web.Server):
+    """``web.Server`` making ``_GuardedHandler`` protocols with the settings of ``plain``."""
+
+    def __init__(self, guard: ConnectionGuard, plain: web.Server) -> None:
+        super().__init__(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            **plain._kwargs,
+        )
+        self.guard = guard
+
+    def __call__(self) -> RequestHandler:
+        return _GuardedHandler(self.guard, self, loop=self._loop, **self._kwargs)
+
+
+class GuardedRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections obey ``guard``; sites use it unchanged."""
+
+    __slots__ = ("guard",)
+
+    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.guard = guard
+
+    async def _make_server(self) -> web.Server:
+        return _GuardedServer(self.guard, await super()._make_server())
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns (before, now)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = UNLIMITED_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # e.g. macOS caps it below the hard limit
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
+def connection_limit(wanted: int, open_files: int) -> int:
+    """``wanted`` connections, capped to leave ``FD_RESERVE`` of ``open_files`` free."""
+    return max(1, min(wanted, open_files - FD_RESERVE))
+
+
+def runner(app: web.Application, settings: Settings, **kwargs: Any) -> GuardedRunner:
+    """An ``AppRunner`` for ``app`` with ``settings``' connection bound and timeouts.
+
+    First raises the soft open-files limit to the hard one and logs it, once, with
+    the connection bound that results. ``kwargs`` go to ``web.AppRunner``.
+    """
+    before, files = raise_open_files_limit()
+    limit = connection_limit(settings.max_connections, files)
+    log.info(
+        "open files limit %d%s; at most %d connections%s",
+        files,
+        f" (raised from {before})" if files != before else "",
+        limit,
+        f" (max_connections {settings.max_connections} capped by it)"
+        if limit < settings.max_connections
+        else "",
+    )
+    guard = ConnectionGuard(limit, settings.request_head_timeout, settings.request_body_timeout)
+    return GuardedRunner(app, guard, keepalive_timeout=settings.keepalive_timeout, **kwargs)

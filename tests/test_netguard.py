@@ -1,0 +1,361 @@
+"""Hostile clients cannot take ``taskserver run`` down (taskserver/netguard.py).
+
+Every test starts a real ``taskserver run`` subprocess and talks to it over real
+loopback sockets: idle and half-open connections, heads and bodies that never
+complete, idle keep-alive connections, and a normal client that must keep working.
+Timeouts are set small through the settings; each wait is for a condition (a
+response, or EOF) with a bound, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import resource
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+import pytest
+
+from .conftest import ServerProcess, sse
+
+RunServer = Callable[..., ServerProcess]
+
+#: A generous bound for "promptly" on a loaded 2-core machine.
+SLACK = 5.0
+
+
+async def start(run_server: RunServer, *args: str) -> ServerProcess:
+    return await asyncio.to_thread(run_server, "--task-workers", "1", *args)
+
+
+def address(server: ServerProcess) -> tuple[str, int]:
+    parts = urlsplit(server.url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    return parts.hostname, parts.port
+
+
+@contextlib.contextmanager
+def soft_open_files(limit: int) -> Iterator[None]:
+    """Lower this process's soft RLIMIT_NOFILE while a child is started (it inherits it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def child_nofile(pid: int) -> tuple[int, int]:
+    """(soft, hard) 'Max open files' of process ``pid``, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no 'Max open files' line")
+
+
+async def read_until_eof(reader: asyncio.StreamReader, bound: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and how long that took."""
+    began = time.monotonic()
+    async with asyncio.timeout(bound):
+        data = await reader.read()
+    return data, time.monotonic() - began
+
+
+async def healthz_on(session: aiohttp.ClientSession, url: str, count: int) -> int:
+    """How many of ``count`` sequential ``GET /healthz`` answered 200."""
+    ok = 0
+    for _ in range(count):
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.get(f"{url}/healthz") as response:
+                ok += response.status == 200
+    return ok
+
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def open_idle(host: str, port: int, count: int) -> list[Conn]:
+    """``count`` connections that send nothing, opened a batch at a time."""
+    conns: list[Conn] = []
+    for first in range(0, count, 100):
+        conns.extend(
+            await asyncio.gather(
+                *(asyncio.open_connection(host, port) for _ in range(min(100, count - first)))
+            )
+        )
+    return conns
+
+
+async def close_all(conns: list[Conn]) -> None:
+    for _, writer in conns:
+        writer.close()
+    for _, writer in conns:
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def status_line(data: bytes) -> str:
+    return data.split(b"\r\n", 1)[0].decode()
+
+
+def body_of(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[1]
+
+
+def header(data: bytes, name: str) -> str | None:
+    head = data.split(b"\r\n\r\n", 1)[0].decode()
+    match = re.search(rf"^{name}: *(.*?)\r?$", head, re.IGNORECASE | re.MULTILINE)
+    return match.group(1) if match else None
+
+
+# --- (a) idle connections and the connection bound -------------------------------------
+
+
+async def test_connections_past_max_connections_get_503_and_a_client_keeps_working(
+    run_server: RunServer,
+) -> None:
+    server = await start(run_server, "--max-connections", "100", "--request-head-timeout", "60")
+    host, port = address(server)
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        assert await healthz_on(session, server.url, 1) == 1  # holds one of the 100
+        idle = await open_idle(host, port, 300)
+        try:
+            answers = await asyncio.gather(
+                *(read_until_eof(reader, SLACK) for reader, _ in idle[-150:])
+            )
+            # The last 150 are past the bound: refused at once, cheaply, with a reason.
+            for data, _ in answers:
+                assert status_line(data) == "HTTP/1.1 503 Service Unavailable", data
+                assert header(data, "Retry-After") == "1"
+                assert orjson.loads(body_of(data))["status"] == 503
+            assert await healthz_on(session, server.url, 50) == 50
+        finally:
+            await close_all(idle)
+    # Once the idle ones are gone, new connections are accepted again.
+    async with aiohttp.ClientSession() as fresh:
+
+        async def accepted() -> bool:
+            return await healthz_on(fresh, server.url, 1) == 1
+
+        deadline = time.monotonic() + SLACK
+        while not await accepted():
+            assert time.monotonic() < deadline, "the bound was not released"
+            await asyncio.sleep(0.05)
+    assert "connection limit" in server.log.read_text()
+
+
+async def test_1100_idle_connections_under_a_1024_soft_limit_leave_healthz_working(
+    run_server: RunServer,
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4096:
+        pytest.skip(f"the hard open-files limit ({hard}) is too low for 1,100 connections")
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the client side needs them
+    with soft_open_files(1024):  # the common default the child starts with
+        server = await start(run_server, "--request-head-timeout", "120")
+    host, port = address(server)
+    idle = await open_idle(host, port, 1100)
+    try:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True),
+            timeout=aiohttp.ClientTimeout(total=SLACK),
+        ) as session:
+            assert await healthz_on(session, server.url, 50) == 50  # each on a new connection
+        # and every idle connection is still held, none dropped for lack of descriptors
+        assert not any(reader.at_eof() for reader, _ in idle)
+    finally:
+        await close_all(idle)
+
+
+# --- (b) a head that never completes ----------------------------------------------------
+
+
+async def test_a_head_that_never_completes_gets_408_after_the_head_timeout(
+    run_server: RunServer,
+) -> None:
+    server = await start(run_server, "--request-head-timeout", "0.5")
+    host, port = address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
+    data, took = await read_until_eof(reader, SLACK)
+    writer.close()
+    assert status_line(data) == "HTTP/1.1 408 Request Timeout", data
+    assert header(data, "Connection") == "close"
+    assert orjson.loads(body_of(data))["status"] == 408
+    assert 0.4 <= took < SLACK
+
+
+async def test_a_head_trickled_a_byte_at_a_time_is_cut_at_the_head_timeout(
+    run_server: RunServer,
+) -> None:
+    server = await start(run_server, "--request-head-timeout", "0.5")
+    host, port = address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    began = time.monotonic()
+    closed = asyncio.ensure_future(reader.read())
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
+        if closed.done():
+            break
+        writer.write(bytes([byte]))
+        await asyncio.wait([closed], timeout=0.02)  # each byte well inside any timeout
+    async with asyncio.timeout(SLACK):
+        data = await closed
+    took = time.monotonic() - began
+    writer.close()
+    assert status_line(data) == "HTTP/1.1 408 Request Timeout", data
+    assert 0.4 <= took < 0.5 + SLACK
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(
+    run_server: RunServer,
+) -> None:
+    server = await start(run_server, "--request-head-timeout", "0.5")
+    host, port = address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    data, took = await read_until_eof(reader, SLACK)
+    writer.close()
+    assert data == b""  # nothing was asked, so nothing is answered
+    assert 0.4 <= took < SLACK
+
+
+async def test_a_second_head_on_a_kept_alive_connection_has_its_own_head_timeout(
+    run_server: RunServer,
+) -> None:
+    server = await start(run_server, "--request-head-timeout", "0.5", "--keepalive-timeout", "60")
+    host, port = address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(SLACK):
+        first = await reader.readuntil(b"\r\n\r\n")
+    assert status_line(first) == "HTTP/1.1 200 OK"
+    length = int(header(first, "Content-Length") or 0)
+    async with asyncio.timeout(SLACK):
+        await reader.readexactly(length)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    data, took = await read_until_eof(reader, SLACK)
+    writer.close()
+    assert status_line(data) == "HTTP/1.1 408 Request Timeout", data
+    assert 0.4 <= took < SLACK
+
+
+# --- (c) a body shorter than its Content-Length ----------------------------------------
+
+
+async def test_a_body_shorter_than_its_content_length_gets_408_and_the_server_serves_on(
+    run_server: RunServer,
+) -> None:
+    server = await start(run_server, "--request-body-timeout", "0.5")
+    host, port = address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n"
+    )
+    await writer.drain()
+    writer.write(b'{"data": 1')  # 10 of the 100 bytes, in a packet of its own
+    data, took = await read_until_eof(reader, SLACK)
+    writer.close()
+    assert status_line(data) == "HTTP/1.1 408 Request Timeout", data
+    assert header(data, "Connection") == "close"
+    problem = orjson.loads(body_of(data))
+    assert problem["status"] == 408
+    assert "body" in problem["detail"]
+    assert 0.4 <= took < SLACK
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{server.url}/tasks", json={"data": 1}) as response,
+    ):
+        assert response.status == 202
+    log = server.log.read_text()
+    assert "Traceback" not in log
+    assert "Error handling request" not in log
+
+
+async def test_a_whole_body_sent_after_its_head_is_not_cut(run_server: RunServer) -> None:
+    server = await start(run_server, "--request-body-timeout", "2")
+    host, port = address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    body = b'{"data": {"n": 1}}'
+    writer.write(
+        b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    await writer.drain()
+    for byte in body:  # slowly, but within the body timeout
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    async with asyncio.timeout(SLACK):
+        head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert status_line(head) == "HTTP/1.1 202 Accepted", head
+
+
+# --- (d) idle keep-alive connections ----------------------------------------------------
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(
+    run_server: RunServer,
+) -> None:
+    server = await start(run_server, "--keepalive-timeout", "0.5")
+    host, port = address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(SLACK):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(header(head, "Content-Length") or 0))
+    assert status_line(head) == "HTTP/1.1 200 OK"
+    assert header(head, "Connection") != "close"
+    data, took = await read_until_eof(reader, SLACK)
+    writer.close()
+    assert data == b""
+    assert 0.4 <= took < SLACK
+
+
+# --- event streams and long polls are long-lived by design ----------------------------
+
+
+async def test_event_streams_and_long_polls_outlive_every_timeout(run_server: RunServer) -> None:
+    server = await start(
+        run_server,
+        *("--request-head-timeout", "0.3", "--request-body-timeout", "0.3"),
+        *("--keepalive-timeout", "0.3", "--heartbeat", "0.1"),
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/events") as response:
+            sse(response)
+            began = time.monotonic()
+            async with asyncio.timeout(SLACK * 2):
+                while time.monotonic() - began < 1.5:  # five times every timeout
+                    assert await response.content.readline(), "the stream was cut"
+        task = {"data": {"seconds": 1.0}}
+        async with session.post(f"{server.url}/tasks", json=task) as posted:
+            task_id = (await posted.json())["id"]
+        async with session.get(f"{server.url}/tasks/{task_id}?wait=10") as polled:
+            assert polled.status == 200
+            assert (await polled.json())["state"] == "succeeded"
+
+
+# --- (e) the open-files limit -----------------------------------------------------------
+
+
+async def test_the_soft_open_files_limit_is_raised_to_the_hard_limit(
+    run_server: RunServer,
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with soft_open_files(min(1024, hard)):
+        server = await start(run_server)
+    soft_now, hard_now = child_nofile(server.proc.pid)
+    assert soft_now == hard_now == hard
+    log = server.log.read_text()
+    assert re.search(r"INFO taskserver\S*: open files limit \d+", log), log
