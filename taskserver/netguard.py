@@ -140,6 +140,9 @@ class ConnectionGuard:
         )
 
 
+_data_received = RequestHandler.data_received
+
+
 class _GuardedHandler(RequestHandler):
     """aiohttp's connection protocol, plus the bound and the head and body deadlines.
 
@@ -191,17 +194,20 @@ class _GuardedHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        count = self._request_count
+        _data_received(self, data)  # not super(): this runs for every read
+        if self._request_count != count:
+            # A head arrived: time its body unless that came whole with it.
+            payload = self._messages[-1][1] if self._messages else None
+            if payload is not None and not payload.is_eof():
+                self._arm_body(payload)
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             # Bytes, yet no whole head and no request in flight: a head is on its way.
-            if self._head_count != self._request_count or self._head_timer is None:
+            if self._head_count != count or self._head_timer is None:
                 self._arm_head()
             self._head_partial = True
-        elif self._messages:
-            payload = self._messages[-1][1]
-            if not payload.is_eof() and payload is not self._body_payload:
-                self._arm_body(payload)
 
     def _arm_head(self) -> None:
         self._head_count = self._request_count
