@@ -22,6 +22,9 @@ import aiohttp
 import orjson
 import pytest
 
+from taskserver import ConfigError, load_settings
+from taskserver.netguard import FD_RESERVE, connection_limit
+
 from .conftest import ServerProcess, sse
 
 RunServer = Callable[..., ServerProcess]
@@ -150,7 +153,33 @@ async def test_connections_past_max_connections_get_503_and_a_client_keeps_worki
         while not await accepted():
             assert time.monotonic() < deadline, "the bound was not released"
             await asyncio.sleep(0.05)
-    assert "connection limit" in server.log.read_text()
+    log = server.log.read_text()
+    assert "connection limit 100 reached" in log
+    assert "Traceback" not in log
+
+
+async def test_a_flood_of_half_open_connections_is_released_by_the_head_timeout(
+    run_server: RunServer,
+) -> None:
+    server = await start(run_server, "--max-connections", "100", "--request-head-timeout", "1")
+    host, port = address(server)
+    flood = await open_idle(host, port, 100)  # fills the bound
+    for _, writer in flood:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never finishes
+    reader, writer = await asyncio.open_connection(host, port)
+    refused, _ = await read_until_eof(reader, SLACK)
+    writer.close()
+    assert status_line(refused) == "HTTP/1.1 503 Service Unavailable"
+    # Without any help from the clients, every one of them is answered and closed ...
+    answers = await asyncio.gather(*(read_until_eof(r, 1 + SLACK) for r, _ in flood))
+    assert {status_line(data) for data, _ in answers} == {"HTTP/1.1 408 Request Timeout"}
+    await close_all(flood)
+    # ... so the server has room again.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{server.url}/healthz") as response,
+    ):
+        assert response.status == 200
 
 
 async def test_1100_idle_connections_under_a_1024_soft_limit_leave_healthz_working(
@@ -165,6 +194,8 @@ async def test_1100_idle_connections_under_a_1024_soft_limit_leave_healthz_worki
         server = await start(run_server, "--request-head-timeout", "120")
     host, port = address(server)
     idle = await open_idle(host, port, 1100)
+    for _, writer in idle[::2]:  # half of them start a head and never finish it
+        writer.write(b"POST /tasks HTTP/1.1\r\nHost: x\r\n")
     try:
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True),
@@ -353,9 +384,31 @@ async def test_the_soft_open_files_limit_is_raised_to_the_hard_limit(
     run_server: RunServer,
 ) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with soft_open_files(min(1024, hard)):
+    if hard <= 1024:
+        pytest.skip(f"the hard open-files limit is {hard}: nothing to raise")
+    with soft_open_files(1024):
         server = await start(run_server)
     soft_now, hard_now = child_nofile(server.proc.pid)
     assert soft_now == hard_now == hard
     log = server.log.read_text()
-    assert re.search(r"INFO taskserver\S*: open files limit \d+", log), log
+    expected = rf"INFO taskserver\S*: open files limit {hard} \(raised from 1024\); at most"
+    assert re.search(expected, log), log
+
+
+def test_max_connections_leaves_descriptors_for_the_server_itself() -> None:
+    assert connection_limit(10_000, 1_048_576) == 10_000
+    assert connection_limit(10_000, 1024) == 1024 - FD_RESERVE
+    assert connection_limit(10_000, 100) == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["request_head_timeout", "request_body_timeout", "keepalive_timeout"]
+)
+def test_a_timeout_must_be_positive(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings(env={f"TASKSERVER_{name.upper()}": "0"})
+
+
+def test_max_connections_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="max_connections"):
+        load_settings(env={"TASKSERVER_MAX_CONNECTIONS": "0"})
