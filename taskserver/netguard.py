@@ -13,10 +13,10 @@ connection, by a ``RequestHandler`` subclass that ``runner()`` makes aiohttp use
 - a deadline for a request's body: ``request_body_timeout`` from its head; the
   handler's read then raises ``BodyTimeout`` (a ``408`` that closes the connection).
 
-Nothing runs per request when a request arrives whole in one read: the checks are
-two attribute tests per read, and timers are armed only for heads and bodies
-that arrive in pieces. A request without a body (event streams, long polls)
-has no deadline once its head has arrived.
+A request that arrives whole in one read costs a counter compared and one
+``is_eof()``: timers are armed only per connection and for heads and bodies that
+arrive in pieces. A request without a body (event streams, long polls) has no
+deadline once its head has arrived; nor has an upgraded connection.
 
 At start ``runner()`` raises the soft open-files limit to the hard one (with the
 common soft limit of 1024, 1,100 idle connections left no descriptor for a new
@@ -202,12 +202,16 @@ class _GuardedHandler(RequestHandler):
             if payload is not None and not payload.is_eof():
                 self._arm_body(payload)
             return
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        if self._awaiting_head():
             # Bytes, yet no whole head and no request in flight: a head is on its way.
             if self._head_count != count or self._head_timer is None:
                 self._arm_head()
             self._head_partial = True
+
+    def _awaiting_head(self) -> bool:
+        """No request in flight: aiohttp waits for a head (or has not begun to, on Python 3.11)."""
+        waiter = self._waiter
+        return (waiter is not None and not waiter.done()) or self._request_count == 0
 
     def _arm_head(self) -> None:
         self._head_count = self._request_count
@@ -218,8 +222,7 @@ class _GuardedHandler(RequestHandler):
 
     def _head_expired(self) -> None:
         self._head_timer = None
-        waiter = self._waiter
-        if self._request_count != self._head_count or waiter is None or waiter.done():
+        if self._request_count != self._head_count or not self._awaiting_head():
             return  # the head arrived; the next one is timed from its first byte
         if self._loop.time() < self._head_deadline:  # re-armed for a later head
             self._head_timer = self._loop.call_at(self._head_deadline, self._head_expired)

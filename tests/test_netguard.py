@@ -279,6 +279,26 @@ async def test_a_second_head_on_a_kept_alive_connection_has_its_own_head_timeout
     assert 0.4 <= took < SLACK
 
 
+async def test_pipelined_requests_in_one_read_are_all_answered(run_server: RunServer) -> None:
+    server = await start(run_server, "--request-head-timeout", "0.5")
+    host, port = address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    body = b'{"data": 1}'
+    post = (
+        b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    writer.write(post + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + post)
+    statuses = []
+    async with asyncio.timeout(SLACK):
+        for _ in range(3):
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(header(head, "Content-Length") or 0))
+            statuses.append(status_line(head))
+    writer.close()
+    assert statuses == ["HTTP/1.1 202 Accepted", "HTTP/1.1 200 OK", "HTTP/1.1 202 Accepted"]
+
+
 # --- (c) a body shorter than its Content-Length ----------------------------------------
 
 
