@@ -25,6 +25,8 @@ from aiohttp.test_utils import TestClient
 
 from taskserver import Settings, TaskContext, TaskServer, attach
 
+from .pg_server import PostgresServer, find_bindir
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -247,6 +249,46 @@ def run_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait(10)
+
+
+# --- a private PostgreSQL ------------------------------------------------------------
+
+
+def postgres_missing(ci: bool) -> None:
+    """No PostgreSQL binaries: skip on a developer's machine, fail loudly in CI."""
+    message = (
+        "no PostgreSQL server binaries (initdb, postgres, pg_isready) found via pg_config, "
+        "/usr/lib/postgresql/*/bin or PATH: install Debian's postgresql package"
+    )
+    if ci:
+        pytest.fail(f"CI is set: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One private PostgreSQL for the whole session (initdb + start ~0.5 s).
+
+    ``postgres.dsn`` is its maintenance database; ``postgres.create_database()`` (or
+    ``await postgres.create_database_async()``) makes a fresh empty one per test and
+    returns its DSN. They are dropped, and the server stopped, at the end.
+    """
+    bindir = find_bindir()
+    if bindir is None:
+        postgres_missing(bool(os.environ.get("CI")))
+        raise AssertionError("unreachable")  # skip and fail raise
+    server = PostgresServer.start(bindir)
+    try:
+        yield server
+        server.drop_created()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_db(postgres: PostgresServer) -> str:
+    """The DSN of a fresh empty database of the session's PostgreSQL."""
+    return postgres.create_database()
 
 
 # --- the loop must never block --------------------------------------------------------
