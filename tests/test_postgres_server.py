@@ -131,10 +131,8 @@ def test_sync_fixture_database(postgres: PostgresServer, postgres_db: str) -> No
     """``postgres_db`` (for sync tests, e.g. ``taskserver run`` subprocesses) is fresh."""
     name = postgres_db.rsplit("/", 1)[1]
     assert name in postgres.created
-    tables = postgres.psql(
-        f"SELECT count(*) FROM pg_database WHERE datname = '{name}'",
-    )
-    assert tables.strip() == "1"
+    found = postgres.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{name}'")
+    assert found.strip() == "1"
 
 
 def test_binaries_found_or_skip_only_outside_ci(tmp_path: Path) -> None:
