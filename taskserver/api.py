@@ -21,6 +21,7 @@ from .errors import Conflict, ServerBusy, TaskNotFound, ValidationError
 from .jsonints import refuse_wide_integers
 from .mercure import Mercure, discovery_link
 from .models import TERMINAL, Task, TaskState
+from .openapi import serve as openapi_document
 from .options import OPTIONS, TaskSpec
 from .problems import guard, problem
 from .server import TaskServer
@@ -412,6 +413,7 @@ ROUTES: tuple[tuple[str, str, Handler, str | None, Need | None], ...] = (
     ("GET", "/stats", stats, "stats", READ),
     ("GET", "/healthz", healthz, "healthz", None),
     ("GET", "/readyz", readyz, "readyz", None),
+    ("GET", "/openapi.json", openapi_document, "openapi", None),
 )
 
 
