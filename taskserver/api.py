@@ -223,12 +223,17 @@ async def admin_retry(request: web.Request) -> web.Response:
     """``POST /tasks:retry {"ids": [...]} | {"failed": true}`` → ids re-queued, errors per id."""
     server = request.app[SERVER]
     body = await read_json_object(request, frozenset({"ids", "failed"}))
-    if body.get("failed") is True:
+    failed = body.get("failed", False)
+    if not isinstance(failed, bool):
+        raise ValidationError("failed must be true or false", field="failed")
+    if failed and "ids" in body:
+        raise ValidationError('give "ids" or "failed": true, not both', field="ids")
+    if failed:
         return json_response({"retried": await server.retry_failed(), "errors": {}})
     ids = body.get("ids")
-    # type() and not isinstance(): JSON true is a bool, and bool is an int in Python.
-    if not isinstance(ids, list) or not all(type(i) is int and 0 < i < 2**62 for i in ids):
+    if not isinstance(ids, list) or not all(_is_id(i) for i in ids):
         raise ValidationError('give "ids": [positive integers] or "failed": true', field="ids")
+    ids = [int(i) for i in ids]
     retried: list[int] = []
     errors: dict[str, str] = {}
     for task_id in ids:
@@ -238,6 +243,13 @@ async def admin_retry(request: web.Request) -> web.Response:
         except (TaskNotFound, Conflict) as exc:
             errors[str(task_id)] = str(exc)
     return json_response({"retried": retried, "errors": errors})
+
+
+def _is_id(value: Any) -> bool:
+    """A task id in JSON: a positive integer (``7.0`` too, as JSON Schema's integer)."""
+    # type() and not isinstance(): JSON true is a bool, and bool is an int in Python.
+    integral = type(value) is int or (type(value) is float and value.is_integer())
+    return integral and 0 < value < 2**62
 
 
 async def admin_purge(request: web.Request) -> web.Response:
@@ -252,7 +264,7 @@ async def admin_purge(request: web.Request) -> web.Response:
     if (
         not isinstance(raw_states, list)
         or not raw_states
-        or any(s not in ended for s in raw_states)
+        or any(not isinstance(s, str) or s not in ended for s in raw_states)
     ):
         raise ValidationError(
             f"states must be a list of {', '.join(sorted(ended))}", field="states"
@@ -280,10 +292,13 @@ async def list_tasks(request: web.Request) -> web.Response:
     if order not in ("asc", "desc"):
         raise ValidationError(f"order must be asc or desc, got {order!r}", field="order")
     cursor = "after" if order == "asc" else "before"
+    # Both checked whatever the order: a bad value is refused, not silently ignored.
+    after = int_param(request, "after", 0, 0, 2**62)
+    before: int | None = int_param(request, "before", 2**62, 1, 2**62)
     if order == "asc":
-        after, before = int_param(request, "after", 0, 0, 2**62), None
+        before = None
     else:
-        after, before = 0, int_param(request, "before", 2**62, 1, 2**62)
+        after = 0
     tasks = await server.list_tasks(state=state, after=after, limit=limit, before=before)
     next_cursor = tasks[-1].id if len(tasks) == limit else None
     next_url = None

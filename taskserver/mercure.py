@@ -613,7 +613,9 @@ class Mercure:
 
     async def preflight(self, request: web.Request) -> web.Response:
         """``OPTIONS`` on the hub: the CORS headers are added by ``decorate``."""
-        return web.Response(status=204, headers={"Allow": "GET, POST, OPTIONS"})
+        # The methods of this path only: the subscriptions API takes no POST.
+        methods = sorted({route.method for route in request.match_info.route.resource or ()})
+        return web.Response(status=204, headers={"Allow": ", ".join(methods)})
 
     def decorate(self, request: web.Request, response: web.StreamResponse) -> None:
         """Add the discovery ``Link`` and the CORS headers to a response of the hub.

@@ -10,6 +10,8 @@ reveals no task.
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import orjson
@@ -36,6 +38,7 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 LABEL_SCHEMA = {"type": "string", "pattern": LABEL.pattern}
+TRUE = {"const": True}
 SECONDS = {"type": "number", "minimum": 0, "maximum": MAX_DELAY}
 TIME = {"type": "number", "description": "seconds since the Unix epoch"}
 
@@ -48,7 +51,8 @@ OPTION_SCHEMAS: dict[str, dict[str, Any]] = {
     "available_at": {
         "type": "number",
         "minimum": 0,
-        "description": "start no sooner than this time (epoch seconds; at most 10 years ahead)",
+        "description": "start no sooner than this time (epoch seconds; at most 10 years ahead: "
+        "maximum is now + 10 years when the document was built)",
     },
     "serial_group": {**LABEL_SCHEMA, "description": "tasks of a group run one at a time"},
     "unique_key": {**LABEL_SCHEMA, "description": "while one task holds it, enqueue returns it"},
@@ -67,14 +71,23 @@ OPTION_SCHEMAS: dict[str, dict[str, Any]] = {
     },
 }
 
+NUMBER = {"type": "number"}
 NEW_TASK = {
     "type": "object",
     "required": ["data"],
     "additionalProperties": False,
-    "properties": {"data": {"description": "any JSON value"}, **OPTION_SCHEMAS},
+    # null: not set (the defaults apply).
+    "properties": {
+        "data": {"description": "any JSON value"},
+        **{k: _nullable(v) for k, v in OPTION_SCHEMAS.items()},
+    },
     # delay and available_at exclude each other; unique_for needs a unique_key.
-    "not": {"required": ["delay", "available_at"]},
-    "dependentRequired": {"unique_for": ["unique_key"]},
+    "not": {
+        "required": ["delay", "available_at"],
+        "properties": {"delay": NUMBER, "available_at": NUMBER},
+    },
+    "if": {"required": ["unique_for"], "properties": {"unique_for": NUMBER}},
+    "then": {"required": ["unique_key"], "properties": {"unique_key": {"type": "string"}}},
 }
 
 _TASK_PROPS: dict[str, Any] = {
@@ -272,9 +285,20 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
                             "type": "array",
                             "items": {"type": "integer", "minimum": 1, "maximum": 2**62 - 1},
                         },
-                        "failed": {"const": True},
+                        "failed": {"type": "boolean"},
                     },
-                    "minProperties": 1,
+                    # ids, or failed: true; not both.
+                    "anyOf": [
+                        {
+                            "required": ["ids"],
+                            "not": {"required": ["failed"], "properties": {"failed": TRUE}},
+                        },
+                        {
+                            "required": ["failed"],
+                            "properties": {"failed": TRUE},
+                            "not": {"required": ["ids"]},
+                        },
+                    ],
                 }
             ),
         ),
@@ -456,6 +480,15 @@ def _hub(subscriptions: bool) -> dict[tuple[str, str], Op]:
     return ops
 
 
+def _new_task(now: float) -> dict[str, Any]:
+    """``NEW_TASK`` with ``available_at``'s bound as of ``now``."""
+    props = dict(NEW_TASK["properties"])
+    props["available_at"] = _nullable(
+        {**OPTION_SCHEMAS["available_at"], "maximum": math.floor(now + MAX_DELAY)}
+    )
+    return {**NEW_TASK, "properties": props}
+
+
 def operations(settings: Settings) -> dict[tuple[str, str], Op]:
     """Every route an application gets from ``attach``, keyed ``(method, path)``."""
     from . import api  # api imports this module for its route table
@@ -476,7 +509,7 @@ def document(settings: Settings, prefix: str = "") -> dict[str, Any]:
         "servers": [{"url": settings.base_url or "/"}],
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, "NewTask": _new_task(time.time())},
             "securitySchemes": {
                 "bearer": {
                     "type": "http",

@@ -84,7 +84,8 @@ def _number(
     value: Any, name: str, *, lo: float, hi: float, integer: bool = False, positive: bool = False
 ) -> float:
     ok = not isinstance(value, bool) and isinstance(value, int | float)
-    if ok and integer and not isinstance(value, int):
+    # JSON Schema's integer: 3.0 is one too (and whatever a client's JSON encoder wrote).
+    if ok and integer and not (isinstance(value, int) or float(value).is_integer()):
         ok = False
     if ok and not math.isfinite(value):
         ok = False
@@ -160,7 +161,9 @@ def prepare(
         name = _label(opts["name"], "name") if opts.get("name") is not None else None
         raw_queue = pick("queue")
         queue = "default" if raw_queue is None else _label(raw_queue, "queue")
-        priority = int(_number(pick("priority") or 0, "priority", lo=-1000, hi=1000, integer=True))
+        raw_priority = pick("priority")
+        priority = 0 if raw_priority is None else raw_priority  # `or 0` let {} and "" pass
+        priority = int(_number(priority, "priority", lo=-1000, hi=1000, integer=True))
         timeout = pick("timeout")
         timeout = (
             _number(timeout, "timeout", lo=0, hi=MAX_DELAY, positive=True)

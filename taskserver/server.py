@@ -403,7 +403,9 @@ class TaskServer:
         return self._plain
 
     def _resolve(self, spec: TaskSpec, where: str) -> NewTask:
-        name_defaults = self._name_defaults.get(spec.options.get("name") or "")
+        # Only a str can name defaults: a list (bad input, refused by prepare) is unhashable.
+        name = spec.options.get("name")
+        name_defaults = self._name_defaults.get(name) if isinstance(name, str) else None
         queue = spec.options.get("queue") or (name_defaults.queue if name_defaults else None)
         return prepare(
             spec,
@@ -411,7 +413,7 @@ class TaskServer:
             now=self._clock(),
             settings=self.settings,
             by_name=name_defaults,
-            by_queue=self._queue_defaults.get(queue or "default"),
+            by_queue=self._queue_defaults.get(queue if isinstance(queue, str) else "default"),
         )
 
     async def submit(self, data: Any, **options: Any) -> Submitted:
