@@ -1,6 +1,7 @@
 """taskserver: HTTP, durable in-process task workers and Server-Sent Events in one process."""
 
 from .app import TASKSERVER, attach, create_app
+from .client import Client, ServerEvent, SyncClient
 from .config import Settings, load_settings
 from .credentials import ApiToken
 from .errors import (
@@ -34,6 +35,7 @@ __all__ = [
     "TERMINAL",
     "AccessDenied",
     "ApiToken",
+    "Client",
     "ConfigError",
     "Conflict",
     "Event",
@@ -45,8 +47,10 @@ __all__ = [
     "RetryPolicy",
     "ServerBusy",
     "ServerClosed",
+    "ServerEvent",
     "Settings",
     "Submitted",
+    "SyncClient",
     "SyncTaskContext",
     "Task",
     "TaskCancelled",

@@ -72,7 +72,7 @@ OPTION_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 NUMBER = {"type": "number"}
-NEW_TASK = {
+NEW_TASK: dict[str, Any] = {
     "type": "object",
     "required": ["data"],
     "additionalProperties": False,
@@ -210,9 +210,7 @@ STREAM = {"description": "an event stream", "content": {SSE: {"schema": {"type":
 JSON_BODY = (400, 413, 415, 422)
 
 
-def _op(
-    summary: str, scope: str | None, responses: dict[str, Any], **more: Any
-) -> dict[str, Any]:
+def _op(summary: str, scope: str | None, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
     """One operation; ``scope`` (read, enqueue, admin) adds the 401/403 it may answer."""
     op: dict[str, Any] = {"summary": summary, "responses": responses, **more}
     if scope is None:
@@ -378,9 +376,7 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
             None,
             {"200": _json(_ref("Status")), **_problems(503)},
         ),
-        ("GET", "/openapi.json"): _op(
-            "This document", None, {"200": _json({"type": "object"})}
-        ),
+        ("GET", "/openapi.json"): _op("This document", None, {"200": _json({"type": "object"})}),
     }
 
 
@@ -414,13 +410,16 @@ def _session() -> dict[tuple[str, str], Op]:
 
 
 FORM_MEDIA = "application/x-www-form-urlencoded"
-HUB_SECURITY = [{"mercure": []}]
+HUB_SECURITY: list[dict[str, list[str]]] = [{"mercure": []}]
 
 
 def _hub(subscriptions: bool) -> dict[tuple[str, str], Op]:
     hub_problems = _problems(400, 401, 403)
-    preflight = {"summary": "CORS preflight", "security": [], "responses": {"204": {}}}
-    preflight["responses"]["204"] = {"description": "CORS headers"}
+    preflight: Op = {
+        "summary": "CORS preflight",
+        "security": [],
+        "responses": {"204": {"description": "CORS headers"}},
+    }
     publish = {
         "type": "object",
         "required": ["topic"],

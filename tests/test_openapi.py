@@ -14,7 +14,11 @@ TOKEN = "t0ken-for-the-openapi-tests-0123456789"
 
 
 def _routes(app: web.Application) -> set[tuple[str, str]]:
-    return {(route.method, route.resource.canonical) for route in app.router.routes()}
+    return {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None
+    }
 
 
 @pytest.mark.parametrize("subscriptions", [False, True])

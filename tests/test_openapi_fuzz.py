@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -103,8 +104,10 @@ def _short_waits(context: Any, query: Any) -> Any:
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_api_conforms_to_its_document(case: Case, live_url: str) -> None:
-    case.call_and_validate(base_url=live_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+def test_api_conforms_to_its_document(case: Case[Any], live_url: str) -> None:
+    case.call_and_validate(
+        base_url=live_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+    )
 
 
 def test_document_served_is_the_one_built(live_url: str) -> None:
