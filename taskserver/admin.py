@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from . import add_command
 from .config import URL_ENV
 from .models import TaskState
 from .store import Snapshot
@@ -68,7 +69,7 @@ def add_commands(commands: Any, parser_class: type[argparse.ArgumentParser]) -> 
     stats = commands.add_parser("stats", parents=[common, offline], help="worker and task counters")
     stats.set_defaults(action="stats")
 
-    tasks = commands.add_parser("tasks", help="list, show, cancel, retry or purge tasks")
+    tasks = commands.add_parser("tasks", help="add, list, show, cancel, retry or purge tasks")
     verbs = tasks.add_subparsers(dest="verb", required=True, parser_class=parser_class)
     listing = verbs.add_parser("list", parents=[common, offline], help="one page of tasks")
     listing.add_argument(
@@ -103,6 +104,7 @@ def add_commands(commands: Any, parser_class: type[argparse.ArgumentParser]) -> 
     which.add_argument("--failed", action="store_true")
     which.add_argument("--cancelled", action="store_true")
     purge.set_defaults(action="purge")
+    add_command.add_parser(verbs, common)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         return _usage("give task ids or --failed")
     if args.action == "retry" and args.ids and args.failed:
         return _usage("give task ids or --failed, not both")
+    if args.action == "add":
+        return add_command.run(args)
     if getattr(args, "db", None):
         return _offline(args)
     try:
