@@ -10,12 +10,10 @@ reveals no task.
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import time
 from typing import Any
-
-import orjson
-from aiohttp import web
 
 from .config import Settings
 from .mercure import HUB_PATH, SUBSCRIPTIONS_PATH
@@ -488,18 +486,24 @@ def _new_task(now: float) -> dict[str, Any]:
     return {**NEW_TASK, "properties": props}
 
 
-def operations(settings: Settings) -> dict[tuple[str, str], Op]:
-    """Every route an application gets from ``attach``, keyed ``(method, path)``."""
-    from . import api  # api imports this module for its route table
+def operations(
+    settings: Settings, *, max_page: int = 1000, max_wait: int = 60, max_batch: int = 10_000
+) -> dict[tuple[str, str], Op]:
+    """Every route an application gets from ``attach``, keyed ``(method, path)``.
 
-    ops = _api(api.MAX_PAGE, api.MAX_WAIT, api.MAX_BATCH)
+    The limits are ``api``'s (it passes them; a test checks the defaults agree).
+    """
+    ops = _api(max_page, max_wait, max_batch)
     return {**ops, **_session(), **_hub(settings.mercure_subscriptions)}
 
 
-def document(settings: Settings, prefix: str = "") -> dict[str, Any]:
-    """The OpenAPI 3.1 document; API paths under ``prefix``, the hub's at the root."""
+def document(settings: Settings, prefix: str = "", **limits: int) -> dict[str, Any]:
+    """The OpenAPI 3.1 document; API paths under ``prefix``, the hub's at the root.
+
+    ``limits``: ``max_page``, ``max_wait``, ``max_batch`` as for ``operations``.
+    """
     paths: dict[str, dict[str, Any]] = {}
-    for (method, path), op in operations(settings).items():
+    for (method, path), op in operations(settings, **limits).items():
         full = path if path.startswith(HUB_PATH) else prefix + path
         paths.setdefault(full, {})[method.lower()] = op
     return {
@@ -524,18 +528,7 @@ def document(settings: Settings, prefix: str = "") -> dict[str, Any]:
 
 
 def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-async def serve(request: web.Request) -> web.Response:
-    """``GET /openapi.json`` → the document; open to all (it reveals no task).
-
-    Built per request (about 0.1 ms): nothing to keep in sync with the settings.
-    """
-    from . import api
-
-    server = request.app[api.SERVER]
-    body = orjson.dumps(document(server.settings, request.app[api.PREFIX]))
-    return web.Response(body=body, headers={"Content-Type": JSON})
+    try:
+        return importlib.metadata.version("taskserver")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a bare tree
+        return "unknown"

@@ -84,8 +84,7 @@ def _number(
     value: Any, name: str, *, lo: float, hi: float, integer: bool = False, positive: bool = False
 ) -> float:
     ok = not isinstance(value, bool) and isinstance(value, int | float)
-    # JSON Schema's integer: 3.0 is one too (and whatever a client's JSON encoder wrote).
-    if ok and integer and not (isinstance(value, int) or float(value).is_integer()):
+    if ok and integer and not isinstance(value, int):
         ok = False
     if ok and not math.isfinite(value):
         ok = False

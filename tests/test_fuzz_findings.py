@@ -32,17 +32,6 @@ async def test_bad_input_is_a_422_naming_the_field(
     assert (await response.json())["field"] == field
 
 
-async def test_integral_floats_are_integers(make_client: ClientFactory) -> None:
-    # JSON Schema's integer includes 3.0; the document says integer.
-    client = await make_client()
-    response = await client.post("/tasks", json={"data": 1, "priority": 3.0, "max_attempts": 2.0})
-    assert response.status == 202, await response.text()
-    task = await (await client.get(f"/tasks/{(await response.json())['id']}")).json()
-    assert (task["priority"], task["max_attempts"]) == (3, 2)
-    retried = await client.post("/tasks:retry", json={"ids": [float(task["id"])]})
-    assert retried.status == 200, await retried.text()
-
-
 async def test_a_cursor_out_of_range_is_refused_whatever_the_order(
     make_client: ClientFactory,
 ) -> None:

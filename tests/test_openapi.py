@@ -55,3 +55,14 @@ def test_the_options_schema_names_every_option() -> None:
 
     props = document(Settings())["components"]["schemas"]["NewTask"]["properties"]
     assert set(props) == OPTIONS | {"data"}
+
+
+def test_the_documents_limits_are_the_apis() -> None:
+    import inspect
+
+    from taskserver import api
+
+    defaults = inspect.signature(operations).parameters
+    assert defaults["max_page"].default == api.MAX_PAGE
+    assert defaults["max_wait"].default == api.MAX_WAIT
+    assert defaults["max_batch"].default == api.MAX_BATCH
