@@ -28,7 +28,24 @@ log = logging.getLogger(__name__)
 
 def _measured(fn: Callable[..., Any], *args: Any) -> tuple[Any, int]:
     # Runs in the child: the result and the child's peak RSS in KiB (Linux units).
-    return fn(*args), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return fn(*args), _peak_kib()
+
+
+def _peak_kib() -> int:
+    """This process's own peak RSS in KiB.
+
+    Linux's ``ru_maxrss`` survives fork and exec: a spawned child reports at least
+    its parent's peak, so a server larger than the limit recycled every process.
+    ``VmHWM`` belongs to this process's memory alone.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass  # not Linux: ru_maxrss is the process's own there
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 class _Slot:

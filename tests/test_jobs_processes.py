@@ -52,6 +52,21 @@ async def test_a_process_is_recycled_past_its_memory_limit(jobs: Jobs) -> None:
     assert server.stats()["processes"]["recycled"] == 1
 
 
+async def test_the_limit_counts_the_process_own_memory_not_the_servers(jobs: Jobs) -> None:
+    # A server bigger than the limit: ru_maxrss (inherited across spawn) recycled every task.
+    ballast = bytearray(200 * 1024 * 1024)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    server = await jobs.server(
+        cpu_memory, cpu_bound=True, task_workers=1, process_workers=1, process_max_memory_mb=150
+    )
+    first = await server.task_wait({"mb": 0}, 20)
+    second = await server.task_wait({"mb": 0}, 20)
+    assert first["pid"] == second["pid"]
+    assert server.stats()["processes"]["recycled"] == 0
+    del ballast
+
+
 async def test_a_crash_costs_only_its_own_task_and_the_pool_recovers(jobs: Jobs) -> None:
     client, server = await jobs.client(cpu_crash, cpu_bound=True, task_workers=2, process_workers=2)
     steady = await post(client, "/tasks", {"data": {"sleep": 1.0}})
