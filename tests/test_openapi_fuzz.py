@@ -65,6 +65,13 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert not errors, log.read_text()
 
 
+@pytest.fixture(scope="module")
+def http() -> Iterator[requests.Session]:
+    """One connection pool, closed at the end (a session per call leaks its socket)."""
+    with requests.Session() as session:
+        yield session
+
+
 #: The document as built; the live server serves the same (checked below).
 schema = schemathesis.openapi.from_dict(document(Settings())).exclude(
     path_regex=r"(/events$|^/\.well-known/mercure$)", method="GET"
@@ -121,10 +128,11 @@ def _short_waits(context: Any, query: Any) -> Any:
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_api_conforms_to_its_document(case: Case[Any], live_url: str) -> None:
-    case.call_and_validate(
-        base_url=live_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
-    )
+def test_api_conforms_to_its_document(
+    case: Case[Any], live_url: str, http: requests.Session
+) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    case.call_and_validate(base_url=live_url, session=http, headers=auth, timeout=10)
 
 
 def test_document_served_is_the_one_built(live_url: str) -> None:
