@@ -22,7 +22,8 @@ from .errors import (
     ValidationError,
     WorkerCrashed,
 )
-from .models import ACTIVE, TERMINAL, Event, EventType, RetryPolicy, Task, TaskState
+from .lifecycle import ACTIVE, TERMINAL
+from .models import Event, EventType, RetryPolicy, Task, TaskState
 from .options import TaskSpec
 from .server import Submitted, TaskServer
 from .workers import ProcessTaskContext, SyncTaskContext, TaskContext

@@ -16,11 +16,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import lifecycle
 from .access import ADMIN, ENQUEUE, READ, READ_TASK, Access, Need
 from .errors import Conflict, ServerBusy, TaskNotFound, ValidationError
 from .jsonints import refuse_wide_integers
+from .lifecycle import TERMINAL
 from .mercure import Mercure, discovery_link
-from .models import TERMINAL, Task, TaskState
+from .models import Task, TaskState
 from .openapi import document
 from .options import OPTIONS, TaskSpec
 from .problems import guard, problem
@@ -156,7 +158,7 @@ async def create_task(request: web.Request) -> web.Response:
     body = {"url": url, "events_url": f"{url}/events", "topic": submitted.topic}
     if submitted.existing:
         task = await server.get(submitted.id)
-        state = TaskState.RUNNING if server.is_running(task.id) else task.state
+        state = lifecycle.RUNNING if server.is_running(task.id) else task.state
         return json_response(
             {"id": task.id, "state": state, "existing": True, **body},
             status=200,

@@ -1,5 +1,7 @@
 """The data taskserver moves around: tasks, their states, and events.
 
+The sets of states and every transition between them are in ``lifecycle``.
+
 ``Task`` is the in-memory picture of one row of the ``tasks`` table. ``Event`` is
 one row of the ``events`` table: every state change of every task, with an id
 that only ever increases, so a client can resume a stream after any id.
@@ -24,18 +26,6 @@ class TaskState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-#: States a task can still leave; it holds or will hold a worker.
-ACTIVE: frozenset[TaskState] = frozenset(
-    {TaskState.QUEUED, TaskState.WAITING, TaskState.RUNNING, TaskState.RETRYING}
-)
-#: States a task never leaves (short of a manual retry).
-TERMINAL: frozenset[TaskState] = frozenset(
-    {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED}
-)
-#: States a task can be cancelled from without a worker's help.
-PENDING: frozenset[TaskState] = frozenset({TaskState.QUEUED, TaskState.WAITING, TaskState.RETRYING})
 
 
 class EventType(StrEnum):

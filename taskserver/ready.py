@@ -26,6 +26,7 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from . import lifecycle
 from .models import Task, TaskState
 
 
@@ -242,7 +243,7 @@ class ReadyQueue:
         paged in as the group's next task. Either way, a new task of the group
         waits behind the ones on disk.
         """
-        if state is TaskState.QUEUED:
+        if state is lifecycle.QUEUED:
             self._group_backlog.add(group)
         else:
             self.set_owner(group, head)
@@ -280,7 +281,7 @@ class ReadyQueue:
         owner = self._owner.get(group)
         if owner is not None and owner != task.id:
             return  # taken meanwhile; its release fetches again
-        if task.state is not TaskState.QUEUED:
+        if task.state is not lifecycle.QUEUED:
             self.set_owner(group, task.id)  # delayed: it holds the group until it runs
             return
         queue = self._queue(task.queue)

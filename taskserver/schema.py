@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from . import lifecycle
 from .models import Event, EventType, RetryPolicy, Task, TaskState
 
 #: Numbered migrations; ``PRAGMA user_version`` records how many have run.
@@ -95,6 +96,25 @@ TASK_COLUMNS = (
     " timeout, retry, progress, message, result, error, traceback, finish_error, hook_error,"
     " created_at, available_at, started_at, finished_at, updated_at"
 )
+
+
+def _in(states: tuple[TaskState, ...]) -> str:
+    """A SQL list of state literals, in the lifecycle's order: ``('queued', 'waiting')``."""
+    return "(" + ", ".join(f"'{state.value}'" for state in states) + ")"
+
+
+ON_DISK = _in(lifecycle.ON_DISK)
+DELAYED = _in(lifecycle.DELAYED)
+RETRYABLE = _in(lifecycle.RETRYABLE)
+ACTIVE = _in(lifecycle.ACTIVE_ORDER)
+QUEUED, RUNNING, SUCCEEDED = (
+    lifecycle.QUEUED.value,
+    lifecycle.RUNNING.value,
+    lifecycle.SUCCEEDED.value,
+)
+FAILED, CANCELLED = lifecycle.FAILED.value, lifecycle.CANCELLED.value
+
+
 # Writes never bind None: the sqlite3 module binds it through its adapter lookup,
 # which costs about 6x an int, and the writer thread holds the GIL while it binds.
 # A missing text is bound as '' and stored as NULL by nullif(); a missing number
@@ -115,14 +135,14 @@ _UPDATE_SET = (
 )
 UPDATE_TASK = f"UPDATE tasks SET {_UPDATE_SET.format(*(['?'] * 13))} WHERE id = ?"
 CANCEL_PENDING = (
-    "UPDATE tasks SET state = 'cancelled', finished_at = ?, updated_at = ?"
-    " WHERE id = ? AND state IN ('queued', 'waiting', 'retrying')"
+    f"UPDATE tasks SET state = '{CANCELLED}', finished_at = ?, updated_at = ?"
+    f" WHERE id = ? AND state IN {ON_DISK}"
 )
 RETRY_ENDED = (
-    "UPDATE tasks SET state = 'queued', attempts = 0, progress = NULL, message = NULL,"
+    f"UPDATE tasks SET state = '{QUEUED}', attempts = 0, progress = NULL, message = NULL,"
     " result = NULL, error = NULL, traceback = NULL, finish_error = NULL, hook_error = NULL,"
     " started_at = NULL, finished_at = NULL, available_at = ?, updated_at = ?"
-    " WHERE id = ? AND state IN ('failed', 'cancelled')"
+    f" WHERE id = ? AND state IN {RETRYABLE}"
 )
 INSERT_EVENT = (
     "INSERT INTO events (id, task_id, type, data, topics, private, uid, retry, at)"
@@ -138,22 +158,22 @@ SELECT_HIGHEST_ID = (
     " coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table}'), 0))"
 )
 SELECT_QUEUED_PAGE = (
-    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'queued' AND queue = ?"
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = '{QUEUED}' AND queue = ?"
     " AND (serial_group IS NULL OR (serial_group NOT IN (SELECT value FROM json_each(?))"
     "  AND id = (SELECT min(g.id) FROM tasks AS g WHERE g.serial_group = tasks.serial_group"
-    "   AND g.state IN ('queued', 'waiting', 'retrying'))))"
+    f"   AND g.state IN {ON_DISK})))"
     " ORDER BY priority DESC, id LIMIT ?"
 )
 SELECT_GROUP_HEAD = (
     f"SELECT {TASK_COLUMNS} FROM tasks WHERE serial_group = ?"
-    " AND state IN ('queued', 'waiting', 'retrying') ORDER BY id LIMIT 1"
+    f" AND state IN {ON_DISK} ORDER BY id LIMIT 1"
 )
-SELECT_QUEUES_WITH_WORK = "SELECT DISTINCT queue FROM tasks WHERE state = 'queued'"
+SELECT_QUEUES_WITH_WORK = f"SELECT DISTINCT queue FROM tasks WHERE state = '{QUEUED}'"
 SELECT_DUE = (
-    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('waiting', 'retrying')"
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state IN {DELAYED}"
     " AND available_at <= ? ORDER BY available_at, id LIMIT ?"
 )
-SELECT_NEXT_DUE = "SELECT min(available_at) FROM tasks WHERE state IN ('waiting', 'retrying')"
+SELECT_NEXT_DUE = f"SELECT min(available_at) FROM tasks WHERE state IN {DELAYED}"
 SELECT_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id > ? ORDER BY id LIMIT ?"
 SELECT_TASKS_DESC = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id < ? ORDER BY id DESC LIMIT ?"
 SELECT_TASKS_BY_STATE_DESC = (
@@ -171,31 +191,29 @@ SELECT_TASK_EVENTS_AFTER = (
 )
 COUNT_BY_STATE = "SELECT state, count(*) FROM tasks GROUP BY state"
 COUNT_BY_QUEUE = (
-    "SELECT queue, state, count(*) FROM tasks WHERE state IN"
-    " ('queued', 'waiting', 'running', 'retrying') GROUP BY queue, state"
+    f"SELECT queue, state, count(*) FROM tasks WHERE state IN {ACTIVE} GROUP BY queue, state"
 )
-SELECT_RUNNING = "SELECT id, attempts, max_attempts FROM tasks WHERE state = 'running'"
+SELECT_RUNNING = f"SELECT id, attempts, max_attempts FROM tasks WHERE state = '{RUNNING}'"
 SELECT_ACTIVE_UNIQUE = (
-    "SELECT unique_key, id FROM tasks WHERE unique_key IS NOT NULL"
-    " AND state IN ('queued', 'waiting', 'running', 'retrying')"
+    f"SELECT unique_key, id FROM tasks WHERE unique_key IS NOT NULL AND state IN {ACTIVE}"
 )
 SELECT_RECENT_UNIQUE = (
-    "SELECT id FROM tasks WHERE unique_key = ? AND state = 'succeeded' AND finished_at >= ?"
+    f"SELECT id FROM tasks WHERE unique_key = ? AND state = '{SUCCEEDED}' AND finished_at >= ?"
     " ORDER BY id DESC LIMIT 1"
 )
 #: Per serial group with tasks not ended on disk: its oldest such task and its state.
 SELECT_GROUP_HEADS = (
     "SELECT t.serial_group, t.id, t.state FROM tasks AS t JOIN ("
     " SELECT serial_group, min(id) AS head FROM tasks WHERE serial_group IS NOT NULL"
-    " AND state IN ('queued', 'waiting', 'retrying') GROUP BY serial_group"
+    f" AND state IN {ON_DISK} GROUP BY serial_group"
     ") AS g ON t.id = g.head"
 )
 SELECT_IDS_BY_STATE = "SELECT id FROM tasks WHERE state = ? ORDER BY id LIMIT ?"
 RECOVER_FAILED = (
-    "UPDATE tasks SET state = 'failed', error = ?, finished_at = ?, updated_at = ? WHERE id = ?"
+    f"UPDATE tasks SET state = '{FAILED}', error = ?, finished_at = ?, updated_at = ? WHERE id = ?"
 )
 RECOVER_QUEUED = (
-    "UPDATE tasks SET state = 'queued', progress = NULL, message = NULL, available_at = ?,"
+    f"UPDATE tasks SET state = '{QUEUED}', progress = NULL, message = NULL, available_at = ?,"
     " updated_at = ? WHERE id = ?"
 )
 # Purging works in chunks so one call never holds the writer for long.

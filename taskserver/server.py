@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, TypeVar, overload
 
+from . import lifecycle
 from .config import Settings
 from .errors import (
     ConfigError,
@@ -35,7 +36,8 @@ from .errors import (
     ValidationError,
 )
 from .events import EventHub, Subscription
-from .models import TERMINAL, TERMINAL_EVENTS, Event, EventType, RetryPolicy, Task, TaskState
+from .lifecycle import ACTIVE_ORDER, RETRYABLE, TERMINAL, TERMINAL_ORDER
+from .models import TERMINAL_EVENTS, Event, EventType, RetryPolicy, Task, TaskState
 from .options import Defaults, TaskSpec, encode_payload, prepare
 from .periodic import Schedule, run_schedules
 from .ready import ReadyQueue
@@ -52,8 +54,6 @@ CALLBACKS = ("task", "finish", "before", "after", "error")
 
 #: Waiters for task outcomes (``wait``, ``cancel``) held at once; past it, ServerBusy.
 MAX_WAITERS = 100_000
-#: Active states in the order people read them.
-ACTIVE_ORDER = (TaskState.QUEUED, TaskState.WAITING, TaskState.RUNNING, TaskState.RETRYING)
 #: Ended tasks deleted per writer round when purging.
 PURGE_CHUNK = 5_000
 #: Due tasks promoted per writer round.
@@ -93,7 +93,7 @@ class TaskServer:
         self._store: Store | None = None
         self._pool: WorkerPool | None = None
         self._ready = ReadyQueue(
-            self.settings.ready_window, self._page_in, self._group_head, self._is_running
+            self.settings.ready_window, self._page_in, self._group_head, self.is_running
         )
         self._counts: dict[TaskState, int] = dict.fromkeys(TaskState, 0)
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
@@ -128,7 +128,7 @@ class TaskServer:
         state = "closing" if self._closing else ("running" if self._started else "idle")
         return (
             f"<TaskServer {state} workers={self.settings.task_workers} "
-            f"queued={self._counts[TaskState.QUEUED]} ready={len(self._ready)}>"
+            f"queued={self._counts[lifecycle.QUEUED]} ready={len(self._ready)}>"
         )
 
     @property
@@ -299,7 +299,7 @@ class TaskServer:
         log.info(
             "taskserver started: %d workers, %d queued, db %s",
             self.settings.task_workers,
-            self._counts[TaskState.QUEUED],
+            self._counts[lifecycle.QUEUED],
             self.settings.db,
         )
 
@@ -323,9 +323,7 @@ class TaskServer:
             interrupted = await self._pool.stop(self.settings.grace_period)
             for task in interrupted:
                 # Not the task's fault: hand the attempt back.
-                task.state = TaskState.QUEUED
-                task.attempts = max(0, task.attempts - 1)
-                task.started_at = None
+                lifecycle.interrupt(task)
                 self.store.update_task(task, EventType.QUEUED, {"interrupted": True})
             if interrupted:
                 log.warning(
@@ -366,7 +364,7 @@ class TaskServer:
                 f"{count} new tasks in one batch can never fit: max_queued is {limit}",
                 field="tasks",
             )
-        active = self._counts[TaskState.QUEUED] + self._counts[TaskState.WAITING]
+        active = sum(self._counts[state] for state in lifecycle.BACKLOG)
         if active + count > limit:
             raise ServerBusy(
                 f"{active} tasks are waiting to run, the limit is {self.settings.max_queued}",
@@ -598,10 +596,9 @@ class TaskServer:
         try:
             task = self._ready.remove(task_id)
             if task is not None:  # waiting in memory: ours to write
-                task.state = TaskState.CANCELLED
-                task.finished_at = self._clock()
-                self._counts[TaskState.QUEUED] -= 1
-                self._counts[TaskState.CANCELLED] += 1
+                lifecycle.end(task, lifecycle.CANCELLED, self._clock())
+                self._counts[lifecycle.QUEUED] -= 1  # the ready queue holds queued tasks only
+                self._counts[lifecycle.CANCELLED] += 1
                 await store.update_task(task, EventType.CANCELLED)
                 return task
             previous = await store.cancel_pending(task_id)
@@ -609,7 +606,7 @@ class TaskServer:
             self._ready.untombstone(task_id)
         if previous is not None:
             self._counts[previous] -= 1
-            self._counts[TaskState.CANCELLED] += 1
+            self._counts[lifecycle.CANCELLED] += 1
             return await self.get(task_id)
         current = await self.get(task_id)
         if current.state in TERMINAL:
@@ -619,7 +616,7 @@ class TaskServer:
     async def retry(self, task_id: int) -> Task:
         """Re-queue a failed or cancelled task, attempts reset; ``Conflict`` otherwise."""
         before = await self.get(task_id)
-        if before.state not in (TaskState.FAILED, TaskState.CANCELLED):
+        if before.state not in RETRYABLE:
             raise Conflict(
                 f"task {task_id} is {before.state.value}; only failed or cancelled "
                 "tasks can be retried"
@@ -635,21 +632,21 @@ class TaskServer:
             if previous is None:
                 raise Conflict(f"task {task_id} changed state meanwhile; try again")
             self._counts[previous] -= 1
-            self._counts[TaskState.QUEUED] += 1
+            self._counts[lifecycle.QUEUED] += 1
             task = await self.get(task_id)
         finally:
             self._ready.untombstone(task_id)
         if task.unique_key is not None:
             self._unique[task.unique_key] = task.id
             self._unique_by_id[task.id] = task.unique_key
-        if task.state is TaskState.QUEUED:
+        if task.state is lifecycle.QUEUED:
             self._ready.offer(task)
         return task
 
     async def retry_failed(self, limit: int = 10_000) -> list[int]:
         """Re-queue up to ``limit`` failed tasks; returns the ids re-queued."""
         done: list[int] = []
-        for task_id in await self.store.ids_in_state(TaskState.FAILED, limit):
+        for task_id in await self.store.ids_in_state(lifecycle.FAILED, limit):
             with contextlib.suppress(Conflict, TaskNotFound):
                 await self.retry(task_id)
                 done.append(task_id)
@@ -658,7 +655,7 @@ class TaskServer:
     async def purge(
         self,
         older_than: float,
-        states: Iterable[TaskState] = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED),
+        states: Iterable[TaskState] = TERMINAL_ORDER,
     ) -> int:
         """Delete ended tasks (and their events) that finished over ``older_than`` s ago."""
         cutoff = self._clock() - older_than
@@ -835,21 +832,18 @@ class TaskServer:
             group, lambda tasks: self._ready.deliver_head(group, tasks[0] if tasks else None)
         )
 
-    def _is_running(self, task_id: int) -> bool:
-        return self._pool is not None and self._pool.is_running(task_id)
-
     def is_running(self, task_id: int) -> bool:
         """True while a worker runs the task (its ``running`` row may not be committed yet)."""
-        return self._is_running(task_id)
+        return self._pool is not None and self._pool.is_running(task_id)
 
     def _report(self, task: Task, type_: EventType, extra: dict[str, Any] | None) -> None:
         self.store.update_task(task, type_, extra)  # NotSerializable propagates to the pool
         counts = self._counts
         if type_ is EventType.STARTED:
-            counts[TaskState.QUEUED] -= 1
-            counts[TaskState.RUNNING] += 1
+            counts[lifecycle.QUEUED] -= 1
+            counts[lifecycle.RUNNING] += 1
         elif type_ is not EventType.PROGRESS:
-            counts[TaskState.RUNNING] -= 1
+            counts[lifecycle.RUNNING] -= 1
             counts[task.state] += 1
 
     def _record_progress(self, task: Task, fraction: float, message: str | None) -> Any:
@@ -891,11 +885,10 @@ class TaskServer:
         # Called by the writer between batches with due tasks as stored.
         stored = None
         for task in tasks:
-            previous = task.state
-            task.state = TaskState.QUEUED
+            previous = lifecycle.make_due(task)
             stored = self.store.update_task(task, EventType.QUEUED, {"due": True}, ready=True)
             self._counts[previous] -= 1
-            self._counts[TaskState.QUEUED] += 1
+            self._counts[lifecycle.QUEUED] += 1
         if not promoted.done():  # the due loop may have been cancelled (stop)
             promoted.set_result(stored)
 
@@ -930,8 +923,8 @@ class TaskServer:
 
 
 def _result_of(task: Task) -> Any:
-    if task.state is TaskState.SUCCEEDED:
+    if task.state is lifecycle.SUCCEEDED:
         return task.result
-    if task.state is TaskState.CANCELLED:
+    if task.state is lifecycle.CANCELLED:
         raise TaskCancelled(task.id)
     raise TaskFailed(task.id, task.error)

@@ -38,9 +38,11 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from . import lifecycle
 from . import schema as sql
 from .errors import NotSerializable, ServerBusy
-from .models import TERMINAL, Event, EventType, Task, TaskState
+from .lifecycle import TERMINAL
+from .models import Event, EventType, Task, TaskState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,10 +93,6 @@ class Committed:
     #: Tasks that became ``queued`` (new, due, retried by the worker): offer them.
     ready: list[Task]
     events: list[Event]
-    #: ids of tasks a conditional cancel moved to ``cancelled``.
-    cancelled: list[int]
-    #: ids of ended tasks a manual retry moved back to ``queued``.
-    retried: list[int]
     #: new tasks that are not ready yet (delayed): the scheduler may need to wake.
     delayed: bool
 
@@ -103,7 +101,7 @@ class Committed:
 class _Outcome:
     """What the writer thread did with a batch (the loop resolves the futures)."""
 
-    committed: Committed = field(default_factory=lambda: Committed([], [], [], [], False))
+    committed: Committed = field(default_factory=lambda: Committed([], [], False))
     #: per conditional: the state it moved the task from, or None when it did not
     changed: list[TaskState | None] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
@@ -362,13 +360,14 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         extra: dict[str, Any]
         for task_id, attempts, max_attempts in rows:
-            out_of_attempts = attempts >= max_attempts
+            state = lifecycle.recovered_state(attempts, max_attempts)
+            out_of_attempts = state is lifecycle.FAILED
             stub = Task(
                 id=task_id,
                 data=None,
                 max_attempts=max_attempts,
                 timeout=None,
-                state=TaskState.FAILED if out_of_attempts else TaskState.QUEUED,
+                state=state,
                 created_at=now,
                 updated_at=now,
                 attempts=attempts,
@@ -457,7 +456,7 @@ class Store:
         task = Task(
             self._next_task_id,
             data,
-            TaskState.QUEUED if due <= now else TaskState.WAITING,
+            lifecycle.initial_state(due, now),
             item.max_attempts,
             item.timeout,
             now,
@@ -473,7 +472,7 @@ class Store:
         self._next_task_id += 1
         batch.inserts.append(sql.insert_row(task, text))
         batch.inserted.append(task)
-        if task.state is TaskState.QUEUED:
+        if task.state is lifecycle.QUEUED:
             batch.ready.append(task)
             self._new_event(batch, task, EventType.QUEUED, None, now)
         else:
@@ -502,7 +501,7 @@ class Store:
         """
         result = None
         if type_ is EventType.FINISHED or (
-            task.state is TaskState.SUCCEEDED and task.result is not None
+            task.state is lifecycle.SUCCEEDED and task.result is not None
         ):
             try:
                 result = sql.dumps(task.result)
@@ -519,7 +518,7 @@ class Store:
         )
         if ready:
             batch.ready.append(task)
-        elif task.state in (TaskState.WAITING, TaskState.RETRYING):
+        elif task.state in lifecycle.DELAYED:
             batch.delayed = True
         return batch.future
 
@@ -574,7 +573,7 @@ class Store:
         """Cancel a task that waits on disk (queued, waiting or retrying), atomically.
 
         Resolves to the state it was in when this call moved it to ``cancelled``
-        (its event is then committed and its id in ``Committed.cancelled``), to
+        (its event is then committed), to
         ``None`` when it was in another state or does not exist.
         """
         now = self._clock()
@@ -582,14 +581,14 @@ class Store:
             sql.CANCEL_PENDING,
             (now, now, task_id),
             task_id,
-            TaskState.CANCELLED,
+            lifecycle.CANCELLED,
             EventType.CANCELLED,
         )
 
     def retry_ended(self, task_id: int) -> asyncio.Future[TaskState | None]:
         """Re-queue a failed or cancelled task with its attempts reset, atomically.
 
-        Resolves to the state it left when it moved (then in ``Committed.retried``),
+        Resolves to the state it left when it moved (its event then committed),
         else ``None``.
         """
         now = self._clock()
@@ -597,7 +596,7 @@ class Store:
             sql.RETRY_ENDED,
             (now, now, task_id),
             task_id,
-            TaskState.QUEUED,
+            lifecycle.QUEUED,
             EventType.QUEUED,
             {"manual_retry": True},
         )
@@ -790,7 +789,6 @@ class Store:
 
     def _write(self, batch: _Batch, db: sqlite3.Connection, now: float, outcome: _Outcome) -> None:
         """On the writer thread: the batch's writes in one transaction (caller rolls back)."""
-        cancelled, retried = outcome.committed.cancelled, outcome.committed.retried
         db.execute("BEGIN IMMEDIATE")
         for statement, values in sql.insert_many(
             sql.INSERT_TASK_PREFIX, sql.TASK_ROW, batch.inserts
@@ -808,7 +806,6 @@ class Store:
             changed = db.execute(op.sql, op.params).rowcount == 1
             outcome.changed.append(TaskState(before[0]) if changed and before else None)
             if changed:
-                (cancelled if op.state is TaskState.CANCELLED else retried).append(op.task_id)
                 stub = Task(
                     id=op.task_id,
                     data=None,

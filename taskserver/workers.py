@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from . import lifecycle
 from .errors import PermanentError, RetryLater
 from .models import EventType, RetryPolicy, Task, TaskState
 from .processes import ProcessSlots
@@ -401,13 +402,13 @@ class WorkerPool:
                     raise  # the pool is stopping: stop() re-queues the task
                 # A DELETE that landed in a hook or in finish: the task is cancelled.
                 _uncancel(me)
-                self._end(task, TaskState.CANCELLED, EventType.CANCELLED, None)
+                self._end(task, lifecycle.CANCELLED, EventType.CANCELLED, None)
             except Exception:
                 # A bug of ours must cost one task, never a worker.
                 log.exception("worker %d failed handling task %d", worker_id, task.id)
                 self._end(
                     task,
-                    TaskState.FAILED,
+                    lifecycle.FAILED,
                     EventType.FAILED,
                     {"error": "internal error in the worker; see the server log"},
                 )
@@ -419,10 +420,7 @@ class WorkerPool:
             self.done += 1
 
     async def _execute(self, task: Task, worker_id: int, me: asyncio.Task[None]) -> None:
-        task.state = TaskState.RUNNING
-        task.attempts += 1
-        task.started_at = self._clock()
-        task.progress = task.message = task.error = task.traceback = task.hook_error = None
+        lifecycle.start(task, self._clock())
         self._report(task, EventType.STARTED, {"worker": worker_id})
         run = _Run(task, worker_id, self._live_progress)
         hooks = self._callbacks
@@ -455,7 +453,7 @@ class WorkerPool:
             self._finish_failed(task, exc)
         except CALLBACK_ERRORS as exc:
             self._finish_failed(task, exc)
-        self._end(task, TaskState.SUCCEEDED, EventType.FINISHED, None)  # carries the result
+        self._end(task, lifecycle.SUCCEEDED, EventType.FINISHED, None)  # carries the result
 
     async def _fail_with(self, task: Task, run: _Run, exc: BaseException) -> None:
         if isinstance(exc, _TimedOut):
@@ -532,19 +530,16 @@ class WorkerPool:
 
     def _postpone(self, task: Task, delay: float) -> None:
         # RetryLater: wait without spending an attempt.
-        task.attempts -= 1
-        task.state = TaskState.WAITING
-        task.available_at = self._clock() + delay
+        lifecycle.postpone(task, self._clock() + delay)
         self._report(task, EventType.WAITING, {"available_at": task.available_at})
 
     def _failed(self, task: Task, error: str, tb: str | None, *, permanent: bool) -> None:
         task.error, task.traceback = error, tb
-        if permanent or task.attempts >= task.max_attempts:
-            self._end(task, TaskState.FAILED, EventType.FAILED, {"error": error})
+        if permanent or lifecycle.out_of_attempts(task):
+            self._end(task, lifecycle.FAILED, EventType.FAILED, {"error": error})
             return
         delay = (task.retry or self._retry).delay(task.attempts, random.random())
-        task.state = TaskState.RETRYING
-        task.available_at = self._clock() + delay
+        lifecycle.retry_later(task, self._clock() + delay)
         self._report(
             task,
             EventType.RETRYING,
@@ -554,12 +549,11 @@ class WorkerPool:
     def _end(
         self, task: Task, state: TaskState, type_: EventType, extra: dict[str, Any] | None
     ) -> None:
-        task.state = state
-        task.finished_at = self._clock()
+        lifecycle.end(task, state, self._clock())
         try:
             self._report(task, type_, extra)
         except Exception as exc:  # the result could not be stored (not JSON): fail instead
             task.result = None
-            task.state = TaskState.FAILED
+            task.state = lifecycle.FAILED
             task.error = f"{type(exc).__name__}: {exc}"
             self._report(task, EventType.FAILED, {"error": task.error})

@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
         "jsonints",
         "client",
     },
+    {"lifecycle"},
     {"schema", "auth", "netguard"},
     {"store", "ready", "events"},
     {"workers", "options", "sse"},
