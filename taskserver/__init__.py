@@ -1,6 +1,5 @@
 """taskserver: HTTP, durable in-process task workers and Server-Sent Events in one process."""
 
-from .app import TASKSERVER, attach, create_app
 from .client import Client, ServerEvent, SyncClient
 from .config import Settings, load_settings
 from .credentials import ApiToken
@@ -24,9 +23,10 @@ from .errors import (
 )
 from .lifecycle import ACTIVE, TERMINAL
 from .models import Event, EventType, RetryPolicy, Task, TaskState
-from .options import TaskSpec
+from .runtime.options import TaskSpec
+from .runtime.workers import ProcessTaskContext, SyncTaskContext, TaskContext
 from .server import Submitted, TaskServer
-from .workers import ProcessTaskContext, SyncTaskContext, TaskContext
+from .web.app import TASKSERVER, attach, create_app
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import re
-import sqlite3
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -31,7 +30,7 @@ import orjson
 from . import add_command
 from .config import URL_ENV
 from .models import TaskState
-from .store import Snapshot
+from .store import Snapshot, SnapshotError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
@@ -190,7 +189,7 @@ def _offline(args: argparse.Namespace) -> int:
     """``list``, ``show`` and ``stats`` read straight from the database file."""
     try:
         snapshot = Snapshot(args.db)
-    except (FileNotFoundError, sqlite3.Error) as exc:
+    except (FileNotFoundError, SnapshotError) as exc:
         print(f"taskserver: error: cannot read {args.db}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:

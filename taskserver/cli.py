@@ -21,12 +21,13 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from . import admin, netguard, tls
-from .access import check_exposure
-from .app import ACCESS, TASKSERVER, create_app, load_setup
+from . import admin
 from .config import FIELDS, Settings, load_settings
 from .errors import ConfigError
-from .workers import TASK_THREAD_PREFIX
+from .runtime.workers import TASK_THREAD_PREFIX
+from .web import netguard, tls
+from .web.access import check_exposure
+from .web.app import ACCESS, TASKSERVER, create_app, load_setup
 
 log = logging.getLogger("taskserver")
 

@@ -3,7 +3,7 @@
 Data flows one way::
 
     task() ─▶ Store (group commit) ─on_commit─▶ ReadyQueue ─▶ WorkerPool ─report─▶ Store
-                                    └─────────▶ EventHub ─▶ SSE subscribers
+                                    └─────────▶ Fanout ─▶ SSE subscribers
 
 The public surface: ``on()`` / ``queue()`` / ``defaults()`` / ``schedule()`` at
 setup; ``task()``, ``submit()``, ``task_many()`` to enqueue; ``get()``,
@@ -35,15 +35,15 @@ from .errors import (
     TaskNotFound,
     ValidationError,
 )
-from .events import EventHub, Subscription
 from .lifecycle import ACTIVE_ORDER, RETRYABLE, TERMINAL, TERMINAL_ORDER
 from .models import TERMINAL_EVENTS, Event, EventType, RetryPolicy, Task, TaskState
-from .options import Defaults, TaskSpec, encode_payload, prepare
-from .periodic import Schedule, run_schedules
-from .ready import ReadyQueue
-from .runtime import RuntimeTuning
+from .push.fanout import Fanout, Subscription
+from .runtime.options import Defaults, TaskSpec, encode_payload, prepare
+from .runtime.periodic import Schedule, run_schedules
+from .runtime.ready import ReadyQueue
+from .runtime.tuning import RuntimeTuning
+from .runtime.workers import Callback, Limits, WorkerPool
 from .store import Committed, NewTask, Store
-from .workers import Callback, Limits, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class TaskServer:
         self.settings = settings or Settings()
         self._clock = clock
         self._callbacks: dict[str, Callback] = {}
-        self.hub: EventHub[Event] = EventHub(
+        self.fanout: Fanout[Event] = Fanout(
             max_subscribers=self.settings.max_subscribers,
             buffer_size=self.settings.subscriber_queue,
         )
@@ -305,7 +305,7 @@ class TaskServer:
 
     def close_streams(self) -> None:
         """End every open event stream (first step of a shutdown)."""
-        self.hub.close()
+        self.fanout.close()
 
     async def stop(self) -> None:
         """Stop: refuse new tasks, give running ones the grace period, re-queue the rest.
@@ -315,7 +315,7 @@ class TaskServer:
         if not self._started:
             return
         self._closing = True
-        self.hub.close()
+        self.fanout.close()
         for job in self._background:
             job.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -737,7 +737,7 @@ class TaskServer:
             "processes": {"recycled": processes.recycled, "crashed": processes.crashed}
             if processes
             else None,
-            "subscribers": len(self.hub),
+            "subscribers": len(self.fanout),
             "commits": self._store.commits if self._store else 0,
             "failed_commits": self._store.failed_commits if self._store else 0,
             "last_event_id": self._store.committed_event_id if self._store else 0,
@@ -764,8 +764,8 @@ class TaskServer:
     def subscribe(self, task_id: int | None = None) -> Subscription[Event]:
         """A subscription to one task's events, or to all. Close it when done."""
         if task_id is None:
-            return self.hub.subscribe(match_all=True)
-        return self.hub.subscribe((self.topic(task_id),))
+            return self.fanout.subscribe(match_all=True)
+        return self.fanout.subscribe((self.topic(task_id),))
 
     async def events_after(
         self,
@@ -783,13 +783,55 @@ class TaskServer:
             after_id, limit=limit, task_id=task_id, tasks_only=tasks_only
         )
 
+    @property
+    def last_event_id(self) -> int:
+        """The highest event id handed out (committed or about to be): a replay cursor bound."""
+        return self.store.last_event_id
+
+    @property
+    def committed_event_id(self) -> int:
+        """The highest event id committed: a stream starting now replays nothing below it."""
+        return self.store.committed_event_id
+
+    async def find_event(self, uid: str) -> int | None:
+        """The sequence number of the first stored event with publisher id ``uid``, or ``None``."""
+        return await self.store.find_event(uid)
+
+    def publish_update(
+        self,
+        topics: tuple[str, ...],
+        data: str,
+        *,
+        private: bool = False,
+        uid: str | None = None,
+        type_: str | None = None,
+        retry: int | None = None,
+    ) -> tuple[Event, asyncio.Future[None]]:
+        """Store an update published to the Mercure hub in the event sequence; pushed at commit.
+
+        Returns the event and its commit. ``ServerBusy`` when the writer is full.
+        """
+        return self.store.publish_update(
+            topics, data, private=private, uid=uid, type_=type_, retry=retry
+        )
+
+    def cannot_write(self) -> str | None:
+        """Why writes cannot be expected to commit now (``/readyz``), or ``None``."""
+        return self.store.cannot_write()
+
+    def probe_write(self) -> asyncio.Future[int]:
+        """A real write in the next batch: resolves once it committed (``/readyz``)."""
+        return self.store.probe_write()
+
     # --- wiring (called by the store and the pool) ------------------------------------
 
     def _committed(self, committed: Committed) -> None:
         # Runs in the writer after every commit: bookkeeping, then push the events.
         if committed.delayed:
             self._due_wake.set()
-        publish = self.hub.publish if len(self.hub) else None  # nobody listens: skip the topics
+        publish = (
+            self.fanout.publish if len(self.fanout) else None
+        )  # nobody listens: skip the topics
         prefix = self._topic_prefix
         for event in committed.events:
             if event.task_id is None:

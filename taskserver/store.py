@@ -990,6 +990,10 @@ class Store:
         return self._next_event_id - 1
 
 
+class SnapshotError(Exception):
+    """The database file exists but cannot be opened for reading (the driver's message)."""
+
+
 class Snapshot:
     """Read-only, synchronous access to a taskserver database, for the admin commands.
 
@@ -1002,8 +1006,11 @@ class Snapshot:
 
         if not Path(path).is_file():
             raise FileNotFoundError(f"no database at {path}")
-        self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        self._conn.execute("PRAGMA busy_timeout = 5000")
+        try:
+            self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            self._conn.execute("PRAGMA busy_timeout = 5000")
+        except sqlite3.Error as exc:
+            raise SnapshotError(str(exc)) from exc
 
     def close(self) -> None:
         self._conn.close()

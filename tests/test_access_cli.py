@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from taskserver.tls import server_context
+from taskserver.web.tls import server_context
 
 from .conftest import ROOT, ServerProcess
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from taskserver import Settings
-from taskserver.app import create_app, load_setup
+from taskserver.web.app import create_app, load_setup
 
 from .conftest import ROOT, sse
 

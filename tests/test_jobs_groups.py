@@ -19,7 +19,7 @@ import pytest
 from taskserver import Settings, TaskContext, TaskServer, ValidationError
 from taskserver.errors import RetryLater
 from taskserver.models import RetryPolicy
-from taskserver.options import TaskSpec
+from taskserver.runtime.options import TaskSpec
 
 from .conftest import sse, wait_for
 from .jobs_harness import Clock, Gate, Jobs, all_tasks, get_json, post, refused, state_of

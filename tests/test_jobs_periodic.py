@@ -168,7 +168,7 @@ async def test_a_full_queue_during_catch_up_does_not_stop_the_schedules(jobs: Jo
     ],
 )
 def test_cron_aliases_mean_what_cron_says(alias: str, same_as: str) -> None:
-    from taskserver.periodic import Schedule
+    from taskserver.runtime.periodic import Schedule
 
     now = time.time()
     alias_schedule, plain = Schedule("a", alias), Schedule("p", same_as)

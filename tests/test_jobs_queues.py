@@ -16,7 +16,7 @@ import pytest
 
 from taskserver import ConfigError, Settings, TaskContext, TaskServer, ValidationError
 from taskserver.errors import RetryLater
-from taskserver.options import TaskSpec
+from taskserver.runtime.options import TaskSpec
 
 from .conftest import wait_for
 from .jobs_harness import Gate, Jobs, all_tasks, get_json, post, refused, state_of

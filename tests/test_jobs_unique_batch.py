@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from taskserver import NotSerializable, ServerBusy, Settings, TaskContext, ValidationError
-from taskserver.options import TaskSpec
+from taskserver.runtime.options import TaskSpec
 
 from .conftest import sse, wait_for
 from .jobs_harness import Clock, Gate, Jobs, all_tasks, get_json, post, refused, state_of

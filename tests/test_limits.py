@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from taskserver import TASKSERVER, ServerBusy, TaskContext, TaskServer
-from taskserver.events import EventHub
+from taskserver.push.fanout import Fanout
 
 from .conftest import ClientFactory, ServerFactory, wait_for
 
@@ -159,7 +159,7 @@ async def test_too_many_streams_get_503(make_client: ClientFactory) -> None:
 
 
 async def test_event_hub_drops_only_the_slow_subscriber() -> None:
-    hub: EventHub[int] = EventHub(max_subscribers=2, buffer_size=3)
+    hub: Fanout[int] = Fanout(max_subscribers=2, buffer_size=3)
     slow = hub.subscribe(match_all=True)
     fast = hub.subscribe(("topic",))
     received: list[int] = []

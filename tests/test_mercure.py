@@ -33,7 +33,7 @@ from taskserver import (
     attach,
     load_settings,
 )
-from taskserver.mercure import MERCURE
+from taskserver.push.mercure import MERCURE
 
 from .conftest import (
     ROOT,

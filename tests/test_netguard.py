@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from taskserver import ConfigError, load_settings
-from taskserver.netguard import FD_RESERVE, connection_limit
+from taskserver.web.netguard import FD_RESERVE, connection_limit
 
 from .conftest import ServerProcess, sse
 

@@ -6,7 +6,7 @@ import pytest
 from aiohttp import web
 
 from taskserver import Settings, TaskServer, attach
-from taskserver.openapi import document, operations
+from taskserver.web.openapi import document, operations
 
 from .conftest import ClientFactory
 
@@ -51,7 +51,7 @@ async def test_served_open_even_when_tokens_are_required(make_client: ClientFact
 
 
 def test_the_options_schema_names_every_option() -> None:
-    from taskserver.options import OPTIONS
+    from taskserver.runtime.options import OPTIONS
 
     props = document(Settings())["components"]["schemas"]["NewTask"]["properties"]
     assert set(props) == OPTIONS | {"data"}
@@ -60,7 +60,7 @@ def test_the_options_schema_names_every_option() -> None:
 def test_the_documents_limits_are_the_apis() -> None:
     import inspect
 
-    from taskserver import api
+    from taskserver.web import api
 
     defaults = inspect.signature(operations).parameters
     assert defaults["max_page"].default == api.MAX_PAGE

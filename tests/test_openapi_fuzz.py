@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis import Case
 
 from taskserver import Settings
-from taskserver.openapi import document
+from taskserver.web.openapi import document
 
 from .conftest import LISTENING, ROOT
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from taskserver.periodic import MAX_CATCH_UP, Schedule
+from taskserver.runtime.periodic import MAX_CATCH_UP, Schedule
 
 NOW = 1_800_000_000.0  # a whole minute, so minute schedules line up
 

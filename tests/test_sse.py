@@ -304,7 +304,7 @@ async def test_slow_subscriber_is_dropped_and_catches_up_by_replay(
         rest = await reader.collect(timeout=5)
         assert len(rest) < 10  # the stream ended without delivering the burst
     await wait_for(lambda: server.stats()["subscribers"] == 0, message="subscriber released")
-    assert server.hub.dropped >= 1
+    assert server.fanout.dropped >= 1
     async with client.get("/events", headers={"Last-Event-ID": event.id or ""}) as response:
         replayed = await sse(response).collect(10)
     assert [orjson.loads(e.data)["task_id"] for e in replayed] == sorted(burst)
@@ -319,4 +319,4 @@ async def test_fast_subscriber_is_not_dropped(make_client: ClientFactory) -> Non
         burst = await asyncio.gather(*(server.task(n) for n in range(10)))
         events = await reader.collect(10)
     assert [orjson.loads(e.data)["task_id"] for e in events] == sorted(burst)
-    assert server.hub.dropped == 0
+    assert server.fanout.dropped == 0

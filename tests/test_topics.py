@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from taskserver.topics import Selectors, TemplateTooComplex, compile_template, matches
+from taskserver.push.topics import Selectors, TemplateTooComplex, compile_template, matches
 
 BOOKS = "https://example.com/books"
 

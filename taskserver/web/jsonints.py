@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from .errors import ValidationError
+from ..errors import ValidationError
 
 INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ssl
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def server_context(cert: str, key: str) -> ssl.SSLContext | None:

@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from .errors import WorkerCrashed
+from ..errors import WorkerCrashed
 
 log = logging.getLogger(__name__)
 

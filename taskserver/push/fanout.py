@@ -1,4 +1,4 @@
-"""``EventHub``: fan-out of published items to subscribers, by topic.
+"""``Fanout``: fan-out of published items to subscribers, by topic.
 
 Each subscriber owns one bounded buffer. Publishing never waits: an item is
 appended to the buffer of every matching subscriber, and a subscriber whose
@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from .errors import ServerBusy
+from ..errors import ServerBusy
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ class Subscription(Generic[T]):
 
     def __init__(
         self,
-        hub: EventHub[T],
+        hub: Fanout[T],
         limit: int,
         exact: frozenset[str],
         match_all: bool,
@@ -110,7 +110,7 @@ class Subscription(Generic[T]):
             self._waiter.set_result(None)
 
 
-class EventHub(Generic[T]):
+class Fanout(Generic[T]):
     """Routes published items to subscriptions. All methods are sync and never block."""
 
     def __init__(self, *, max_subscribers: int, buffer_size: int) -> None:
@@ -128,7 +128,7 @@ class EventHub(Generic[T]):
 
     def __repr__(self) -> str:
         return (
-            f"<EventHub subscribers={self._count}/{self.max_subscribers} "
+            f"<Fanout subscribers={self._count}/{self.max_subscribers} "
             f"published={self.published} dropped={self.dropped}>"
         )
 

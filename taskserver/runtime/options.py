@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
-from .config import Settings
-from .errors import NotSerializable, ValidationError
-from .models import RetryPolicy
-from .store import NewTask
+from ..config import Settings
+from ..errors import NotSerializable, ValidationError
+from ..models import RetryPolicy
+from ..store import NewTask
 
 #: Every option a task accepts (``data`` aside), for the API's unknown-field check.
 OPTIONS = frozenset(

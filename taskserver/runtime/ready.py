@@ -26,8 +26,8 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from . import lifecycle
-from .models import Task, TaskState
+from .. import lifecycle
+from ..models import Task, TaskState
 
 
 @dataclass(slots=True)

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from .events import Subscription
-from .models import TERMINAL_EVENTS, Event
+from ..models import TERMINAL_EVENTS, Event
+from .fanout import Subscription
 
 #: Events read from the store per query while replaying.
 REPLAY_PAGE = 500

@@ -34,8 +34,8 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from .config import Settings
-from .problems import PROBLEM, problem_body
+from ..config import Settings
+from ..problems import PROBLEM, problem_body
 
 log = logging.getLogger(__name__)
 

@@ -39,13 +39,13 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from .auth import AuthError, Verifier, load_key, mercure_claims
-from .config import Settings
-from .credentials import API_SCOPES
-from .errors import AccessDenied, ConfigError, ValidationError
-from .mercure import Mercure, local_origin
-from .server import TaskServer
-from .topics import Selectors
+from ..config import Settings
+from ..credentials import API_SCOPES
+from ..errors import AccessDenied, ConfigError, ValidationError
+from ..push.jws import AuthError, Verifier, load_key, mercure_claims
+from ..push.mercure import MercureHub, local_origin
+from ..push.topics import Selectors
+from ..server import TaskServer
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def is_loopback(host: str) -> bool:
 class Access:
     """The API's credentials and the checks made with them. Raises ``ConfigError`` early."""
 
-    def __init__(self, server: TaskServer, prefix: str = "", hub: Mercure | None = None) -> None:
+    def __init__(self, server: TaskServer, prefix: str = "", hub: MercureHub | None = None) -> None:
         settings = server.settings
         self.server = server
         #: Its subscriber key verifies Mercure tokens; ``None``: they are not accepted.

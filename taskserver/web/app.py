@@ -18,11 +18,12 @@ from typing import Any
 
 from aiohttp import web
 
-from . import api, mercure
+from ..config import Settings
+from ..errors import ConfigError
+from ..push import mercure
+from ..server import TaskServer
+from . import api
 from .access import Authorizer
-from .config import Settings
-from .errors import ConfigError
-from .server import TaskServer
 
 #: Where an application finds its TaskServer: ``request.app[TASKSERVER]``.
 TASKSERVER = api.SERVER

@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import PermanentError
-from .server import TaskServer
-from .workers import TaskContext
+from ..errors import PermanentError
+from ..runtime.workers import TaskContext
+from ..server import TaskServer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ FRAMING = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options
 
 
 async def index(request: web.Request) -> web.Response:
-    page = resources.files("taskserver").joinpath("static/dashboard.html").read_text("utf-8")
+    page = resources.files("taskserver.web").joinpath("static/dashboard.html").read_text("utf-8")
     return web.Response(text=page, content_type="text/html", headers=FRAMING)
 
 

@@ -17,7 +17,7 @@ Platform) work against it unchanged:
   ``EventSource.onmessage`` handler sees them; the payload's ``type`` says what
   happened. ``mercure_private_tasks`` makes them private.
 * Fan-out never blocks: each subscriber has one bounded queue in the
-  ``EventHub``; a slow one is dropped and reconnects with ``Last-Event-ID``.
+  ``Fanout``; a slow one is dropped and reconnects with ``Last-Event-ID``.
 * CORS allow-list and ``Link: <hub>; rel="mercure"`` discovery on the hub's
   responses (``decorate``; the API adds the same Link, and ``rel="self"`` on a
   task), heartbeats, and the subscriptions API. Subscription *events* are not
@@ -47,14 +47,13 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from multidict import MultiDict
 from yarl import URL
 
-from .auth import AuthError, Claims, Verifier, load_key
-from .config import Settings
-from .errors import ConfigError, ServerBusy
-from .events import EventHub, Subscription
-from .models import Event
-from .problems import PROBLEM, Handler, guard, problem_body
+from ..config import Settings
+from ..errors import ConfigError, ServerBusy
+from ..models import Event
+from ..problems import PROBLEM, Handler, guard, problem_body
+from .fanout import Fanout, Subscription
+from .jws import AuthError, Claims, Verifier, load_key
 from .sse import open_stream
-from .store import Store
 from .topics import Selectors, TemplateTooComplex
 
 HUB_PATH = "/.well-known/mercure"
@@ -103,10 +102,23 @@ class HubServer(Protocol):
     """What the hub needs from ``TaskServer`` (kept narrow: the hub does not import it)."""
 
     settings: Settings
-    hub: EventHub[Event]
+    fanout: Fanout[Event]
 
     @property
-    def store(self) -> Store: ...
+    def last_event_id(self) -> int: ...
+
+    async def find_event(self, uid: str) -> int | None: ...
+
+    def publish_update(
+        self,
+        topics: tuple[str, ...],
+        data: str,
+        *,
+        private: bool = ...,
+        uid: str | None = ...,
+        type_: str | None = ...,
+        retry: int | None = ...,
+    ) -> tuple[Event, asyncio.Future[None]]: ...
 
     def topic(self, task_id: int) -> str: ...
 
@@ -216,7 +228,7 @@ class Connection:
         self.subscription.close()
 
 
-class Mercure:
+class MercureHub:
     """The hub's handlers and state. Built by ``add_routes``; raises ``ConfigError`` early."""
 
     def __init__(self, server: HubServer) -> None:
@@ -310,7 +322,7 @@ class Mercure:
         try:
             after, resumed_from = await self._resume_point(request)
             # Registered before the headers go out: a client publishing on `onopen` is heard.
-            subscription = self.server.hub.subscribe(
+            subscription = self.server.fanout.subscribe(
                 selectors.exact,
                 match_all=selectors.match_all,
                 match=selectors.match_template if selectors.templates else None,
@@ -339,11 +351,10 @@ class Mercure:
             return None, None
         if raw == EARLIEST:
             return 0, EARLIEST
-        store = self.server.store
-        seq = await store.find_event(raw)
+        seq = await self.server.find_event(raw)
         if seq is not None:
             return seq, raw
-        if _is_seq(raw) and int(raw) <= store.last_event_id:
+        if _is_seq(raw) and int(raw) <= self.server.last_event_id:
             return int(raw), raw
         return 0, EARLIEST
 
@@ -535,7 +546,7 @@ class Mercure:
         if uid is None:
             uid = f"urn:uuid:{uuid7()}"
         try:
-            _, committed = self.server.store.publish_update(
+            _, committed = self.server.publish_update(
                 topics, data, private=private, uid=uid, type_=type_, retry=retry
             )
         except ServerBusy as exc:
@@ -604,7 +615,7 @@ class Mercure:
 
     async def _last_event_id(self) -> str:
         """The SSE id of the newest committed event, or ``earliest``."""
-        newest = self.server.store.last_event_id
+        newest = self.server.last_event_id
         # The newest id handed out may not be committed yet: look a little further back.
         page = await self.server.events_after(max(0, newest - 100), tasks_only=False, limit=100)
         return page[-1].sse_id if page else EARLIEST
@@ -659,15 +670,15 @@ class Mercure:
 
 
 #: Where the hub lives on an application: ``app[MERCURE]``.
-MERCURE: web.AppKey[Mercure] = web.AppKey("mercure", Mercure)
+MERCURE: web.AppKey[MercureHub] = web.AppKey("mercure", MercureHub)
 
 
-def add_routes(app: web.Application, server: HubServer) -> Mercure:
+def add_routes(app: web.Application, server: HubServer) -> MercureHub:
     """Mount the hub on ``app`` at ``/.well-known/mercure`` and add the response headers.
 
     Raises ``ConfigError`` (before anything is served) for an unusable key or origin.
     """
-    hub = Mercure(server)
+    hub = MercureHub(server)
     app[MERCURE] = hub
     routes: list[tuple[str, str, Handler]] = [
         ("GET", HUB_PATH, hub.subscribe),

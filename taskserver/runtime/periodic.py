@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 
 from cronsim import CronSim, CronSimError
 
-from .errors import ConfigError, ServerBusy, ValidationError
+from ..errors import ConfigError, ServerBusy, ValidationError
 
 log = logging.getLogger(__name__)
 

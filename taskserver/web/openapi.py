@@ -15,10 +15,10 @@ import math
 import time
 from typing import Any
 
-from .config import Settings
-from .mercure import HUB_PATH, SUBSCRIPTIONS_PATH
-from .models import EventType, TaskState
-from .options import LABEL, MAX_DELAY
+from ..config import Settings
+from ..models import EventType, TaskState
+from ..push.mercure import HUB_PATH, SUBSCRIPTIONS_PATH
+from ..runtime.options import LABEL, MAX_DELAY
 
 PROBLEM = "application/problem+json"
 JSON = "application/json"

@@ -27,7 +27,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .topics import Selectors
 
 #: Algorithms a hub can be configured with.

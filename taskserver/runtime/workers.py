@@ -34,9 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from . import lifecycle
-from .errors import PermanentError, RetryLater
-from .models import EventType, RetryPolicy, Task, TaskState
+from .. import lifecycle
+from ..errors import PermanentError, RetryLater
+from ..models import EventType, RetryPolicy, Task, TaskState
 from .processes import ProcessSlots
 
 log = logging.getLogger(__name__)

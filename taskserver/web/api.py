@@ -16,18 +16,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import lifecycle
+from .. import lifecycle
+from ..errors import Conflict, ServerBusy, TaskNotFound, ValidationError
+from ..lifecycle import TERMINAL
+from ..models import Task, TaskState
+from ..problems import guard, problem
+from ..push.mercure import MercureHub, discovery_link
+from ..push.sse import stream_events
+from ..runtime.options import OPTIONS, TaskSpec
+from ..server import TaskServer
 from .access import ADMIN, ENQUEUE, READ, READ_TASK, Access, Need
-from .errors import Conflict, ServerBusy, TaskNotFound, ValidationError
 from .jsonints import refuse_wide_integers
-from .lifecycle import TERMINAL
-from .mercure import Mercure, discovery_link
-from .models import Task, TaskState
 from .openapi import document
-from .options import OPTIONS, TaskSpec
-from .problems import guard, problem
-from .server import TaskServer
-from .sse import stream_events
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ async def all_events(request: web.Request) -> web.StreamResponse:
     has_cursor = "Last-Event-ID" in request.headers or "lastEventID" in request.query
     # Without a cursor: from the last *committed* event. Ids handed out but not yet
     # committed must still come, live, once they are.
-    after = last_event_id(request) if has_cursor else server.store.committed_event_id
+    after = last_event_id(request) if has_cursor else server.committed_event_id
     subscription = server.subscribe()
 
     async def replay(after_id: int) -> list[Any]:
@@ -400,11 +400,10 @@ async def readyz(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     if not server.accepting:
         return _not_ready("the server is shutting down")
-    store = server.store
-    if store.cannot_write() is not None:
+    if server.cannot_write() is not None:
         with contextlib.suppress(ServerBusy, TimeoutError):
-            await asyncio.wait_for(asyncio.shield(store.probe_write()), READY_PROBE_TIMEOUT)
-        if store.cannot_write() is not None:
+            await asyncio.wait_for(asyncio.shield(server.probe_write()), READY_PROBE_TIMEOUT)
+        if server.cannot_write() is not None:
             return _not_ready("the store cannot write")
     return json_response({"status": "ready"})
 
@@ -441,7 +440,7 @@ ROUTES: tuple[tuple[str, str, Handler, str | None, Need | None], ...] = (
 
 
 def add_routes(
-    app: web.Application, server: TaskServer, prefix: str = "", hub: Mercure | None = None
+    app: web.Application, server: TaskServer, prefix: str = "", hub: MercureHub | None = None
 ) -> Access:
     """Add every API route, under ``prefix`` (e.g. ``/jobs``; empty by default).
 
