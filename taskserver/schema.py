@@ -175,6 +175,10 @@ COUNT_BY_QUEUE = (
     " ('queued', 'waiting', 'running', 'retrying') GROUP BY queue, state"
 )
 SELECT_RUNNING = "SELECT id, attempts, max_attempts FROM tasks WHERE state = 'running'"
+SELECT_QUEUED_BY_IDS = (
+    "SELECT id, attempts, max_attempts FROM tasks WHERE state = 'queued'"
+    " AND id IN (SELECT value FROM json_each(?))"
+)
 SELECT_ACTIVE_UNIQUE = (
     "SELECT unique_key, id FROM tasks WHERE unique_key IS NOT NULL"
     " AND state IN ('queued', 'waiting', 'running', 'retrying')"
@@ -191,12 +195,14 @@ SELECT_GROUP_HEADS = (
     ") AS g ON t.id = g.head"
 )
 SELECT_IDS_BY_STATE = "SELECT id FROM tasks WHERE state = ? ORDER BY id LIMIT ?"
+# Recovery sets the attempts: a start found only in the attempts journal counts too.
 RECOVER_FAILED = (
-    "UPDATE tasks SET state = 'failed', error = ?, finished_at = ?, updated_at = ? WHERE id = ?"
+    "UPDATE tasks SET state = 'failed', attempts = ?, error = ?, finished_at = ?, updated_at = ?"
+    " WHERE id = ?"
 )
 RECOVER_QUEUED = (
-    "UPDATE tasks SET state = 'queued', progress = NULL, message = NULL, available_at = ?,"
-    " updated_at = ? WHERE id = ?"
+    "UPDATE tasks SET state = 'queued', attempts = ?, progress = NULL, message = NULL,"
+    " available_at = ?, updated_at = ? WHERE id = ?"
 )
 # Purging works in chunks so one call never holds the writer for long.
 PURGE_TASK_EVENTS = (

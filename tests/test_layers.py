@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
         "jsonints",
         "client",
     },
-    {"schema", "auth", "netguard"},
+    {"schema", "auth", "netguard", "attempts"},
     {"store", "ready", "events"},
     {"workers", "options", "sse"},
     {"server", "mercure"},
