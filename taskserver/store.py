@@ -15,6 +15,9 @@ The contract, method by method, is on each method. The whole of it:
 * **Nothing is pushed before it is stored.** After a commit the writer calls
   ``on_commit`` with what the batch made durable, synchronously, before it
   starts the next batch; that is where the server feeds the ready queue and the hub.
+* **An attempt counts before it runs.** A ``started`` update is also recorded
+  at once in the attempts journal (``attempts.py``), which outlives the
+  process; ``open`` folds the starts that never committed into their tasks.
 * **Reads that must be ordered with writes** (paging queued tasks into memory,
   finding due tasks, conditional cancels and retries, purges) run inside the
   writer; plain queries use a second, read-only connection so they never wait
