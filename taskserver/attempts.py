@@ -30,6 +30,7 @@ counts for nothing: its callback had not started.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import mmap
@@ -127,7 +128,8 @@ class AttemptJournal:
     def _add_segment(self) -> int:
         # Written, not just sized: a hole would be allocated on the first store
         # into it, and a full disk would then kill the process with SIGBUS.
-        os.pwrite(self._fd, self._zeros, self._segments * self._segment)
+        if os.pwrite(self._fd, self._zeros, self._segments * self._segment) < self._segment:
+            raise OSError(errno.ENOSPC, "short write")
         self._segments += 1
         return self._segments - 1
 

@@ -323,7 +323,12 @@ class Store:
             self.journal = None
         self._recover(conn)
         if self.journal is not None:
-            self.journal.open()  # after the recovery committed: what it held is in the database
+            try:
+                self.journal.open()  # after the recovery committed: what it held is in it
+            except OSError:
+                log.exception("attempts journal %s: attempts count only at commit", self.path)
+                self.journal.close()
+                self.journal = None
         self.committed_event_id = self._next_event_id - 1
         self._conn = conn
 
