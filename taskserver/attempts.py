@@ -48,6 +48,9 @@ _MAGIC = 0x7A5C_3E91_D04B_1F26
 SEGMENT_RECORDS = 32_768
 #: Segments in a new file: one being written while the other waits for its commit.
 _INITIAL_SEGMENTS = 2
+#: Zeros to write segments with, in pieces: one megabyte buffer per store, freed
+#: at close, fragmented the heap (+30 MB of RSS over the test suite's servers).
+_ZEROS = bytes(1 << 16)
 
 
 class AttemptJournal:
@@ -60,7 +63,6 @@ class AttemptJournal:
     def __init__(self, db_path: str, *, segment_records: int = SEGMENT_RECORDS) -> None:
         self.path = f"{db_path}-attempts"
         self._segment = segment_records * _RECORD.size
-        self._zeros = bytes(self._segment)
         self._fd = -1
         self._map: mmap.mmap | None = None
         self._segments = 0
@@ -128,8 +130,11 @@ class AttemptJournal:
     def _add_segment(self) -> int:
         # Written, not just sized: a hole would be allocated on the first store
         # into it, and a full disk would then kill the process with SIGBUS.
-        if os.pwrite(self._fd, self._zeros, self._segments * self._segment) < self._segment:
-            raise OSError(errno.ENOSPC, "short write")
+        start = self._segments * self._segment
+        for offset in range(start, start + self._segment, len(_ZEROS)):
+            size = min(len(_ZEROS), start + self._segment - offset)
+            if os.pwrite(self._fd, memoryview(_ZEROS)[:size], offset) < size:
+                raise OSError(errno.ENOSPC, "short write")
         self._segments += 1
         return self._segments - 1
 
@@ -187,7 +192,9 @@ class AttemptJournal:
         if self._map is None:
             return
         start = segment * self._segment
-        self._map[start : start + self._segment] = self._zeros
+        for offset in range(start, start + self._segment, len(_ZEROS)):
+            size = min(len(_ZEROS), start + self._segment - offset)
+            self._map[offset : offset + size] = memoryview(_ZEROS)[:size]
         self._free.append(segment)
 
     def close(self) -> None:
