@@ -194,6 +194,10 @@ COUNT_BY_QUEUE = (
     f"SELECT queue, state, count(*) FROM tasks WHERE state IN {ACTIVE} GROUP BY queue, state"
 )
 SELECT_RUNNING = f"SELECT id, attempts, max_attempts FROM tasks WHERE state = '{RUNNING}'"
+SELECT_QUEUED_BY_IDS = (
+    f"SELECT id, attempts, max_attempts FROM tasks WHERE state = '{QUEUED}'"
+    " AND id IN (SELECT value FROM json_each(?))"
+)
 SELECT_ACTIVE_UNIQUE = (
     f"SELECT unique_key, id FROM tasks WHERE unique_key IS NOT NULL AND state IN {ACTIVE}"
 )
@@ -209,12 +213,14 @@ SELECT_GROUP_HEADS = (
     ") AS g ON t.id = g.head"
 )
 SELECT_IDS_BY_STATE = "SELECT id FROM tasks WHERE state = ? ORDER BY id LIMIT ?"
+# Recovery sets the attempts: a start found only in the attempts journal counts too.
 RECOVER_FAILED = (
-    f"UPDATE tasks SET state = '{FAILED}', error = ?, finished_at = ?, updated_at = ? WHERE id = ?"
+    f"UPDATE tasks SET state = '{FAILED}', attempts = ?, error = ?, finished_at = ?,"
+    " updated_at = ? WHERE id = ?"
 )
 RECOVER_QUEUED = (
-    f"UPDATE tasks SET state = '{QUEUED}', progress = NULL, message = NULL, available_at = ?,"
-    " updated_at = ? WHERE id = ?"
+    f"UPDATE tasks SET state = '{QUEUED}', attempts = ?, progress = NULL, message = NULL,"
+    " available_at = ?, updated_at = ? WHERE id = ?"
 )
 # Purging works in chunks so one call never holds the writer for long.
 PURGE_TASK_EVENTS = (

@@ -15,6 +15,9 @@ The contract, method by method, is on each method. The whole of it:
 * **Nothing is pushed before it is stored.** After a commit the writer calls
   ``on_commit`` with what the batch made durable, synchronously, before it
   starts the next batch; that is where the server feeds the ready queue and the hub.
+* **An attempt counts before it runs.** A ``started`` update is also recorded
+  at once in the attempts journal (``attempts.py``), which outlives the
+  process; ``open`` folds the starts that never committed into their tasks.
 * **Reads that must be ordered with writes** (paging queued tasks into memory,
   finding due tasks, conditional cancels and retries, purges) run inside the
   writer; plain queries use a second, read-only connection so they never wait
@@ -40,6 +43,7 @@ import aiosqlite
 
 from . import lifecycle
 from . import schema as sql
+from .attempts import SEGMENT_RECORDS, AttemptJournal
 from .errors import NotSerializable, ServerBusy
 from .lifecycle import TERMINAL
 from .models import Event, EventType, Task, TaskState
@@ -151,6 +155,8 @@ class _Batch:
     execs: list[_Exec] = field(default_factory=list)
     pages: list[_Page] = field(default_factory=list)
     delayed: bool = False
+    #: after the commit, the attempts journal segments to free (every start in them committed)
+    retire: list[int] = field(default_factory=list)
     #: after the commit, the writer copies what is left of the WAL (see WAL_LIMIT_PAGES)
     checkpoint: bool = False
 
@@ -195,6 +201,7 @@ class Store:
         max_pending_writes: int = 100_000,
         wal_limit_pages: int = WAL_LIMIT_PAGES,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        journal_segment: int = SEGMENT_RECORDS,
         on_commit: Callable[[Committed], None] | None = None,
         on_ready: Callable[[list[Task]], None] | None = None,
         on_failed: Callable[[list[Task]], None] | None = None,
@@ -209,6 +216,10 @@ class Store:
         self._on_ready = on_ready or (lambda tasks: None)
         self._on_failed = on_failed or (lambda tasks: None)
         self._clock = clock
+        #: Start markers that outlive the process (see attempts.py); none in memory.
+        self.journal = (
+            None if path == ":memory:" else AttemptJournal(path, segment_records=journal_segment)
+        )
         # The writer's connection is used only on the writer thread, so one batch is
         # one thread hop (aiosqlite would hop once per statement; on a busy loop
         # every hop waits for a loop iteration). Reads use aiosqlite.
@@ -302,7 +313,20 @@ class Store:
         highest = sql.SELECT_HIGHEST_ID
         self._next_task_id = int(conn.execute(highest.format(table="tasks")).fetchone()[0]) + 1
         self._next_event_id = int(conn.execute(highest.format(table="events")).fetchone()[0]) + 1
+        if self.journal is not None and not self.journal.lock():
+            log.warning(
+                "%s is used by another taskserver: attempts count only at commit here",
+                self.journal.path,
+            )
+            self.journal = None
         self._recover(conn)
+        if self.journal is not None:
+            try:
+                self.journal.open()  # after the recovery committed: what it held is in it
+            except OSError:
+                log.exception("attempts journal %s: attempts count only at commit", self.path)
+                self.journal.close()
+                self.journal = None
         self.committed_event_id = self._next_event_id - 1
         self._conn = conn
 
@@ -326,6 +350,8 @@ class Store:
         if self._conn is not None:
             await self._in_writer(self._conn.close)
             self._conn = None
+        if self.journal is not None:
+            self.journal.close()  # the writer committed everything: no start is left uncounted
         if self._thread is not None:
             self._thread.shutdown()
             self._thread = None
@@ -346,17 +372,32 @@ class Store:
             log.info("migrated %s to schema version %d", self.path, number)
 
     def _recover(self, db: sqlite3.Connection) -> None:
-        """Return tasks a dead process left ``running`` to ``queued``; fail those out of attempts.
+        """Return tasks a dead process left running to ``queued``; fail those out of attempts.
 
-        The attempt they were on was counted when they started, so a task that
-        kills the process every time ends ``failed`` after ``max_attempts``. Runs
-        in ``open`` before the writer starts, in one transaction with its events.
+        Left running: a task whose ``running`` row committed, and a ``queued`` one
+        whose start is in the attempts journal with a ``started`` event that never
+        committed (the process died within the commit window). Either way the
+        attempt counts, so a task that kills the process every time ends ``failed``
+        after ``max_attempts``. Runs in ``open`` before the writer starts, in one
+        transaction with its events; the caller empties the journal after it.
         """
-        rows = db.execute(sql.SELECT_RUNNING).fetchall()
+        rows: list[tuple[int, int, int]] = db.execute(sql.SELECT_RUNNING).fetchall()
+        if self.journal is not None:
+            committed = self._next_event_id - 1  # event ids commit in order
+            started: dict[int, int] = {}
+            for task_id, attempt, event_id in self.journal.read():
+                if event_id > committed:
+                    started[task_id] = max(attempt, started.get(task_id, 0))
+            if started:
+                queued = db.execute(sql.SELECT_QUEUED_BY_IDS, (sql.dumps(list(started)),))
+                rows += [
+                    (task_id, started[task_id], max_attempts)
+                    for task_id, attempts, max_attempts in queued
+                    if attempts < started[task_id]
+                ]
         if not rows:
             return
         now = self._clock()
-        error = "the server stopped while the task ran, and no attempts are left"
         db.execute("BEGIN IMMEDIATE")
         extra: dict[str, Any]
         for task_id, attempts, max_attempts in rows:
@@ -374,11 +415,15 @@ class Store:
             )
             if out_of_attempts:
                 self.recovered_failed += 1
-                db.execute(sql.RECOVER_FAILED, (error, now, now, task_id))
+                error = (
+                    f"the server process died during attempt {attempts} of {max_attempts}"
+                    " (killed or crashed); no attempts are left"
+                )
+                db.execute(sql.RECOVER_FAILED, (attempts, error, now, now, task_id))
                 type_, extra = EventType.FAILED, {"error": error}
             else:
                 self.recovered_queued += 1
-                db.execute(sql.RECOVER_QUEUED, (now, now, task_id))
+                db.execute(sql.RECOVER_QUEUED, (attempts, now, now, task_id))
                 type_, extra = EventType.QUEUED, {"recovered": True}
             event = Event(
                 self._next_event_id, task_id, type_, sql.event_json(stub, type_, extra, now)
@@ -497,7 +542,9 @@ class Store:
         ``on_commit`` as ready to run. Never refused: outcomes of running work
         must not be lost. The returned future is the batch's, done at commit.
         A ``finished`` event carries the task's ``result`` (encoded once, for the
-        row and the event), so ``extra`` must not.
+        row and the event), so ``extra`` must not. A ``started`` one is also in the
+        attempts journal when this returns, so the attempt counts even if the
+        process dies before the commit.
         """
         result = None
         if type_ is EventType.FINISHED or (
@@ -510,6 +557,10 @@ class Store:
                     f"the task's result cannot be encoded as JSON: {exc}", field="result"
                 ) from None
         batch = self._current()
+        if type_ is EventType.STARTED and self.journal is not None:
+            full = self.journal.started(task.id, task.attempts, self._next_event_id)
+            if full is not None:
+                batch.retire.append(full)
         now = self._clock()
         task.updated_at = now
         batch.updates[task.id] = sql.update_row(task, None if task.result is None else result)
@@ -715,6 +766,9 @@ class Store:
             self.commits += 1
             if outcome.wrote:
                 self.write_error = None
+            if batch.retire and self.journal is not None:
+                for segment in batch.retire:
+                    self.journal.retire(segment)
             if outcome.committed.events:
                 self.committed_event_id = max(
                     self.committed_event_id, outcome.committed.events[-1].id
@@ -780,6 +834,8 @@ class Store:
             with contextlib.suppress(Exception):
                 page.deliver([])
         carried = [e for e in batch.events if e.task_id is not None and e.task_id not in new_ids]
+        if batch.retire:  # its starts are carried: free the segments after they commit
+            self._current().retire += batch.retire
         if batch.updates or carried:
             nxt = self._current()
             nxt.updates = {**batch.updates, **nxt.updates}  # newer states win

@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
         "client",
     },
     {"lifecycle"},
-    {"schema", "push.jws", "web.netguard"},
+    {"schema", "push.jws", "web.netguard", "attempts"},
     {"store", "runtime.ready", "push.fanout"},
     {"runtime.workers", "runtime.options", "push.sse"},
     {"server", "push.mercure"},
@@ -47,7 +47,7 @@ TOP = {
     **dict.fromkeys(
         ("errors", "credentials", "models", "lifecycle", "config", "problems", "client"), 0
     ),
-    **dict.fromkeys(("schema", "store"), 1),  # storage's, until they move into storage/
+    **dict.fromkeys(("schema", "store", "attempts"), 1),  # storage's, until they move into storage/
     "server": 4,
     **dict.fromkeys(("cli", "admin", "add_command", "__init__", "__main__"), 6),
 }
