@@ -30,7 +30,7 @@ import orjson
 from . import add_command
 from .config import URL_ENV
 from .models import TaskState
-from .store import Snapshot, SnapshotError
+from .storage import Snapshot, SnapshotError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")

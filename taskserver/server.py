@@ -43,7 +43,7 @@ from .runtime.periodic import Schedule, run_schedules
 from .runtime.ready import ReadyQueue
 from .runtime.tuning import RuntimeTuning
 from .runtime.workers import Callback, Limits, WorkerPool
-from .store import Committed, NewTask, Store
+from .storage import Durable, NewTask, Store
 
 log = logging.getLogger(__name__)
 
@@ -264,12 +264,12 @@ class TaskServer:
             on_failed=self._not_stored,
             clock=self._clock,
         )
-        await self._store.open()
+        opened = await self._store.open()
         self._tuning.apply()
-        self._counts = await self._store.count_by_state()
-        self._unique = await self._store.active_unique_keys()
+        self._counts = opened.counts
+        self._unique = opened.unique_keys
         self._unique_by_id = {task_id: key for key, task_id in self._unique.items()}
-        for group, head, state in await self._store.serial_heads():
+        for group, head, state in opened.group_heads:
             self._ready.restore_group(group, head, state)
         if self.settings.task_workers > 0:
             s = self.settings
@@ -287,7 +287,7 @@ class TaskServer:
             self._pool.start()
         self._started = True
         self._closing = False
-        self._ready.start_from_disk(await self._store.queues_with_work())
+        self._ready.start_from_disk(opened.queues_with_work)
         self._background = [
             asyncio.create_task(self._due_loop(), name="taskserver-due"),
             asyncio.create_task(self._maintenance_loop(), name="taskserver-maintenance"),
@@ -825,7 +825,7 @@ class TaskServer:
 
     # --- wiring (called by the store and the pool) ------------------------------------
 
-    def _committed(self, committed: Committed) -> None:
+    def _committed(self, committed: Durable) -> None:
         # Runs in the writer after every commit: bookkeeping, then push the events.
         if committed.delayed:
             self._due_wake.set()

@@ -15,9 +15,9 @@ import struct
 from pathlib import Path
 
 from taskserver import TaskContext, TaskServer, TaskState
-from taskserver.attempts import AttemptJournal
 from taskserver.models import EventType
-from taskserver.store import NewTask, Store
+from taskserver.storage import NewTask, Store
+from taskserver.storage.sqlite.attempts import AttemptJournal
 
 from .conftest import ServerFactory, wait_for
 

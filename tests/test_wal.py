@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from taskserver.store import NewTask, Store
+from taskserver.storage import NewTask, Store
 
 
 async def test_the_wal_starts_over_under_writes_that_never_pause(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import orjson
 from ..config import Settings
 from ..errors import NotSerializable, ValidationError
 from ..models import RetryPolicy
-from ..store import NewTask
+from ..storage import NewTask
 
 #: Every option a task accepts (``data`` aside), for the API's unknown-field check.
 OPTIONS = frozenset(

@@ -1,7 +1,6 @@
-"""SQLite schema, numbered migrations, the SQL the store runs, and row mapping.
+"""SQLite schema, numbered migrations, the SQL the SQLite backend runs, and row mapping.
 
-Only ``store.py`` imports this module: it is the store's, split out so that the
-store's logic reads without the SQL text in the way.
+Only the SQLite backend (this folder) imports it.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ from typing import Any
 
 import orjson
 
-from . import lifecycle
-from .models import Event, EventType, RetryPolicy, Task, TaskState
+from ... import lifecycle
+from ...models import Event, RetryPolicy, Task, TaskState
+from ..payload import dumps
 
 #: Numbered migrations; ``PRAGMA user_version`` records how many have run.
 MIGRATIONS: tuple[str, ...] = (
@@ -313,39 +313,6 @@ INSERT_EVENT_PREFIX = (
 #: Events of tasks leave topics, private, uid and retry at their defaults: fewer
 #: parameters for the writer thread to bind while it holds the GIL.
 INSERT_TASK_EVENT_PREFIX = "INSERT INTO events (id, task_id, type, data, at)"
-
-
-def dumps(value: Any) -> str:
-    """JSON text of ``value`` (raises ``TypeError`` when it cannot be encoded)."""
-    return orjson.dumps(value).decode()
-
-
-def event_json(
-    task: Task,
-    type_: EventType,
-    extra: dict[str, Any] | None,
-    now: float,
-    *,
-    result: str | None = None,
-) -> str:
-    """The stored and pushed payload of one event about ``task``.
-
-    ``result``, JSON text already encoded for the task's row, is embedded as is.
-    (A dict encoded by orjson is faster here than formatting the text by hand.)
-    """
-    payload: dict[str, Any] = {
-        "task_id": task.id,
-        "type": type_,
-        "state": task.state,
-        "attempt": task.attempts,
-        "queue": task.queue,
-        "at": now,
-    }
-    if extra:
-        payload.update(extra)
-    if result is not None:
-        payload["result"] = orjson.Fragment(result)
-    return dumps(payload)
 
 
 def _retry(text: str | None) -> RetryPolicy | None:

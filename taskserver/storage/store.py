@@ -1,0 +1,141 @@
+"""``Store``: the group-commit engine over the backend a database address names.
+
+The server and the tests use this; the backend behind it is chosen by ``path``
+(today a SQLite file or ``:memory:``; a ``postgresql://`` URL is the next backend).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..models import Event, Task, TaskState
+from .backend import Backend, Opened
+from .engine import Engine
+from .intents import Durable
+from .sqlite import SqliteBackend
+from .sqlite.attempts import SEGMENT_RECORDS, AttemptJournal
+from .sqlite.backend import CHECKPOINT_INTERVAL, WAL_LIMIT_PAGES
+
+
+def backend_for(
+    path: str,
+    *,
+    synchronous: str = "NORMAL",
+    wal_limit_pages: int = WAL_LIMIT_PAGES,
+    checkpoint_interval: float = CHECKPOINT_INTERVAL,
+    journal_segment: int = SEGMENT_RECORDS,
+    clock: Callable[[], float] = time.time,
+) -> SqliteBackend:
+    """The backend for database address ``path`` (the SQLite options apply to SQLite)."""
+    return SqliteBackend(
+        path,
+        synchronous=synchronous,
+        wal_limit_pages=wal_limit_pages,
+        checkpoint_interval=checkpoint_interval,
+        journal_segment=journal_segment,
+        clock=clock,
+    )
+
+
+class Store(Engine):
+    """An ``Engine`` over ``backend_for(path)``, with the backend's reads at hand.
+
+    Every read is of committed state (see ``Backend``); ``open`` returns ``Opened``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "NORMAL",
+        max_pending_writes: int = 100_000,
+        wal_limit_pages: int = WAL_LIMIT_PAGES,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        journal_segment: int = SEGMENT_RECORDS,
+        on_commit: Callable[[Durable], None] | None = None,
+        on_ready: Callable[[list[Task]], None] | None = None,
+        on_failed: Callable[[list[Task]], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self._sqlite = backend_for(
+            path,
+            synchronous=synchronous,
+            wal_limit_pages=wal_limit_pages,
+            checkpoint_interval=checkpoint_interval,
+            journal_segment=journal_segment,
+            clock=clock,
+        )
+        backend: Backend = self._sqlite
+        super().__init__(
+            backend,
+            max_pending_writes=max_pending_writes,
+            on_commit=on_commit,
+            on_ready=on_ready,
+            on_failed=on_failed,
+            clock=clock,
+        )
+        self.opened: Opened | None = None
+
+    async def open(self) -> Opened:
+        self.opened = await super().open()
+        return self.opened
+
+    @property
+    def recovered_queued(self) -> int:
+        """Tasks ``open`` found left running by a dead process and re-queued."""
+        return self.opened.recovered_queued if self.opened else 0
+
+    @property
+    def recovered_failed(self) -> int:
+        """Tasks ``open`` found left running on their last attempt, and failed."""
+        return self.opened.recovered_failed if self.opened else 0
+
+    @property
+    def journal(self) -> AttemptJournal | None:
+        """The SQLite backend's attempts journal (``None`` in memory or when unusable)."""
+        return self._sqlite.journal
+
+    @property
+    def wal_restarts(self) -> int:
+        """Times the SQLite writer copied the whole WAL so that it starts over."""
+        return self._sqlite.wal_restarts
+
+    # --- reads of committed state: see ``Backend`` ------------------------------------
+
+    async def get_task(self, task_id: int) -> Task | None:
+        return await self.backend.get_task(task_id)
+
+    async def list_tasks(
+        self, *, state: TaskState | None, after: int, limit: int, before: int | None = None
+    ) -> list[Task]:
+        return await self.backend.list_tasks(state=state, after=after, limit=limit, before=before)
+
+    async def ids_in_state(self, state: TaskState, limit: int) -> list[int]:
+        return await self.backend.ids_in_state(state, limit)
+
+    async def events_after(
+        self, after_id: int, *, limit: int, task_id: int | None = None, tasks_only: bool = False
+    ) -> list[Event]:
+        return await self.backend.events_after(
+            after_id, limit=limit, task_id=task_id, tasks_only=tasks_only
+        )
+
+    async def find_event(self, uid: str) -> int | None:
+        return await self.backend.find_event(uid)
+
+    async def count_by_state(self) -> dict[TaskState, int]:
+        return await self.backend.count_by_state()
+
+    async def count_by_queue(self) -> dict[str, dict[TaskState, int]]:
+        return await self.backend.count_by_queue()
+
+    async def next_due(self) -> float | None:
+        return await self.backend.next_due()
+
+    async def recent_unique(self, key: str, since: float) -> int | None:
+        return await self.backend.recent_unique(key, since)
+
+    async def schedules(self) -> dict[str, float]:
+        return await self.backend.schedules()
