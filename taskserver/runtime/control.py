@@ -1,0 +1,127 @@
+"""Acting on stored tasks: look them up, cancel, retry, purge, wait for their end.
+
+Each keeps the shared counts exact: a conditional move answers the state it
+moved the task from, and purges go one ended state at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+from .. import lifecycle
+from ..errors import Conflict, TaskNotFound
+from ..lifecycle import RETRYABLE, TERMINAL, TERMINAL_ORDER
+from ..models import EventType, Task, TaskState
+from .shared import Shared
+
+#: Ended tasks deleted per writer round when purging.
+PURGE_CHUNK = 5_000
+
+
+class Control:
+    """``get``, ``cancel``, ``retry``, ``retry_failed``, ``purge`` and ``wait_terminal``."""
+
+    def __init__(self, shared: Shared) -> None:
+        self._s = shared
+
+    async def get(self, task_id: int) -> Task:
+        """The task's committed state; ``TaskNotFound`` when there is none."""
+        task = await self._s.store.get_task(task_id)
+        if task is None:
+            raise TaskNotFound(task_id)
+        return task
+
+    async def wait_terminal(self, task_id: int, timeout: float | None = None) -> Task:
+        """Wait until the task has ended (its terminal event is committed); return it.
+
+        Raises ``TaskNotFound``, or ``TimeoutError`` after ``timeout`` seconds.
+        """
+        return await self._s.waiters.wait_terminal(task_id, self.get, timeout)
+
+    async def cancel(self, task_id: int) -> Task:
+        """Cancel a task that has not ended and return it, cancelled.
+
+        Raises ``TaskNotFound``, or ``Conflict`` when it has already ended.
+        """
+        store = self._s.store
+        if self._s.pool is not None and self._s.pool.cancel(task_id):
+            return await self.wait_terminal(task_id, timeout=self._s.settings.grace_period + 5)
+        # Tombstoned before any await: no page may take it in while we decide.
+        self._s.ready.tombstone(task_id)
+        try:
+            task = self._s.ready.remove(task_id)
+            if task is not None:  # waiting in memory: ours to write
+                lifecycle.end(task, lifecycle.CANCELLED, self._s.clock())
+                self._s.counts[lifecycle.QUEUED] -= 1  # the ready queue holds queued tasks only
+                self._s.counts[lifecycle.CANCELLED] += 1
+                await store.update_task(task, EventType.CANCELLED)
+                return task
+            previous = await store.cancel_pending(task_id)
+        finally:
+            self._s.ready.untombstone(task_id)
+        if previous is not None:
+            self._s.counts[previous] -= 1
+            self._s.counts[lifecycle.CANCELLED] += 1
+            return await self.get(task_id)
+        current = await self.get(task_id)
+        if current.state in TERMINAL:
+            raise Conflict(f"task {task_id} has already ended ({current.state.value})")
+        raise Conflict(f"task {task_id} is {current.state.value} and cannot be cancelled now")
+
+    async def retry(self, task_id: int) -> Task:
+        """Re-queue a failed or cancelled task, attempts reset; ``Conflict`` otherwise."""
+        unique = self._s.unique
+        before = await self.get(task_id)
+        if before.state not in RETRYABLE:
+            raise Conflict(
+                f"task {task_id} is {before.state.value}; only failed or cancelled "
+                "tasks can be retried"
+            )
+        holder = None if before.unique_key is None else unique.by_key.get(before.unique_key)
+        if holder is not None:
+            raise Conflict(f"task {holder} with the same unique_key is still active")
+        # Tombstoned until we offer it ourselves: a page must not take it in first.
+        self._s.ready.tombstone(task_id)
+        try:
+            previous = await self._s.store.retry_ended(task_id)
+            if previous is None:
+                raise Conflict(f"task {task_id} changed state meanwhile; try again")
+            self._s.counts[previous] -= 1
+            self._s.counts[lifecycle.QUEUED] += 1
+            task = await self.get(task_id)
+        finally:
+            self._s.ready.untombstone(task_id)
+        if task.unique_key is not None:
+            unique.hold(task.unique_key, task.id)
+        if task.state is lifecycle.QUEUED:
+            self._s.ready.offer(task)
+        return task
+
+    async def retry_failed(self, limit: int = 10_000) -> list[int]:
+        """Re-queue up to ``limit`` failed tasks; returns the ids re-queued."""
+        done: list[int] = []
+        for task_id in await self._s.store.ids_in_state(lifecycle.FAILED, limit):
+            with contextlib.suppress(Conflict, TaskNotFound):
+                await self.retry(task_id)
+                done.append(task_id)
+        return done
+
+    async def purge(
+        self,
+        older_than: float,
+        states: Iterable[TaskState] = TERMINAL_ORDER,
+    ) -> int:
+        """Delete ended tasks (and their events) that finished over ``older_than`` s ago."""
+        cutoff = self._s.clock() - older_than
+        total = 0
+        for state in dict.fromkeys(states):
+            # One state at a time, so the in-memory counters stay exact: ended tasks
+            # change state only through the writer, which runs these in order.
+            while True:
+                deleted = await self._s.store.purge((state,), cutoff, chunk=PURGE_CHUNK)
+                self._s.counts[state] -= deleted
+                total += deleted
+                if deleted < PURGE_CHUNK:
+                    break
+        return total
