@@ -33,22 +33,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import shutil
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import aiosqlite
 import orjson
 
-from taskserver import Settings, TaskContext, TaskServer
-
-from .common import cpu_seconds_self, emit, now, peak_rss_self, percentile, run
+from .common import cpu_seconds_self, emit, now, peak_rss_self, run
+from .harness import STOP_LIMIT, BenchFailed, Finishes, serving, summary
+from .mixed import mixed_throughput
 
 #: A schema like the product's ``tasks`` table (same columns and state index).
 BASELINE_SCHEMA = (
@@ -64,97 +63,6 @@ BASELINE_INSERT = (
     "INSERT INTO tasks (id, state, data, attempts, max_attempts, timeout, created_at, updated_at)"
     " VALUES (?, 'queued', ?, 0, 1, NULL, ?, ?)"
 )
-
-
-def _settings(db: str, workers: int) -> Settings:
-    return Settings(db=db, task_workers=workers, port=0, synchronous="NORMAL", grace_period=5.0)
-
-
-class Finishes:
-    """Counts ``finish`` callbacks and wakes whoever waits for a given count."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._target = -1
-        self._reached: asyncio.Event = asyncio.Event()
-        #: ``data["seq"]`` -> future resolved with the time ``finish`` ran (latency runs).
-        self.waiting: dict[int, asyncio.Future[float]] = {}
-
-    async def task(self, ctx: TaskContext) -> None:
-        """The ``task`` callback: an ``async`` no-op."""
-
-    async def finish(self, ctx: TaskContext, result: Any) -> None:
-        """The ``finish`` callback: count, and resolve the latency waiter of this task."""
-        self.count += 1
-        if self.count == self._target:
-            self._reached.set()
-        if self.waiting:
-            future = self.waiting.pop(ctx.data["seq"], None)
-            if future is not None and not future.done():
-                future.set_result(now())
-
-    async def until(self, target: int, timeout: float) -> bool:
-        """Wait until ``target`` finishes were counted; ``False`` on timeout."""
-        if self.count >= target:
-            return True
-        self._target = target
-        self._reached.clear()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._reached.wait()
-        except TimeoutError:
-            return False
-        return True
-
-
-#: Seconds ``server.stop()`` may take before the measurement is declared broken.
-STOP_LIMIT = 20.0
-
-
-class BenchFailed(Exception):
-    """The scenario could not be measured; the message says why."""
-
-
-async def _stop(server: TaskServer) -> None:
-    try:
-        async with asyncio.timeout(STOP_LIMIT):
-            await server.stop()
-    except TimeoutError:
-        raise BenchFailed(f"server.stop() did not return within {STOP_LIMIT:g}s") from None
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    db: str,
-    workers: int,
-    finishes: Finishes,
-    warnings: list[str],
-    setup: Callable[[TaskServer], None] | None = None,
-) -> AsyncIterator[TaskServer]:
-    """A started ``TaskServer`` with ``finishes``' callbacks, stopped on the way out.
-
-    ``setup`` (declaring queues, say) is called before the server starts. A
-    ``stop()`` that hangs after a good measurement becomes a warning in
-    ``warnings`` (the figures stand); after a failed one it is only logged.
-    """
-    server = TaskServer(_settings(db, workers))
-    server.on("task", finishes.task)
-    server.on("finish", finishes.finish)
-    if setup is not None:
-        setup(server)
-    await server.start()
-    measured = False
-    try:
-        yield server
-        measured = True
-    finally:
-        try:
-            await _stop(server)
-        except BenchFailed as exc:
-            if not measured:
-                sys.stderr.write(f"also: {exc}\n")
-            else:
-                warnings.append(str(exc))
 
 
 async def taskserver_throughput(
@@ -256,16 +164,6 @@ async def baseline_throughput(
     }
 
 
-def _summary(samples: list[float]) -> dict[str, Any]:
-    """p50/p99/max of latencies given in seconds, reported in microseconds."""
-    return {
-        "samples": len(samples),
-        "p50_us": percentile(samples, 50) * 1e6,
-        "p99_us": percentile(samples, 99) * 1e6,
-        "max_us": max(samples) * 1e6 if samples else None,
-    }
-
-
 async def _sample(
     count: int, time_limit: float, once: Callable[[int], Any], *, warmup: int
 ) -> list[float]:
@@ -348,10 +246,10 @@ async def latency(
         async with asyncio.timeout(10):
             await asyncio.gather(*jobs)
     return {
-        "serial": _summary(serial),
-        "ack": _summary(acks),
-        "paced": {**_summary(paced), "rate": rate},
-        "baseline": _summary(base),
+        "serial": summary(serial),
+        "ack": summary(acks),
+        "paced": {**summary(paced), "rate": rate},
+        "baseline": summary(base),
         "peak_rss": peak_rss_self(),
         "warnings": warnings,
     }
@@ -431,8 +329,6 @@ def _run_scenario(args: argparse.Namespace, db: str) -> dict[str, Any]:
             baseline_throughput(db, tasks=args.tasks, batch=args.batch, time_limit=args.time_limit)
         )
     if args.scenario == "mixed":
-        from .mixed import mixed_throughput  # here: mixed imports this module
-
         return run(
             mixed_throughput(
                 db,

@@ -33,7 +33,7 @@ from typing import Any
 from taskserver import RetryPolicy, TaskContext, TaskServer
 
 from .common import cpu_seconds_self, now, peak_rss_self
-from .inproc import BenchFailed, Finishes, _summary, serving
+from .harness import BenchFailed, Finishes, serving, summary
 
 SEED = 20240611
 #: Queue name -> (priority, concurrency limit, share of the tasks).
@@ -192,7 +192,7 @@ async def mixed_throughput(
         "acked_per_second": tasks / acked if ok else None,
         "commits": commits,
         "cpu_percent": 100 * cpu / elapsed,
-        "latency": _summary(finishes.latencies),
+        "latency": summary(finishes.latencies),
         "retries": finishes.retries,
         "failures": finishes.failures,
         "planned": {
