@@ -203,7 +203,7 @@ class Settings:
     log_level: str = _setting(
         "INFO", "logging level", _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     )
-    # --- the Mercure hub at /.well-known/mercure (taskserver/mercure.py) ---
+    # --- the Mercure hub at /.well-known/mercure (taskserver/push/mercure.py) ---
     mercure_jwt_alg: str = _setting(
         "HS256", "JWT algorithm of the Mercure keys; tokens must use it", _choice("HS256", "RS256")
     )

@@ -15,7 +15,7 @@ The public surface: ``on()`` / ``queue()`` / ``defaults()`` / ``schedule()`` at
 setup; ``task()``, ``submit()``, ``task_many()`` to enqueue; ``get()``,
 ``list_tasks()``, ``cancel()``, ``retry()``, ``purge()``, ``wait()``,
 ``task_wait()``, ``stats()`` to look and act; ``start()`` / ``stop()`` for the
-lifecycle (``app.py`` runs them in one ``cleanup_ctx``).
+lifecycle (``web/app.py`` runs them in one ``cleanup_ctx``).
 """
 
 from __future__ import annotations

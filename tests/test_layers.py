@@ -34,12 +34,12 @@ LAYERS: list[set[str]] = [
     {"lifecycle", "storage.intents", "storage.payload"},
     {"storage.backend", "storage.sqlite.schema", "push.jws", "web.netguard"},
     {
-        "storage.engine",
+        "storage.batching",
         "storage.sqlite.reads",
         "storage.sqlite.recovery",
         "storage.sqlite.snapshot",
     },
-    {"storage.sqlite.backend"},
+    {"storage.engine", "storage.sqlite.backend"},
     {"storage.sqlite"},
     {"storage.store"},
     {"storage"},
@@ -52,7 +52,7 @@ LAYERS: list[set[str]] = [
     {"web.access", "web.openapi"},
     {"web.api", "web.demo", "add_command"},
     {"web.app", "admin"},
-    {"cli", "__init__", "__main__"},
+    {"cli", "__init__", "__main__", "netguard"},  # netguard: the old path, re-exported
 ]
 
 #: The rank of each folder; a top-level module's rank is in TOP.
@@ -62,7 +62,7 @@ TOP = {
         ("errors", "credentials", "models", "lifecycle", "config", "problems", "client"), 0
     ),
     "server": 4,
-    **dict.fromkeys(("cli", "admin", "add_command", "__init__", "__main__"), 6),
+    **dict.fromkeys(("cli", "admin", "add_command", "__init__", "__main__", "netguard"), 6),
 }
 #: Database drivers: only storage/ may import them.
 DRIVERS = {"sqlite3", "aiosqlite", "asyncpg"}

@@ -6,7 +6,7 @@ Platform) work against it unchanged:
 * ``GET`` subscribes with one or more ``topic`` selectors (``topics.py``) and
   answers a Server-Sent Events stream; ``POST`` publishes a form-encoded update,
   made durable before the ``200`` that carries its id.
-* JWS authorization (``auth.py``): ``Authorization: Bearer``, else the
+* JWS authorization (``jws.py``): ``Authorization: Bearer``, else the
   ``authorization`` query parameter, else the cookie; private updates go only to
   subscribers whose ``mercure.subscribe`` selectors match one of their topics.
 * History: ``Last-Event-ID`` / ``lastEventID`` / ``earliest`` replay from the

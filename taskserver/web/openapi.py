@@ -2,9 +2,9 @@
 
 ``OPERATIONS`` is keyed by ``(method, path)`` exactly as the routes are added (the API
 table of ``api.py``, the ``/session`` routes of ``access.py``, the Mercure hub of
-``mercure.py``); a test checks the keys equal an application's routes, none missing,
+``push/mercure.py``); a test checks the keys equal an application's routes, none missing,
 none extra, so the document cannot drift from the router. Task options come from
-``options.py``'s limits. The document is open (no scope): it describes the API and
+``runtime/options.py``'s limits. The document is open (no scope): it describes the API and
 reveals no task.
 """
 
