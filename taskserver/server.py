@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 from . import lifecycle
@@ -315,7 +315,8 @@ class TaskServer:
 
     # --- enqueue: see ``runtime/enqueue.py`` ---------------------------------------
 
-    async def submit(self, data: Any, **options: Any) -> Submitted:
+    # ``submit`` and ``task`` hand back the part's coroutine: no frame of their own per task.
+    def submit(self, data: Any, **options: Any) -> Coroutine[Any, Any, Submitted]:
         """Enqueue one task; like ``task`` but says whether a unique key matched.
 
         Options: ``name``, ``queue``, ``priority``, ``delay`` (s) or ``available_at``
@@ -325,11 +326,11 @@ class TaskServer:
         ``ValidationError``/``NotSerializable`` naming the field (nothing written),
         ``ServerBusy`` when full, ``ServerClosed`` while stopping.
         """
-        return await self._enqueue.submit(data, **options)
+        return self._enqueue.submit(data, **options)
 
-    async def task(self, data: Any, **options: Any) -> int:
+    def task(self, data: Any, **options: Any) -> Coroutine[Any, Any, int]:
         """Enqueue one task and return its id once it is durable. Options as ``submit``."""
-        return await self._enqueue.task(data, **options)
+        return self._enqueue.task(data, **options)
 
     async def task_many(self, items: Iterable[Any], **options: Any) -> list[Submitted]:
         """Enqueue many tasks in one transaction: all or none.

@@ -56,7 +56,8 @@ class Enqueue:
                 f"{count} new tasks in one batch can never fit: max_queued is {limit}",
                 field="tasks",
             )
-        active = sum(self._s.counts[state] for state in lifecycle.BACKLOG)
+        counts = self._s.counts  # lifecycle.BACKLOG, unrolled: this runs per task
+        active = counts[lifecycle.QUEUED] + counts[lifecycle.WAITING]
         if active + count > limit:
             raise ServerBusy(
                 f"{active} tasks are waiting to run, the limit is {self._s.settings.max_queued}",
@@ -107,15 +108,7 @@ class Enqueue:
         )
 
     async def submit(self, data: Any, **options: Any) -> Submitted:
-        """Enqueue one task; like ``task`` but says whether a unique key matched.
-
-        Options: ``name``, ``queue``, ``priority``, ``delay`` (s) or ``available_at``
-        (epoch s), ``serial_group``, ``unique_key``, ``unique_for`` (s: a task with
-        the key that succeeded that recently also counts), ``timeout`` (s),
-        ``max_attempts``, ``retry`` (a ``RetryPolicy``). Raises
-        ``ValidationError``/``NotSerializable`` naming the field (nothing written),
-        ``ServerBusy`` when full, ``ServerClosed`` while stopping.
-        """
+        """``TaskServer.submit``: one task, with the options documented there."""
         if "unique_key" in options or "serial_group" in options:
             return (await self.insert([TaskSpec(data, options)]))[0]
         task, committed = self._append_one(data, options)
@@ -144,13 +137,7 @@ class Enqueue:
         return task, committed
 
     async def task_many(self, items: Iterable[Any], **options: Any) -> list[Submitted]:
-        """Enqueue many tasks in one transaction: all or none.
-
-        Each item is a ``TaskSpec`` (its options override ``options``) or plain data.
-        A bad item raises ``ValidationError`` naming it (``tasks[3].timeout``) and
-        nothing is written; so does a batch with more new tasks than ``max_queued``
-        (it could never fit). ``ServerBusy`` means it would fit in an emptier queue.
-        """
+        """``TaskServer.task_many``: all or none, every item validated first."""
         specs = [
             item.with_defaults(options)
             if isinstance(item, TaskSpec)

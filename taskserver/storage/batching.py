@@ -45,6 +45,7 @@ class Batching:
     _event_id: Callable[[], int]
     _encode_new: Callable[[Task, str], Any]
     _encode_update: Callable[[Task, str | None], Any]
+    _started: Callable[[int, int, int], int | None]
 
     def _current(self) -> Batch:
         if self._batch is None:
@@ -162,17 +163,18 @@ class Batching:
                     f"the task's result cannot be encoded as JSON: {exc}", field="result"
                 ) from None
         batch = self._current()
-        if type_ is EventType.STARTED:
-            backend = self.backend
-            token = backend.started(task.id, task.attempts, backend.last_event_id + 1)
-            if token is not None:
-                batch.retire.append(token)
         now = self._clock()
         task.updated_at = now
-        batch.updates[task.id] = self._encode_update(task, None if task.result is None else result)
-        self._new_event(
-            batch, task, type_, extra, now, result if type_ is EventType.FINISHED else None
+        json = event_json(
+            task, type_, extra, now, result=result if type_ is EventType.FINISHED else None
         )
+        event_id = self._event_id()
+        if type_ is EventType.STARTED:
+            token = self._started(task.id, task.attempts, event_id)
+            if token is not None:
+                batch.retire.append(token)
+        batch.updates[task.id] = self._encode_update(task, None if task.result is None else result)
+        batch.events.append(Event(event_id, task.id, type_, json))
         if ready:
             batch.ready.append(task)
         elif task.state in lifecycle.DELAYED:

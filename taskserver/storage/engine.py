@@ -86,6 +86,7 @@ class Engine(Batching):
         self._event_id = backend.next_event_id
         self._encode_new = backend.encode_new
         self._encode_update = backend.encode_update
+        self._started = backend.started
         self._batch: Batch | None = None
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None

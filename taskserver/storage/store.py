@@ -18,28 +18,8 @@ from .sqlite.attempts import SEGMENT_RECORDS, AttemptJournal
 from .sqlite.backend import CHECKPOINT_INTERVAL, WAL_LIMIT_PAGES
 
 
-def backend_for(
-    path: str,
-    *,
-    synchronous: str = "NORMAL",
-    wal_limit_pages: int = WAL_LIMIT_PAGES,
-    checkpoint_interval: float = CHECKPOINT_INTERVAL,
-    journal_segment: int = SEGMENT_RECORDS,
-    clock: Callable[[], float] = time.time,
-) -> SqliteBackend:
-    """The backend for database address ``path`` (the SQLite options apply to SQLite)."""
-    return SqliteBackend(
-        path,
-        synchronous=synchronous,
-        wal_limit_pages=wal_limit_pages,
-        checkpoint_interval=checkpoint_interval,
-        journal_segment=journal_segment,
-        clock=clock,
-    )
-
-
 class Store(Engine):
-    """An ``Engine`` over ``backend_for(path)``, with the backend's reads at hand.
+    """An ``Engine`` over the backend ``path`` names, with the backend's reads at hand.
 
     Every read is of committed state (see ``Backend``); ``open`` returns ``Opened``.
     """
@@ -59,7 +39,8 @@ class Store(Engine):
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
-        self._sqlite = backend_for(
+        # The address picks the backend; today every address is a SQLite one.
+        self._sqlite = SqliteBackend(
             path,
             synchronous=synchronous,
             wal_limit_pages=wal_limit_pages,
