@@ -32,9 +32,14 @@ from .conftest import LISTENING, ROOT
 PACKAGE = ROOT / "taskserver"
 #: The development tools: none may be a runtime requirement of the wheel.
 DEV_TOOLS = {"pytest", "mypy", "ruff", "playwright", "schemathesis", "build", "hypothesis"}
-SKIP = shutil.ignore_patterns(
-    ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "test-output"
-)
+#: Left out of the copy that is built: at the top, what is not source; anywhere, bytecode.
+TOP_SKIP = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "test-output")
+ANY_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+
+def _skip(folder: str, names: list[str]) -> set[str]:
+    skipped = set(ANY_SKIP(folder, names))
+    return skipped | set(TOP_SKIP(folder, names)) if Path(folder) == ROOT else skipped
 
 
 def _source_files() -> set[str]:
@@ -51,7 +56,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel built by pip from a clean copy of the repository."""
     work = tmp_path_factory.mktemp("wheel")
     source = work / "src"
-    shutil.copytree(ROOT, source, ignore=SKIP)
+    shutil.copytree(ROOT, source, ignore=_skip)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(work), str(source)],
         check=True,
