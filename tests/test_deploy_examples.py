@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -23,6 +24,7 @@ from taskserver.config import Settings, load_settings
 
 from .conftest import ROOT, ServerProcess
 from .test_access_cli import self_signed
+from .test_packaging import metadata, source_files
 
 DEPLOY = ROOT / "examples" / "deploy"
 #: How long open requests get on shutdown before running tasks get grace_period
@@ -71,6 +73,47 @@ def test_dockerfile_runs_as_a_user_with_the_database_on_the_volume() -> None:
     assert timeouts, "the Dockerfile says which docker stop -t to use"
     assert min(timeouts) > STOP_BUDGET
     assert "TASKSERVER_API_TOKEN" in text
+
+
+def test_docker_build_stage_copies_enough_to_build_the_wheel(tmp_path: Path) -> None:
+    # What the build stage COPYs is all the wheel is built from: it must be enough.
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    build_stage = text.split("\nFROM ")[1]
+    context = tmp_path / "context"
+    context.mkdir()
+    for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", build_stage, re.MULTILINE):
+        for source in sources.split():
+            origin = ROOT / source.rstrip("/")
+            if origin.is_dir():
+                shutil.copytree(
+                    origin, context / source, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                shutil.copy2(origin, context / source)
+    assert (context / "taskserver").is_dir()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(context),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (wheel,) = tmp_path.glob("taskserver-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {n for n in archive.namelist() if n.startswith("taskserver/")}
+    assert shipped == source_files()
+    # setuptools only warns when the readme is missing: the description shows it.
+    description = str(metadata(wheel).get_payload())
+    assert description.strip() == (ROOT / "README.md").read_text().strip()
 
 
 def test_docker_settings_refuse_to_start_without_a_token(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def _skip(folder: str, names: list[str]) -> set[str]:
     return skipped | set(TOP_SKIP(folder, names)) if Path(folder) == ROOT else skipped
 
 
-def _source_files() -> set[str]:
+def source_files() -> set[str]:
     """Every file of the package in the source tree, as a path inside the wheel."""
     return {
         path.relative_to(ROOT).as_posix()
@@ -67,7 +67,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-def _metadata(wheel: Path) -> Message:
+def metadata(wheel: Path) -> Message:
+    """The METADATA of ``wheel``: its headers, and the README as its payload."""
     with zipfile.ZipFile(wheel) as archive:
         (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
         return email.parser.HeaderParser().parsestr(archive.read(name).decode())
@@ -77,7 +78,7 @@ def test_wheel_holds_every_package_file_and_nothing_else(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     shipped = {n for n in names if n.startswith("taskserver/")}
-    source = _source_files()
+    source = source_files()
     # The tree is walked, not listed: files moved into sub-folders stay covered.
     assert {"taskserver/py.typed", "taskserver/__init__.py", "taskserver/cli.py"} <= source
     assert any(n.endswith(".html") for n in source)
@@ -91,7 +92,7 @@ def test_wheel_holds_every_package_file_and_nothing_else(wheel: Path) -> None:
 
 def test_wheel_requires_the_runtime_dependencies_only(wheel: Path) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requires = _metadata(wheel).get_all("Requires-Dist") or []
+    requires = metadata(wheel).get_all("Requires-Dist") or []
     runtime = [r for r in requires if "extra ==" not in r]
     normalized = [re.sub(r"\s+", "", r) for r in runtime]
     assert sorted(normalized) == sorted(
