@@ -7,6 +7,7 @@ through ``nginx -t`` (Debian's binary; .ci/run unpacks it when nginx is not inst
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -20,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from taskserver.config import Settings, load_settings
+from taskserver import Settings, load_settings
 
 from .conftest import ROOT, ServerProcess
 from .test_access_cli import self_signed
@@ -206,7 +207,20 @@ def _nginx_site() -> str:
     return (DEPLOY / "nginx.conf").read_text()
 
 
-def test_nginx_site_matches_taskserver() -> None:
+def _nginx_location(site: str, uri: str) -> str:
+    """The body of the location block nginx picks for ``uri``: the longest prefix, unless a
+    regex (``~``, tried in order) matches."""
+    blocks: list[tuple[str, str]] = re.findall(r"location ([^{]+)\{([^}]*)\}", site)
+    prefixes = [(m.strip(), b) for m, b in blocks if not m.startswith("~")]
+    regexes = [(m.strip()[1:].strip(), b) for m, b in blocks if m.startswith("~")]
+    longest = max((p for p in prefixes if uri.startswith(p[0])), key=lambda p: len(p[0]))
+    for pattern, body in regexes:
+        if re.search(pattern, uri):
+            return body
+    return longest[1]
+
+
+def test_nginx_site_matches_taskserver(run_server: Callable[..., ServerProcess]) -> None:
     site = _nginx_site()
     unit_env = _unit_env()
     upstream = re.search(r"upstream taskserver \{\s*server ([\d.]+):(\d+);", site)
@@ -216,29 +230,32 @@ def test_nginx_site_matches_taskserver() -> None:
     for header in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"):
         assert re.search(rf"proxy_set_header {header} +\$", site), header
     assert "$proxy_add_x_forwarded_for" not in site, "appending keeps what the client forged"
-    # Each event-stream location: unbuffered, and idle longer than a heartbeat.
-    streams = re.findall(r"location ([^{]+)\{([^}]*)\}", site)
-    by_path = {path.strip(): body for path, body in streams}
-    for path in ("~ (^|/)events$", "/.well-known/mercure"):
-        body = by_path[path]
-        assert "proxy_buffering off;" in body, path
-        timeout = re.search(r"proxy_read_timeout (\d+)([smh]);", body)
-        assert timeout is not None, path
-        seconds = int(timeout[1]) * {"s": 1, "m": 60, "h": 3600}[timeout[2]]
-        assert seconds > 4 * Settings().heartbeat, path
-    pattern = re.compile("(^|/)events$")
-    routes = [p for m, p, *_ in _api_routes() if m == "GET" and p.endswith("events")]
-    assert routes, "the API has event streams"
-    assert all(pattern.search(p) for p in routes)
+    # The streams are the routes that answer text/event-stream, as the served document says;
+    # each, with an API prefix or not, reaches a location that is unbuffered and waits
+    # longer than a few heartbeats for the next byte.
+    server = run_server()
+    with urllib.request.urlopen(server.url + "/openapi.json", timeout=10) as response:
+        document = json.load(response)
+    streams = {
+        path
+        for path, item in document["paths"].items()
+        for operation in item.values()
+        if "text/event-stream" in json.dumps(operation.get("responses", {}))
+    }
+    assert "/events" in streams, streams
+    for path in sorted(streams):
+        for prefix in ("", "/jobs"):
+            url = (path if path.startswith("/.well-known/") else prefix + path).replace("{id}", "7")
+            body = _nginx_location(site, url)
+            assert "proxy_buffering off;" in body, url
+            timeout = re.search(r"proxy_read_timeout (\d+)([smh]);", body)
+            assert timeout is not None, url
+            seconds = int(timeout[1]) * {"s": 1, "m": 60, "h": 3600}[timeout[2]]
+            assert seconds > 4 * Settings().heartbeat, url
+    assert "proxy_buffering off;" not in _nginx_location(site, "/tasks/7"), "only streams"
     body_limit = re.search(r"client_max_body_size (\d+)m;", site)
     assert body_limit is not None
     assert int(body_limit[1]) * 1024 * 1024 > Settings().max_body_bytes
-
-
-def _api_routes() -> list[tuple[str, str]]:
-    from taskserver import api
-
-    return [(route[0], route[1]) for route in api.ROUTES]
 
 
 def test_nginx_accepts_the_site(tmp_path: Path) -> None:
