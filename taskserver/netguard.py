@@ -156,6 +156,11 @@ def _trails(data: bytes, payload: StreamReader | None) -> bool:
     return not (buffered and data.endswith(buffered[-1]))
 
 
+def _upgraded(handler: RequestHandler) -> bool:
+    # aiohttp renamed the flag (``_upgrade`` before 3.12, ``_upgraded`` since).
+    return bool(getattr(handler, "_upgraded", False) or getattr(handler, "_upgrade", False))
+
+
 class _GuardedHandler(RequestHandler):
     """aiohttp's connection protocol, plus the bound and the head and body deadlines.
 
@@ -220,7 +225,7 @@ class _GuardedHandler(RequestHandler):
                 return
         elif body is not None and (not body.is_eof() or not _trails(data, body)):
             return  # body bytes
-        elif self._upgraded or self._payload_parser is not None:
+        elif self._payload_parser is not None or _upgraded(self):
             return  # no longer HTTP (an upgrade, a WebSocket)
         # Bytes of a head that is not whole yet, perhaps pipelined behind a request in
         # flight (its deadline is then checked again once that request is done).
