@@ -279,6 +279,27 @@ async def test_a_second_head_on_a_kept_alive_connection_has_its_own_head_timeout
     assert 0.4 <= took < SLACK
 
 
+async def test_a_partial_head_pipelined_behind_a_request_has_the_head_timeout(
+    run_server: RunServer,
+) -> None:
+    # The partial head arrives while the first request is in flight (here in the same
+    # read, as it also may under load): it too must be cut at the head timeout, not
+    # held for the keep-alive timeout.
+    server = await start(run_server, "--request-head-timeout", "0.5", "--keepalive-timeout", "60")
+    host, port = address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n"
+        )
+        data, took = await read_until_eof(reader, SLACK)
+    finally:
+        writer.close()
+    assert status_line(data) == "HTTP/1.1 200 OK", data
+    assert b"HTTP/1.1 408 Request Timeout" in data, data
+    assert 0.4 <= took < SLACK
+
+
 async def test_pipelined_requests_in_one_read_are_all_answered(run_server: RunServer) -> None:
     server = await start(run_server, "--request-head-timeout", "0.5")
     host, port = address(server)

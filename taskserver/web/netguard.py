@@ -143,6 +143,24 @@ class ConnectionGuard:
 _data_received = RequestHandler.data_received
 
 
+def _trails(data: bytes, payload: StreamReader | None) -> bool:
+    """Bytes of a further, incomplete head follow the last whole message in ``data``.
+
+    A head ends with an empty line and a body with its own last bytes, which are still
+    in its buffer: the handler reads them later. (A trailing partial head that happens
+    to end like the body is missed, and is then bounded by ``keepalive_timeout``.)
+    """
+    if data.endswith(b"\r\n\r\n"):
+        return False
+    buffered = getattr(payload, "_buffer", None)
+    return not (buffered and data.endswith(buffered[-1]))
+
+
+def _upgraded(handler: RequestHandler) -> bool:
+    # aiohttp renamed the flag (``_upgrade`` before 3.12, ``_upgraded`` since).
+    return bool(getattr(handler, "_upgraded", False) or getattr(handler, "_upgrade", False))
+
+
 class _GuardedHandler(RequestHandler):
     """aiohttp's connection protocol, plus the bound and the head and body deadlines.
 
@@ -195,18 +213,25 @@ class _GuardedHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         count = self._request_count
+        body = self._body_payload  # a body that was still coming before this read
         _data_received(self, data)  # not super(): this runs for every read
         if self._request_count != count:
             # A head arrived: time its body unless that came whole with it.
             payload = self._messages[-1][1] if self._messages else None
             if payload is not None and not payload.is_eof():
                 self._arm_body(payload)
-            return
-        if self._awaiting_head():
-            # Bytes, yet no whole head and no request in flight: a head is on its way.
-            if self._head_count != count or self._head_timer is None:
-                self._arm_head()
-            self._head_partial = True
+                return
+            if not _trails(data, payload):
+                return
+        elif body is not None and (not body.is_eof() or not _trails(data, body)):
+            return  # body bytes
+        elif self._payload_parser is not None or _upgraded(self):
+            return  # no longer HTTP (an upgrade, a WebSocket)
+        # Bytes of a head that is not whole yet, perhaps pipelined behind a request in
+        # flight (its deadline is then checked again once that request is done).
+        if self._head_count != self._request_count or self._head_timer is None:
+            self._arm_head()
+        self._head_partial = True
 
     def _awaiting_head(self) -> bool:
         """No request in flight: aiohttp waits for a head (or has not begun to, on Python 3.11)."""
@@ -222,8 +247,12 @@ class _GuardedHandler(RequestHandler):
 
     def _head_expired(self) -> None:
         self._head_timer = None
-        if self._request_count != self._head_count or not self._awaiting_head():
+        if self._request_count != self._head_count:
             return  # the head arrived; the next one is timed from its first byte
+        if not self._awaiting_head():
+            # A request is in flight (a long poll, a stream): the head behind it waits.
+            self._head_timer = self._loop.call_later(self._guard.head_timeout, self._head_expired)
+            return
         if self._loop.time() < self._head_deadline:  # re-armed for a later head
             self._head_timer = self._loop.call_at(self._head_deadline, self._head_expired)
             return
