@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,22 @@ async def index(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html", headers=FRAMING)
 
 
+def _static_file(path: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
+    async def send(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(path, headers=FRAMING)
+
+    return send
+
+
 def setup(server: TaskServer, app: web.Application) -> None:
-    """Register the demo callbacks, the dashboard at ``/`` and its files under ``/static/``."""
+    """Register the demo callbacks, the dashboard at ``/`` and its files under ``/static/``.
+
+    Each file has a route of its own (not ``add_static``) so that every response of
+    the dashboard, ``/static/dashboard.html`` too, carries ``FRAMING``.
+    """
     server.on("task", demo_task)
     server.on("finish", demo_finish)
     app.router.add_get("/", index)
-    app.router.add_static("/static/", STATIC)
+    for path in sorted(STATIC.iterdir()):
+        if path.is_file():
+            app.router.add_get(f"/static/{path.name}", _static_file(path))
