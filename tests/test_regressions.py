@@ -186,6 +186,25 @@ async def test_integers_at_the_64_bit_limits_and_long_digit_runs_are_kept(jobs: 
     assert done.result == {"echo": data}
 
 
+@pytest.mark.parametrize("depth", [900, 1000, 1020])
+@pytest.mark.parametrize("filler", [b'"12345678901234567890"', b"18446744073709551616"])
+async def test_a_deeply_nested_body_with_a_long_digit_run_is_a_4xx(
+    jobs: Jobs, depth: int, filler: bytes
+) -> None:
+    # orjson takes up to 1024 levels; the standard library's parse of the digit check
+    # (deeper than its recursion limit) raised RecursionError, a 500.
+    client, _ = await jobs.client()
+    body = b'{"data": ' + b"[" * depth + filler + b"]" * depth + b"}"
+    headers = {"Content-Type": "application/json"}
+    response = await client.post("/tasks", data=body, headers=headers)
+    assert response.status in (400, 422), (response.status, await response.text())
+    problem = await refused(response, response.status, None)
+    if filler.startswith(b"1"):
+        assert response.status == 422
+        assert "64-bit" in problem["detail"], problem
+    assert await all_tasks(client) == []
+
+
 async def test_the_python_api_refuses_integers_beyond_64_bits(jobs: Jobs) -> None:
     server = await jobs.server()
     with pytest.raises(ValidationError, match="64-bit") as raised:

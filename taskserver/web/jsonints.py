@@ -6,7 +6,9 @@ different value. Such bodies are refused instead (``ValidationError`` naming
 the field). An integer outside the range has at least 19 digits in a row: the
 check counts a body's digits, looks for such a run only when there are 19 or
 more, and parses again (exactly, with the standard library) only a body that
-has one (a long number, or a long string of digits), to find the field.
+has one (a long number, or a long string of digits), to find the field. A body
+nested deeper than that parser's recursion limit (orjson takes 1,024 levels) is
+scanned for its number tokens instead, and the field is then named ``body``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1
 _LONG_DIGITS = re.compile(rb"[0-9]{19}")
 _DIGITS = b"0123456789"
+#: A JSON string (skipped) or number: group 1 its integer part, 2 and 3 what makes it a float.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|(-?[0-9]+)(\.[0-9]+)?([eE][-+]?[0-9]+)?')
 
 
 def refuse_wide_integers(raw: bytes) -> None:
@@ -29,7 +33,10 @@ def refuse_wide_integers(raw: bytes) -> None:
     # Counting the digits is ~10x faster than the regex: most bodies have too few for a run.
     if len(raw) - len(raw.translate(None, _DIGITS)) < 19 or _LONG_DIGITS.search(raw) is None:
         return
-    path = _first_wide(json.loads(raw))
+    try:
+        path = _first_wide(json.loads(raw))
+    except RecursionError:  # nested deeper than the standard library parses
+        path = "" if _has_wide_token(raw) else None
     if path is not None:
         name = path or "body"
         raise ValidationError(
@@ -53,3 +60,14 @@ def _first_wide(document: Any) -> str | None:
         elif isinstance(value, list):
             stack.extend(reversed([(f"{path}[{i}]", v) for i, v in enumerate(value)]))
     return None
+
+
+def _has_wide_token(raw: bytes) -> bool:
+    # Outside strings, digits are number tokens only (``raw`` is valid JSON).
+    for match in _TOKEN.finditer(raw):
+        digits = match.group(1)
+        if digits is None or match.group(2) or match.group(3):
+            continue  # a string or a float
+        if len(digits) > 20 or not INT_MIN <= int(digits) <= INT_MAX:
+            return True
+    return False
