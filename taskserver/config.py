@@ -183,6 +183,13 @@ class Settings:
         " or from its first byte on a kept-alive connection; then 408 and close",
         _range(0.01),
     )
+    # nginx holds at most 4 x 8 KiB of a head by default; aiohttp's own bound was ~1 MB.
+    max_head_bytes: int = _setting(
+        65_536,
+        "bytes a request's head may reach while incomplete (each line at most 8190, at"
+        " most 100 headers); past it 431 and close",
+        _range(1024),
+    )
     # 30 s for a 1 MiB body is a floor of about 35 KB/s.
     request_body_timeout: float = _setting(
         30.0,
