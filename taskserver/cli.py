@@ -176,10 +176,11 @@ async def _serve(
     app: web.Application, settings: Settings, ssl_context: ssl.SSLContext | None = None
 ) -> int:
     # shutdown_timeout: how long open requests get; running tasks get grace_period after.
-    runner = netguard.runner(app, settings, access_log=None, shutdown_timeout=5.0)
+    # The runner does TLS itself (TlsGate): connections count from accept, not handshake.
+    runner = netguard.runner(app, settings, ssl_context, access_log=None, shutdown_timeout=5.0)
     await runner.setup()  # starts the TaskServer: opens the store, recovers, starts workers
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
+        site = web.TCPSite(runner, settings.host, settings.port)
         try:
             await site.start()
         except OSError as exc:

@@ -7,10 +7,12 @@ it lacks is added per connection, by a ``RequestHandler`` subclass that
 ``runner()`` makes aiohttp use:
 
 - a bound on open connections: past ``max_connections`` a new connection is
-  answered ``503`` with ``Retry-After`` and closed before anything is parsed;
+  answered ``503`` with ``Retry-After`` and closed before anything is parsed
+  (over TLS, closed before its handshake: nothing can be said before one);
 - a deadline for a request's head: ``request_head_timeout`` from accepting the
-  connection, or from the first byte of a later head on a kept-alive one, then
-  ``408`` (or a silent close when nothing was sent) and close;
+  connection (a TLS handshake included, which gets that long too), or from the
+  first byte of a later head on a kept-alive one, then ``408`` (or a silent close
+  when nothing was sent) and close;
 - a deadline for a request's body: ``request_body_timeout`` from its head; the
   handler's read then raises ``BodyTimeout`` (a ``408`` that closes the connection);
 - a bound on the bytes of a head that is not whole yet: ``max_head_bytes``, then
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any, cast
 
@@ -42,6 +45,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..config import Settings
 from ..problems import PROBLEM, problem_body
+from .tls import TlsGate
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +141,22 @@ class ConnectionGuard:
         self._warned_at = -WARN_EVERY
         self._warned_refused = 0
 
-    def refuse(self, transport: asyncio.Transport) -> None:
-        """Answer ``503`` on a connection past the bound and close it; warn now and then."""
+    def admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Count a new TLS connection in, or refuse it (closed, no answer) past the bound."""
+        if self.open >= self.limit:
+            self.refuse(cast(asyncio.Transport, transport), b"")
+            return False
+        self.open += 1
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+
+    def refuse(self, transport: asyncio.Transport, answer: bytes = REFUSED) -> None:
+        """Answer (``503``) on a connection past the bound and close it; warn now and then."""
         self.refused += 1
-        transport.write(REFUSED)
+        if answer:
+            transport.write(answer)
         transport.close()
         now = time.monotonic()
         if now - self._warned_at >= WARN_EVERY:
@@ -226,12 +242,19 @@ class _GuardedHandler(RequestHandler):
         "_lingering",
     )
 
-    def __init__(self, guard: ConnectionGuard, manager: web.Server, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        guard: ConnectionGuard,
+        manager: web.Server,
+        accepted: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``accepted``: the loop time a ``TlsGate`` admitted (and counted) the connection."""
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._counted = False
         self._head_timer: asyncio.TimerHandle | None = None
-        self._head_deadline = 0.0
+        self._head_deadline = accepted or 0.0
         self._head_count = 0  # _request_count when the head being timed began
         self._head_partial = False  # some of that head arrived (so it gets a 408)
         self._head_bytes = 0  # how much of it
@@ -241,6 +264,10 @@ class _GuardedHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
+        if self._head_deadline:  # TLS: counted at accept; the head's time runs from then
+            super().connection_made(transport)
+            self._arm_head(self._head_deadline)
+            return
         if guard.open >= guard.limit:
             # uvloop's transports are not asyncio.Transport subclasses, hence the cast.
             guard.refuse(cast(asyncio.Transport, transport))  # never parsed: no task, no timer
@@ -326,11 +353,11 @@ class _GuardedHandler(RequestHandler):
         waiter = self._waiter
         return (waiter is not None and not waiter.done()) or self._request_count == 0
 
-    def _arm_head(self) -> None:
+    def _arm_head(self, since: float | None = None) -> None:
         self._head_count = self._request_count
         self._head_partial = False
         self._head_bytes = 0
-        self._head_deadline = self._loop.time() + self._guard.head_timeout
+        self._head_deadline = (since or self._loop.time()) + self._guard.head_timeout
         if self._head_timer is None:
             self._head_timer = self._loop.call_at(self._head_deadline, self._head_expired)
 
@@ -373,9 +400,12 @@ class _GuardedHandler(RequestHandler):
 
 
 class _GuardedServer(web.Server):
-    """``web.Server`` making ``_GuardedHandler`` protocols with the settings of ``plain``."""
+    """``web.Server`` making ``_GuardedHandler`` protocols with the settings of ``plain``,
+    each behind a ``TlsGate`` when there is a ``tls`` context."""
 
-    def __init__(self, guard: ConnectionGuard, plain: web.Server) -> None:
+    def __init__(
+        self, guard: ConnectionGuard, plain: web.Server, tls: ssl.SSLContext | None
+    ) -> None:
         super().__init__(
             plain.request_handler,
             request_factory=plain.request_factory,
@@ -384,22 +414,41 @@ class _GuardedServer(web.Server):
             **plain._kwargs,
         )
         self.guard = guard
+        self.tls = tls
 
     def __call__(self) -> RequestHandler:
-        return _GuardedHandler(self.guard, self, loop=self._loop, **self._kwargs)
+        if self.tls is None:
+            return _GuardedHandler(self.guard, self, loop=self._loop, **self._kwargs)
+        guard = self.guard
+        gate = TlsGate(self.tls, self._tls_handler, guard.admit, guard.release, guard.head_timeout)
+        return cast(RequestHandler, gate)  # the loop takes any protocol
+
+    def _tls_handler(self) -> RequestHandler:
+        accepted = self._loop.time()
+        return _GuardedHandler(self.guard, self, accepted, loop=self._loop, **self._kwargs)
 
 
 class GuardedRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections obey ``guard``; sites use it unchanged."""
+    """``web.AppRunner`` whose connections obey ``guard``.
 
-    __slots__ = ("guard",)
+    With ``tls``, the runner serves TLS itself: give its sites no ``ssl_context``.
+    """
 
-    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
+    __slots__ = ("guard", "tls")
+
+    def __init__(
+        self,
+        app: web.Application,
+        guard: ConnectionGuard,
+        tls: ssl.SSLContext | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, **kwargs)
         self.guard = guard
+        self.tls = tls
 
     async def _make_server(self) -> web.Server:
-        return _GuardedServer(self.guard, await super()._make_server())
+        return _GuardedServer(self.guard, await super()._make_server(), self.tls)
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -422,11 +471,17 @@ def connection_limit(wanted: int, open_files: int) -> int:
     return max(1, min(wanted, open_files - FD_RESERVE))
 
 
-def runner(app: web.Application, settings: Settings, **kwargs: Any) -> GuardedRunner:
+def runner(
+    app: web.Application,
+    settings: Settings,
+    tls: ssl.SSLContext | None = None,
+    **kwargs: Any,
+) -> GuardedRunner:
     """An ``AppRunner`` for ``app`` with ``settings``' connection bound and timeouts.
 
     First raises the soft open-files limit to the hard one and logs it, once, with
-    the connection bound that results. ``kwargs`` go to ``web.AppRunner``.
+    the connection bound that results. With ``tls`` it serves HTTPS: its sites must
+    then have no ``ssl_context`` of their own. ``kwargs`` go to ``web.AppRunner``.
     """
     before, files = raise_open_files_limit()
     limit = connection_limit(settings.max_connections, files)
@@ -449,6 +504,7 @@ def runner(app: web.Application, settings: Settings, **kwargs: Any) -> GuardedRu
     return GuardedRunner(
         app,
         guard,
+        tls,
         keepalive_timeout=settings.keepalive_timeout,
         max_line_size=line,
         max_field_size=line,

@@ -1,0 +1,94 @@
+"""Over TLS the connection bound and the head timeout hold from accept, before any
+handshake (taskserver/web/tls.py ``TlsGate``): a real ``taskserver run`` with a
+self-signed certificate, real loopback sockets that never start a handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import ssl
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .test_access_cli import self_signed
+from .test_netguard import (
+    SLACK,
+    RunServer,
+    address,
+    close_all,
+    healthz_on,
+    open_idle,
+    read_until_eof,
+    start,
+)
+
+# The run_server fixture leaves its log file open (see tests/test_browser.py).
+pytestmark = pytest.mark.filterwarnings(r"ignore:unclosed file .*server-\d+\.log:ResourceWarning")
+
+
+async def test_tls_connections_that_never_handshake_are_counted_and_cut_at_the_head_timeout(
+    run_server: RunServer, tmp_path: Path
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2048:
+        pytest.skip(f"the hard open-files limit ({hard}) is too low")
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the client side needs them
+    cert, key = self_signed(tmp_path)
+    server = await start(
+        run_server,
+        *("--tls-cert", str(cert), "--tls-key", str(key)),
+        *("--request-head-timeout", "3", "--max-connections", "144"),
+    )
+    host, port = address(server)
+    trust = ssl.create_default_context(cafile=str(cert))
+    began = time.monotonic()
+    held = await open_idle(host, port, 144)  # the bound, filled by connections ...
+    refused = await open_idle(host, port, 356)  # ... so these are past it
+    idle = held + refused
+    try:
+        opened = time.monotonic() - began
+        assert opened < 2.4, f"opening took {opened:.1f} s: too slow to tell the two apart"
+        closes = await asyncio.gather(*(read_until_eof(r, SLACK) for r, _ in refused))
+        assert all(data == b"" for data, _ in closes)  # nothing can be said before a handshake
+        cut = await asyncio.gather(*(read_until_eof(r, 3 + SLACK) for r, _ in held))
+        assert all(data == b"" for data, _ in cut)
+        after = sorted(opened + seconds for _, seconds in cut)
+        print(
+            f"356 refused within {max(t for _, t in closes):.2f} s; 144 cut"
+            f" {after[0]:.2f} .. {after[-1]:.2f} s after the first connect"
+        )
+        assert after[0] >= 2.4  # held to the head timeout, not longer
+        # With all 500 still open on this side, an HTTPS client is served.
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=trust, force_close=True),
+            timeout=aiohttp.ClientTimeout(total=SLACK),
+        ) as session:
+            assert await healthz_on(session, server.url, 20) == 20
+    finally:
+        await close_all(idle)
+    log = server.log.read_text()
+    assert "connection limit 144 reached" in log
+    assert "Traceback" not in log
+
+
+async def test_a_tls_client_that_handshakes_and_sends_nothing_is_cut_at_the_head_timeout(
+    run_server: RunServer, tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path)
+    server = await start(
+        run_server,
+        *("--tls-cert", str(cert), "--tls-key", str(key), "--request-head-timeout", "1"),
+    )
+    host, port = address(server)
+    trust = ssl.create_default_context(cafile=str(cert))
+    reader, writer = await asyncio.open_connection(host, port, ssl=trust)
+    data, took = await read_until_eof(reader, SLACK)
+    writer.close()
+    assert data == b""
+    assert 0.8 <= took < 1 + SLACK  # from accept: the handshake's time counts
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:
+        assert await healthz_on(session, server.url, 3) == 3
