@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
         "client",
         "storage.sqlite.attempts",
     },
-    {"lifecycle", "storage.intents", "storage.payload"},
+    {"lifecycle", "storage.intents", "storage.payload", "web.connbound"},
     {"storage.backend", "storage.sqlite.schema", "push.jws", "web.netguard"},
     {
         "storage.batching",
