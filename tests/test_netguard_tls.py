@@ -92,3 +92,44 @@ async def test_a_tls_client_that_handshakes_and_sends_nothing_is_cut_at_the_head
     assert 0.8 <= took < 1 + SLACK  # from accept: the handshake's time counts
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:
         assert await healthz_on(session, server.url, 3) == 3
+
+
+async def test_the_tls_gate_on_asyncios_own_loop(tmp_path: Path) -> None:
+    # taskserver run uses uvloop and its TLS protocol; an embedding app may run asyncio's.
+    from aiohttp import web
+
+    from taskserver import load_settings
+    from taskserver.web import netguard
+    from taskserver.web.tls import server_context
+
+    assert "uvloop" not in type(asyncio.get_running_loop()).__module__
+    cert, key = self_signed(tmp_path)
+    context = server_context(str(cert), str(key))
+    settings = load_settings(
+        env={"TASKSERVER_MAX_CONNECTIONS": "2", "TASKSERVER_REQUEST_HEAD_TIMEOUT": "0.5"}
+    )
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = netguard.runner(app, settings, context)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        idle = await open_idle("127.0.0.1", port, 3)  # the third is past the bound
+        data, took = await read_until_eof(idle[2][0], SLACK)
+        assert data == b"" and took < 0.4
+        for reader, _ in idle[:2]:
+            data, took = await read_until_eof(reader, SLACK)
+            assert data == b""
+        assert runner.guard.open == 0
+        trust = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:
+            assert await healthz_on(session, f"https://127.0.0.1:{port}", 3) == 3
+        await close_all(idle)
+    finally:
+        await runner.cleanup()

@@ -89,7 +89,7 @@ def _tail(data: bytes, payload: StreamReader | None) -> int:
     """Bytes of ``data`` after the last whole message in it: exact when that had no body.
 
     After a body the count is not known and 0 is taken: a head is then counted from
-    the next read on, which aiohttp's per-line bound keeps small.
+    the next read on, so aiohttp's parser may hold one read more than the bound.
     """
     # EmptyStreamReader, what a request without a body has, lacks total_bytes before 3.12.
     if payload is not None and getattr(payload, "total_bytes", False):
