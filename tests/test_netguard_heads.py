@@ -100,7 +100,7 @@ async def test_max_head_bytes_is_the_bound_and_a_head_within_it_is_served(
         writer.write(b"X-H%d: %s\r\n" % (i, b"a" * 6000))
     writer.write(b"Connection: close\r\n\r\n")
     data, _ = await read_until_eof(reader, SLACK)
-    writer.close()
+    await close_all([(reader, writer)])
     assert status_line(data) == "HTTP/1.1 200 OK", data[:200]
     # 24 KB of a head that is not whole yet: 431 at once (no head timeout to wait for).
     reader, writer = await asyncio.open_connection(host, port)
@@ -109,6 +109,6 @@ async def test_max_head_bytes_is_the_bound_and_a_head_within_it_is_served(
         await writer.drain()
         writer.write(b"X-H%d: %s\r\n" % (i, b"a" * 6000))
     data, took = await read_until_eof(reader, SLACK)
-    writer.close()
+    await close_all([(reader, writer)])
     assert status_line(data) == "HTTP/1.1 431 Request Header Fields Too Large", data[:200]
     assert took < SLACK

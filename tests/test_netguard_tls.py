@@ -87,7 +87,7 @@ async def test_a_tls_client_that_handshakes_and_sends_nothing_is_cut_at_the_head
     trust = ssl.create_default_context(cafile=str(cert))
     reader, writer = await asyncio.open_connection(host, port, ssl=trust)
     data, took = await read_until_eof(reader, SLACK)
-    writer.close()
+    await close_all([(reader, writer)])
     assert data == b""
     assert 0.8 <= took < 1 + SLACK  # from accept: the handshake's time counts
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:
