@@ -1,0 +1,71 @@
+"""Which ``Host`` an open loopback server answers: DNS rebinding stops at the Host header.
+
+A page on ``evil.example`` whose name is made to resolve to 127.0.0.1 reaches a
+loopback server as a same-origin request (no ``Origin`` on a GET), so the socket
+address alone says nothing. While no credential is configured and the server listens on
+loopback, only a ``Host`` that names loopback (``localhost``, 127.0.0.0/8, ``[::1]``),
+the listening address, or ``base_url``'s host is answered, with or without a port;
+anything else is a 421 naming ``base_url``. With a credential the token is what protects
+the data, and on a non-loopback address (``insecure_no_auth``) any Host reaches the port
+directly anyway: no check in either case.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+
+from aiohttp import web
+
+from ..errors import AccessDenied
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def host_name(value: str) -> str | None:
+    """The host of a ``Host`` header value, lowercase, without port or brackets; ``None`` if malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        rest = value[end + 1 :] if end > 0 else "?"
+        if rest and not (rest[0] == ":" and rest[1:].isdigit()):
+            return None
+        return value[1:end]
+    name, colon, port = value.partition(":")
+    if colon and not port.isdigit():
+        return None  # also an IPv6 address without brackets
+    return name or None
+
+
+@functools.lru_cache(maxsize=256)
+def _allowed(header: str, listening: str, base_host: str) -> bool:
+    name = host_name(header)
+    if name is None:
+        return False
+    return is_loopback(name) or name == listening or (bool(base_host) and name == base_host)
+
+
+def check_host(request: web.Request, base_host: str) -> None:
+    """``AccessDenied(421)`` for a ``Host`` that an open loopback server must not answer."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if not isinstance(sockname, tuple) or not is_loopback(str(sockname[0])):
+        return  # a Unix socket, or a non-loopback address: reachable without rebinding
+    header = request.headers.get("Host")
+    if header is None or _allowed(header, str(sockname[0]).lower(), base_host):
+        return
+    raise AccessDenied(
+        "this server answers loopback host names only while no credential is configured "
+        "(DNS rebinding); set base_url to the URL browsers use, or configure api_token",
+        status=421,
+    )
