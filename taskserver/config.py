@@ -228,7 +228,10 @@ class Settings:
         "mercureAuthorization", "cookie holding a Mercure token for browsers"
     )
     mercure_private_tasks: bool = _setting(
-        False, "send task events to Mercure subscribers authorized for the task's topic only"
+        False,
+        "send task events to Mercure subscribers authorized for the task's topic only, and"
+        " make task data private on the API (the hub does so anyway once an API credential"
+        " is configured)",
     )
     mercure_subscriptions: bool = _setting(
         True, "serve the Mercure subscriptions API (/.well-known/mercure/subscriptions)"

@@ -44,8 +44,9 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def raw(port: int, head: bytes) -> bytes:
+async def raw(port: int | None, head: bytes) -> bytes:
     """Send ``head`` on a fresh connection; everything answered until the server closes."""
+    assert port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(head)
     await writer.drain()
@@ -106,7 +107,8 @@ async def test_www_authenticate_carries_no_text_of_the_token(make_client: Client
         answer = await raw(client.port, head.encode())
         assert status_of(answer) == 401, answer[:300]
         head_part = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
-        assert "owned" not in head_part and "evil" not in head_part, head_part
+        assert "owned" not in head_part, head_part
+        assert "evil" not in head_part, head_part
         challenge = next(
             line for line in head_part.split("\r\n") if line.startswith("WWW-Authenticate:")
         )
@@ -158,7 +160,8 @@ async def test_hub_task_events_need_the_topic_once_the_api_needs_a_token(
                 events.append(event.data)
             seen.append(events)
     anonymous_seen, unrelated_seen, allowed_seen = seen
-    assert anonymous_seen == [] and unrelated_seen == [], seen
+    assert anonymous_seen == [], seen
+    assert unrelated_seen == [], seen
     assert any("secret" in data for data in allowed_seen), allowed_seen
 
 
@@ -176,7 +179,8 @@ def test_an_anonymous_hub_with_public_task_events_on_a_public_address_refuses_to
             "true",
         )
     )
-    assert "insecure_no_auth" in line and "mercure_anonymous" in line, line
+    assert "insecure_no_auth" in line, line
+    assert "mercure_anonymous" in line, line
 
 
 # --- 5: DNS rebinding on an open loopback server --------------------------------------------------
@@ -227,7 +231,8 @@ def test_the_readme_example_digest_is_a_marked_placeholder() -> None:
         readme.index("[api_tokens.grafana]") - 600 : readme.index("[api_tokens.grafana]")
     ]
     assert "placeholder" in readme[readme.index("[api_tokens.grafana]") :][:400]
-    assert "sha256sum" in section and "weak" in section
+    assert "sha256sum" in section
+    assert "weak" in section
 
 
 # --- 7: no secret in a startup error ---------------------------------------------------------
@@ -242,13 +247,16 @@ def test_startup_errors_do_not_echo_secrets(tmp_path: Path) -> None:
     config.write_text("api_token = 1234567890123456789\n")
     with pytest.raises(ConfigError) as typed:
         load_settings(config_file=config, env={})
-    assert "1234567" not in str(typed.value) and "expected str, got int" in str(typed.value)
+    assert "1234567" not in str(typed.value)
+    assert "expected str, got int" in str(typed.value)
     secret = "not-a-pem-but-a-misplaced-secret-0123456789"
     with pytest.raises(ConfigError) as key:
         load_key(secret, "RS256", "api_jwt_key")
-    assert secret not in str(key.value) and "PEM" in str(key.value)
+    assert secret not in str(key.value)
+    assert "PEM" in str(key.value)
     line = _one_line(_run(tmp_path, "--api-token", "shortsecretXY"))
-    assert "shortsecretXY" not in line and "13 characters" in line
+    assert "shortsecretXY" not in line
+    assert "13 characters" in line
     line = _one_line(_run(tmp_path, "--api-jwt-alg", "RS256", "--api-jwt-key", secret))
     assert secret not in line, line
 
@@ -312,9 +320,11 @@ async def test_ipv6_loopback_urls_have_brackets(run_server: Callable[..., Server
 
     server = run_server("--host", "::1", env={"TASKSERVER_API_TOKEN": ""})
     assert server.url.startswith("http://[::1]:"), server.url
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{server.url}/tasks", json={"data": 1}) as response:
-            assert response.status == 202, await response.text()
-            body = await response.json()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{server.url}/tasks", json={"data": 1}) as response,
+    ):
+        assert response.status == 202, await response.text()
+        body = await response.json()
     assert body["topic"].startswith(server.url + "/tasks/"), body
     assert server.terminate() == 0

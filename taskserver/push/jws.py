@@ -19,11 +19,10 @@ the path of a PEM file, read once at startup.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import re
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey

@@ -36,9 +36,9 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
 from urllib.parse import parse_qsl, quote
 

@@ -33,7 +33,7 @@ def is_loopback(host: str) -> bool:
 
 
 def host_name(value: str) -> str | None:
-    """The host of a ``Host`` header value, lowercase, without port or brackets; ``None`` if malformed."""
+    """A ``Host`` value's host, lowercase, without port or brackets; ``None`` if malformed."""
     value = value.strip().lower()
     if value.startswith("["):
         end = value.find("]")
