@@ -26,8 +26,8 @@ from .config import FIELDS, Settings, load_settings
 from .errors import ConfigError
 from .runtime.workers import TASK_THREAD_PREFIX
 from .web import netguard, tls
-from .web.access import check_exposure
 from .web.app import ACCESS, TASKSERVER, create_app, load_setup
+from .web.exposure import check_exposure
 
 log = logging.getLogger("taskserver")
 

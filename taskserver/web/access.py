@@ -18,7 +18,12 @@ handler so that the check happens in one place. The contract:
   raises propagates (``AccessDenied`` chooses the status and message).
 * Enforced as soon as any token, JWT key or authorizer is configured. Without any, the
   API is open (loopback only, see ``check_exposure``), except that with
-  ``mercure_private_tasks`` reads and admin answers need a credential.
+  ``mercure_private_tasks`` reads and admin answers need a credential; and an open
+  loopback server answers only a ``Host`` naming loopback or ``base_url`` (421
+  otherwise: DNS rebinding, ``exposure.py``), on the hub too. With any credential the
+  hub's task events are private (``MercureHub.tasks_private_by_api``).
+* A token that is not UTF-8, a JWT with malformed claims or one the key cannot
+  verify is a 401, never a 500; ``WWW-Authenticate`` carries fixed text only.
 * Missing or invalid credentials: 401 with ``WWW-Authenticate: Bearer``; a valid one
   without the scope: 403. Writes carrying the cookie must come with this server's
   ``Origin`` (CSRF); other writes that carry an ``Origin`` must carry ours too.
@@ -38,14 +43,13 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from ..config import Settings
 from ..credentials import API_SCOPES
 from ..errors import AccessDenied, ConfigError, ValidationError
 from ..push.jws import AuthError, Verifier, clean, load_key, mercure_claims
 from ..push.mercure import MercureHub, local_origin
 from ..push.topics import Selectors
 from ..server import TaskServer
-from .hosts import check_host, is_loopback
+from .exposure import check_host, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -380,31 +384,3 @@ def _localhost_alias(origin: str) -> str:
     if url.host is not None and is_loopback(url.host) and url.host != "localhost":
         return str(url.with_host("localhost").origin())
     return ""
-
-
-def check_exposure(access: Access, settings: Settings) -> None:
-    """Refuse to serve an open API on a non-loopback address unless ``insecure_no_auth``.
-
-    The hub counts: with ``mercure_anonymous`` and public task events (no API credential,
-    no ``mercure_private_tasks``) anyone would receive every task's events and results.
-    With a credential task events are private (``MercureHub.tasks_private_by_api``).
-    Raises ``ConfigError`` naming the setting to set; logs a warning when opted out.
-    """
-    if access.enforced or is_loopback(settings.host):
-        return
-    hub = ""
-    if settings.mercure_anonymous and not settings.mercure_private_tasks:
-        hub = " and mercure_anonymous sends every task's events and results to anyone"
-    if not settings.insecure_no_auth:
-        raise ConfigError(
-            f"--host {settings.host} is reachable from other machines and no credential is "
-            f"configured{hub}: set api_token (or api_tokens, api_jwt_key, an authorizer), "
-            "or insecure_no_auth = true"
-        )
-    log.warning(
-        "insecure_no_auth: the API on %s:%s has no authentication; anyone who reaches it "
-        "can read, enqueue, cancel and purge tasks%s",
-        settings.host,
-        settings.port,
-        hub,
-    )

@@ -1,4 +1,9 @@
-"""Which ``Host`` an open loopback server answers: DNS rebinding stops at the Host header.
+"""Who can reach the server: the ``--host`` check at start, and the ``Host`` check.
+
+``check_exposure`` refuses an open API (or an anonymous hub with public task events)
+on a non-loopback address unless ``insecure_no_auth``.
+
+Which ``Host`` an open loopback server answers: DNS rebinding stops at the Host header.
 
 A page on ``evil.example`` whose name is made to resolve to 127.0.0.1 reaches a
 loopback server as a same-origin request (no ``Origin`` on a GET), so the socket
@@ -14,12 +19,24 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
+from typing import Protocol
 
 from aiohttp import web
 
-from ..errors import AccessDenied
+from ..config import Settings
+from ..errors import AccessDenied, ConfigError
+
+log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
+
+
+class Guarded(Protocol):
+    """What ``check_exposure`` needs of ``access.Access``."""
+
+    @property
+    def enforced(self) -> bool: ...
 
 
 def is_loopback(host: str) -> bool:
@@ -68,4 +85,32 @@ def check_host(request: web.Request, base_host: str) -> None:
         "this server answers loopback host names only while no credential is configured "
         "(DNS rebinding); set base_url to the URL browsers use, or configure api_token",
         status=421,
+    )
+
+
+def check_exposure(access: Guarded, settings: Settings) -> None:
+    """Refuse to serve an open API on a non-loopback address unless ``insecure_no_auth``.
+
+    The hub counts: with ``mercure_anonymous`` and public task events (no API credential,
+    no ``mercure_private_tasks``) anyone would receive every task's events and results.
+    With a credential task events are private (``MercureHub.tasks_private_by_api``).
+    Raises ``ConfigError`` naming the setting to set; logs a warning when opted out.
+    """
+    if access.enforced or is_loopback(settings.host):
+        return
+    hub = ""
+    if settings.mercure_anonymous and not settings.mercure_private_tasks:
+        hub = " and mercure_anonymous sends every task's events and results to anyone"
+    if not settings.insecure_no_auth:
+        raise ConfigError(
+            f"--host {settings.host} is reachable from other machines and no credential is "
+            f"configured{hub}: set api_token (or api_tokens, api_jwt_key, an authorizer), "
+            "or insecure_no_auth = true"
+        )
+    log.warning(
+        "insecure_no_auth: the API on %s:%s has no authentication; anyone who reaches it "
+        "can read, enqueue, cancel and purge tasks%s",
+        settings.host,
+        settings.port,
+        hub,
     )
