@@ -26,8 +26,8 @@ from .config import FIELDS, Settings, load_settings
 from .errors import ConfigError
 from .runtime.workers import TASK_THREAD_PREFIX
 from .web import netguard, tls
-from .web.access import check_exposure
 from .web.app import ACCESS, TASKSERVER, create_app, load_setup
+from .web.exposure import check_exposure
 
 log = logging.getLogger("taskserver")
 
@@ -191,9 +191,10 @@ async def _serve(
             loop.add_signal_handler(sig, stop.set)
         address: Any = runner.addresses[0] if runner.addresses else (settings.host, settings.port)
         scheme = "https" if ssl_context is not None else "http"
-        app[TASKSERVER].set_public_url(f"{scheme}://{address[0]}:{address[1]}")
+        host = f"[{address[0]}]" if ":" in str(address[0]) else str(address[0])  # IPv6
+        app[TASKSERVER].set_public_url(f"{scheme}://{host}:{address[1]}")
         # Parsed by tests and scripts that start on port 0: keep the wording.
-        log.info("taskserver listening on %s://%s:%s", scheme, address[0], address[1])
+        log.info("taskserver listening on %s://%s:%s", scheme, host, address[1])
         await stop.wait()
         log.info("stopping: no new tasks; running ones get %gs", settings.grace_period)
     finally:

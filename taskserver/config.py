@@ -70,8 +70,8 @@ def _setting(
     secret: bool = False,
 ) -> Any:
     # file_only: a table, not a scalar; no --flag and no environment variable.
-    # secret: left out of repr(), so that logging the settings leaks no key.
-    metadata = {"help": help, "check": check, "file_only": file_only}
+    # secret: left out of repr() and of error messages, so that no log shows a key.
+    metadata = {"help": help, "check": check, "file_only": file_only, "secret": secret}
     return field(default=default, repr=not secret, metadata=metadata)
 
 
@@ -235,7 +235,10 @@ class Settings:
         "mercureAuthorization", "cookie holding a Mercure token for browsers"
     )
     mercure_private_tasks: bool = _setting(
-        False, "send task events to Mercure subscribers authorized for the task's topic only"
+        False,
+        "send task events to Mercure subscribers authorized for the task's topic only, and"
+        " make task data private on the API (the hub does so anyway once an API credential"
+        " is configured)",
     )
     mercure_subscriptions: bool = _setting(
         True, "serve the Mercure subscriptions API (/.well-known/mercure/subscriptions)"
@@ -273,7 +276,8 @@ class Settings:
     @property
     def public_url(self) -> str:
         """``base_url`` or, when unset, the URL the server listens on."""
-        return self.base_url.rstrip("/") or f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6, as URLs write it
+        return self.base_url.rstrip("/") or f"http://{host}:{self.port}"
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
@@ -325,12 +329,23 @@ def coerce(name: str, value: Any, source: str) -> Any:
             raise ValueError
     except (ValueError, TypeError):
         wanted = kind.replace(" | None", "")
-        raise ConfigError(f"{name}: expected {wanted}, got {value!r} (from {source})") from None
+        raise ConfigError(
+            f"{name}: expected {wanted}, got {_shown(name, value)} (from {source})"
+        ) from None
     check: Check | None = FIELDS[name].metadata["check"]
     problem = check(converted) if check is not None and converted is not None else None
     if problem:
-        raise ConfigError(f"{name}: {problem}, got {value!r} (from {source})")
+        raise ConfigError(f"{name}: {problem}, got {_shown(name, value)} (from {source})")
     return converted
+
+
+def _shown(name: str, value: Any) -> str:
+    """``value`` as an error message may quote it: a secret's type or length only."""
+    if not FIELDS[name].metadata["secret"]:
+        return repr(value)
+    if isinstance(value, str):
+        return f"{len(value)} characters"
+    return type(value).__name__
 
 
 def load_settings(

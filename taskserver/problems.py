@@ -82,7 +82,7 @@ def as_problem(request: web.Request, exc: Exception) -> web.Response:
     if isinstance(exc, Conflict):
         return problem(409, "Conflict", str(exc))
     if isinstance(exc, AccessDenied):
-        title = "Unauthorized" if exc.status == 401 else "Forbidden"
+        title = {401: "Unauthorized", 421: "Misdirected Request"}.get(exc.status, "Forbidden")
         challenge = {"WWW-Authenticate": exc.challenge} if exc.challenge else None
         return problem(exc.status, title, str(exc), headers=challenge)
     if isinstance(exc, ServerBusy):

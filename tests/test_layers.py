@@ -32,7 +32,7 @@ LAYERS: list[set[str]] = [
         "storage.sqlite.attempts",
     },
     {"lifecycle", "storage.intents", "storage.payload", "web.connbound"},
-    {"storage.backend", "storage.sqlite.schema", "push.jws", "web.netguard"},
+    {"storage.backend", "storage.sqlite.schema", "push.jws", "web.netguard", "web.exposure"},
     {
         "storage.batching",
         "storage.sqlite.reads",

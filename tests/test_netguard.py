@@ -195,7 +195,7 @@ async def test_1100_idle_connections_under_a_1024_soft_limit_leave_healthz_worki
     host, port = address(server)
     idle = await open_idle(host, port, 1100)
     for _, writer in idle[::2]:  # half of them start a head and never finish it
-        writer.write(b"POST /tasks HTTP/1.1\r\nHost: x\r\n")
+        writer.write(b"POST /tasks HTTP/1.1\r\nHost: localhost\r\n")
     try:
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True),
@@ -306,7 +306,7 @@ async def test_pipelined_requests_in_one_read_are_all_answered(run_server: RunSe
     reader, writer = await asyncio.open_connection(host, port)
     body = b'{"data": 1}'
     post = (
-        b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
     writer.write(post + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + post)
@@ -330,7 +330,7 @@ async def test_a_body_shorter_than_its_content_length_gets_408_and_the_server_se
     host, port = address(server)
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(
-        b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100\r\n\r\n"
     )
     await writer.drain()
@@ -359,7 +359,7 @@ async def test_a_whole_body_sent_after_its_head_is_not_cut(run_server: RunServer
     reader, writer = await asyncio.open_connection(host, port)
     body = b'{"data": {"n": 1}}'
     writer.write(
-        b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % len(body)
     )
     await writer.drain()

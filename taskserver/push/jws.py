@@ -19,6 +19,7 @@ the path of a PEM file, read once at startup.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ CLAIM_NAMES = ("mercure", "https://mercure.rocks/")
 #: rightly (RFC 7518 §3.2 asks for a key at least as long as the hash).
 MIN_HMAC_BYTES = 32
 MIN_RSA_BITS = 2048
+#: Registered time claims: PyJWT accepts a numeric string for them, the spec does not.
+TIME_CLAIMS = ("exp", "nbf", "iat")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class AuthError(Exception):
@@ -64,9 +68,16 @@ def load_key(value: str, alg: str, setting: str) -> str | RSAPublicKey:
 
     For RS256, ``value`` is PEM text or a path to a PEM file holding the public key.
     """
+    alg_setting = "api_jwt_alg" if setting.startswith("api_") else "mercure_jwt_alg"
     if alg not in ALGORITHMS:
-        raise ConfigError(f"mercure_jwt_alg must be one of {', '.join(ALGORITHMS)}, got {alg!r}")
+        raise ConfigError(f"{alg_setting} must be one of {', '.join(ALGORITHMS)}, got {alg!r}")
     if alg == "HS256":
+        if value.lstrip().startswith("-----BEGIN"):
+            # PyJWT refuses a PEM key as an HMAC secret only when a token comes: say it now.
+            raise ConfigError(
+                f"{setting}: this is a PEM key, not an HS256 secret; "
+                f"for a public key set {alg_setting} = RS256"
+            )
         if len(value.encode()) < MIN_HMAC_BYTES:
             raise ConfigError(
                 f"{setting}: an HS256 key needs at least {MIN_HMAC_BYTES} bytes (RFC 7518 §3.2), "
@@ -77,12 +88,17 @@ def load_key(value: str, alg: str, setting: str) -> str | RSAPublicKey:
     if not value.lstrip().startswith("-----BEGIN"):
         try:
             pem = Path(value).read_text(encoding="ascii")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{setting}: cannot read the PEM file {value!r}: {exc}") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            # Never the value: it may be a secret put in the wrong setting.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not ASCII"
+            raise ConfigError(
+                f"{setting}: neither PEM text (-----BEGIN ...) nor a readable PEM file "
+                f"({len(value)} characters, {reason})"
+            ) from None
     try:
         key = load_pem_public_key(pem.encode("ascii"))
     except (ValueError, TypeError, UnicodeEncodeError) as exc:
-        raise ConfigError(f"{setting}: not a PEM public key: {exc}") from None
+        raise ConfigError(f"{setting}: not a PEM public key ({type(exc).__name__})") from None
     if not isinstance(key, RSAPublicKey):
         raise ConfigError(f"{setting}: RS256 needs an RSA public key")
     if key.key_size < MIN_RSA_BITS:
@@ -120,11 +136,22 @@ class Verifier:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError(401, "the token has expired") from None
-        except jwt.InvalidTokenError as exc:
-            raise AuthError(401, f"invalid token: {exc}") from None
+        except jwt.PyJWTError as exc:  # InvalidKeyError too: never a 500
+            raise AuthError(401, f"invalid token: {clean(str(exc))}") from None
+        except UnicodeError:  # header bytes that are not UTF-8
+            raise AuthError(401, "invalid token: not ASCII") from None
         if not isinstance(payload, dict):  # pragma: no cover - PyJWT returns a dict
             raise AuthError(401, "invalid token: the payload must be an object")
+        for name in TIME_CLAIMS:
+            value = payload.get(name)
+            if name in payload and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise AuthError(401, f"invalid token: {name} must be a number (RFC 7519 §4.1)")
         return payload
+
+
+def clean(text: str, limit: int = 200) -> str:
+    """``text`` without control characters, at most ``limit`` long: safe to log and to show."""
+    return _CONTROL.sub("?", text)[:limit]
 
 
 def _claims(payload: dict[str, Any]) -> Claims:

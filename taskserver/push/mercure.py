@@ -15,7 +15,8 @@ Platform) work against it unchanged:
 * Task events reach subscribers on the task's topic (``server.topic(id)``) with
   their sequence number as SSE id, and *without* an ``event:`` name, so an
   ``EventSource.onmessage`` handler sees them; the payload's ``type`` says what
-  happened. ``mercure_private_tasks`` makes them private.
+  happened. ``mercure_private_tasks`` makes them private, and so does any API
+  credential (``tasks_private_by_api``).
 * Fan-out never blocks: each subscriber has one bounded queue in the
   ``Fanout``; a slow one is dropped and reconnects with ``Last-Event-ID``.
 * CORS allow-list and ``Link: <hub>; rel="mercure"`` discovery on the hub's
@@ -35,6 +36,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, NoReturn, Protocol
@@ -247,6 +249,11 @@ class MercureHub:
         self.anonymous = settings.mercure_anonymous
         self.cookie_name = settings.mercure_cookie_name
         self.private_tasks = settings.mercure_private_tasks
+        #: Whether the API needs a credential (set by ``access.Access``): task events are
+        #: then private too, or the hub would hand out what the API refuses.
+        self.tasks_private_by_api: Callable[[], bool] = lambda: False
+        #: Called first on every subscribe and publish (the API's ``Host`` check).
+        self.check_request: Callable[[web.Request], None] = lambda request: None
         self.cors_origins = _parse_origins(settings.mercure_cors_origins, "mercure_cors_origins")
         self.publish_origins = _parse_origins(
             settings.mercure_publish_origins, "mercure_publish_origins"
@@ -307,6 +314,7 @@ class MercureHub:
 
     async def subscribe(self, request: web.Request) -> web.StreamResponse:
         """``GET /.well-known/mercure?topic=...``: an event stream of matching updates."""
+        self.check_request(request)
         raw = request.query.getall("topic", [])
         if not raw:
             _fail(400, 'Missing "topic" parameter.')
@@ -431,7 +439,9 @@ class MercureHub:
         topics = self._topics(event)
         if not connection.selectors.match_any(topics):
             return False
-        if event.private or (self.private_tasks and event.task_id is not None):
+        if event.private or (
+            event.task_id is not None and (self.private_tasks or self.tasks_private_by_api())
+        ):
             claims = connection.claims
             allowed = claims.subscribe if claims is not None else None
             return allowed is not None and allowed.match_any(topics)
@@ -475,6 +485,7 @@ class MercureHub:
 
     async def publish(self, request: web.Request) -> web.Response:
         """``POST /.well-known/mercure`` (form): store the update, answer its id once durable."""
+        self.check_request(request)
         claims = self._claims(request, self.publisher, publishing=True)
         if claims is None:
             _fail(401, "a publisher token is required", headers=CHALLENGE)

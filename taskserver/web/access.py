@@ -18,7 +18,12 @@ handler so that the check happens in one place. The contract:
   raises propagates (``AccessDenied`` chooses the status and message).
 * Enforced as soon as any token, JWT key or authorizer is configured. Without any, the
   API is open (loopback only, see ``check_exposure``), except that with
-  ``mercure_private_tasks`` reads and admin answers need a credential.
+  ``mercure_private_tasks`` reads and admin answers need a credential; and an open
+  loopback server answers only a ``Host`` naming loopback or ``base_url`` (421
+  otherwise: DNS rebinding, ``exposure.py``), on the hub too. With any credential the
+  hub's task events are private (``MercureHub.tasks_private_by_api``).
+* A token that is not UTF-8, a JWT with malformed claims or one the key cannot
+  verify is a 401, never a 500; ``WWW-Authenticate`` carries fixed text only.
 * Missing or invalid credentials: 401 with ``WWW-Authenticate: Bearer``; a valid one
   without the scope: 403. Writes carrying the cookie must come with this server's
   ``Origin`` (CSRF); other writes that carry an ``Origin`` must carry ours too.
@@ -29,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import inspect
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,13 +43,13 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from ..config import Settings
 from ..credentials import API_SCOPES
 from ..errors import AccessDenied, ConfigError, ValidationError
-from ..push.jws import AuthError, Verifier, load_key, mercure_claims
+from ..push.jws import AuthError, Verifier, clean, load_key, mercure_claims
 from ..push.mercure import MercureHub, local_origin
 from ..push.topics import Selectors
 from ..server import TaskServer
+from .exposure import check_host, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,8 @@ COOKIE = "taskserver_token"
 CLAIM = "taskserver"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 ALL_SCOPES = frozenset(API_SCOPES)
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
+#: The only ``error_description`` sent: a header never carries text from the token.
+INVALID = "the token is not valid"
 
 #: ``fn(request, scope) -> bool`` (or awaitable): the host application's decision.
 Authorizer = Callable[[web.Request, str], bool | Awaitable[bool]]
@@ -94,31 +99,22 @@ OPEN = Principal("anonymous (no credentials configured)", ALL_SCOPES)
 AUTHORIZED = Principal("the application's authorizer", ALL_SCOPES)
 
 
-def _challenge(error: str | None = None, description: str = "", scope: str = "") -> str:
-    """A ``WWW-Authenticate`` value (RFC 6750 §3)."""
+def _challenge(error: str | None = None, scope: str = "") -> str:
+    """A ``WWW-Authenticate`` value (RFC 6750 §3), from fixed text only."""
     parts = [f'realm="{REALM}"']
     if error:
         parts.append(f'error="{error}"')
-    if description:
-        parts.append('error_description="{}"'.format(description.replace('"', "'")))
+    if error == "invalid_token":
+        parts.append(f'error_description="{INVALID}"')
     if scope:
         parts.append(f'scope="{scope}"')
     return "Bearer " + ", ".join(parts)
 
 
 def _unauthorized(message: str, *, invalid: bool = False) -> AccessDenied:
-    challenge = _challenge("invalid_token", message) if invalid else _challenge()
-    return AccessDenied(message, status=401, challenge=challenge)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether listening on ``host`` reaches this machine only."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
+    """A 401; ``message`` (which may quote the token) goes to the problem body only."""
+    challenge = _challenge("invalid_token") if invalid else _challenge()
+    return AccessDenied(clean(message), status=401, challenge=challenge)
 
 
 class Access:
@@ -144,7 +140,12 @@ class Access:
         self.private = settings.mercure_private_tasks
         self.base_url = settings.base_url
         self._base_origin = str(URL(settings.base_url).origin()) if settings.base_url else ""
+        self._base_host = (URL(settings.base_url).host or "").lower() if settings.base_url else ""
         self.cookie_path = prefix or "/"
+        if hub is not None:
+            # The hub's task events are as private as the API's task data.
+            hub.tasks_private_by_api = lambda: self.enforced
+            hub.check_request = self.check_host
 
     def __repr__(self) -> str:
         mode = "enforced" if self.enforced else "open"
@@ -159,7 +160,10 @@ class Access:
 
     def identify(self, token: str) -> Principal:
         """Who ``token`` is; ``AccessDenied(401)`` when it is none of ours."""
-        digest = hashlib.sha256(token.encode()).digest()
+        try:
+            digest = hashlib.sha256(token.encode()).digest()
+        except UnicodeError:  # header or cookie bytes that are not UTF-8
+            raise _unauthorized("the token is not valid UTF-8", invalid=True) from None
         found: Principal | None = None
         for known, principal in self._tokens:  # every one, whatever matches: constant time
             if hmac.compare_digest(known, digest):
@@ -184,7 +188,9 @@ class Access:
         payload = self._jwt.decode(token)
         claim = payload.get(CLAIM, {})
         scopes = claim.get("scopes", []) if isinstance(claim, dict) else None
-        if not isinstance(scopes, list) or not all(s in ALL_SCOPES for s in scopes):
+        if not isinstance(scopes, list) or not all(
+            isinstance(s, str) and s in ALL_SCOPES for s in scopes
+        ):
             raise AuthError(401, f"{CLAIM}.scopes must be a list of {', '.join(API_SCOPES)}")
         topics = mercure_claims(payload).subscribe
         subject = payload.get("sub")
@@ -216,6 +222,7 @@ class Access:
         unsafe = request.method not in SAFE_METHODS
         if not (self._tokens or self._jwt or self.private or self.server.authorizer):
             # Open (loopback, nothing configured), the hot path: only other sites' writes.
+            check_host(request, self._base_host)
             if unsafe and "Origin" in request.headers:
                 self._same_origin(request, required=False)
             return OPEN
@@ -248,6 +255,7 @@ class Access:
                 return self._allowed(request, self.identify(mercure_cookie), need)
         if self.enforced:
             raise _unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+        check_host(request, self._base_host)
         if unsafe:
             self._same_origin(request, required=False)
         if self.private and need.scope != "enqueue":
@@ -283,6 +291,11 @@ class Access:
             status=403,
             challenge=_challenge("insufficient_scope", scope=need.scope),
         )
+
+    def check_host(self, request: web.Request) -> None:
+        """While no credential is configured: ``AccessDenied(421)`` for a non-loopback ``Host``."""
+        if not self.enforced:
+            check_host(request, self._base_host)
 
     # --- CSRF ------------------------------------------------------------------------------
 
@@ -371,24 +384,3 @@ def _localhost_alias(origin: str) -> str:
     if url.host is not None and is_loopback(url.host) and url.host != "localhost":
         return str(url.with_host("localhost").origin())
     return ""
-
-
-def check_exposure(access: Access, settings: Settings) -> None:
-    """Refuse to serve an open API on a non-loopback address unless ``insecure_no_auth``.
-
-    Raises ``ConfigError`` naming the setting to set; logs a warning when opted out.
-    """
-    if access.enforced or is_loopback(settings.host):
-        return
-    if not settings.insecure_no_auth:
-        raise ConfigError(
-            f"--host {settings.host} is reachable from other machines and no credential is "
-            "configured: set api_token (or api_tokens, api_jwt_key, an authorizer), "
-            "or insecure_no_auth = true"
-        )
-    log.warning(
-        "insecure_no_auth: the API on %s:%s has no authentication; anyone who reaches it "
-        "can read, enqueue, cancel and purge tasks",
-        settings.host,
-        settings.port,
-    )
