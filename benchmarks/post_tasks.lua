@@ -1,23 +1,13 @@
 -- wrk script: keep-alive POST /tasks with a JSON body {"data": {"n": i}}.
--- WRK_LIMIT (environment): stop after sending this many requests (0: run for -d).
 -- done() prints one "WRK-RESULT {json}" line that benchmarks/wrkdrive.py reads.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 
 local sent = 0
-local limit = tonumber(os.getenv("WRK_LIMIT") or "0") or 0
 
 request = function()
   sent = sent + 1
   return wrk.format(nil, nil, nil, '{"data":{"n":' .. sent .. '}}')
-end
-
-if limit > 0 then
-  response = function(status, headers, body)
-    if sent >= limit then
-      wrk.thread:stop()
-    end
-  end
 end
 
 done = function(summary, latency, requests)

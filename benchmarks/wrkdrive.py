@@ -67,11 +67,11 @@ def drive(
     limit: int = 0,
     cwd: Path,
 ) -> Drive:
-    """Load ``POST url`` for ``seconds`` (or until ``limit`` requests were sent, if > 0)."""
+    """Load ``POST url`` for ``seconds``; ``limit`` > 0 (the Python client only) caps requests."""
     check_loopback(url)
     before = cpu_seconds_of(server_pid) if server_pid else None
     if backend() == "wrk":
-        result = _wrk(url, connections, seconds, limit)
+        result = _wrk(url, connections, seconds)
     else:
         result = _python(url, connections, seconds, limit, cwd)
     after = cpu_seconds_of(server_pid) if server_pid else None
@@ -86,9 +86,7 @@ def drive(
     )
 
 
-def _wrk(url: str, connections: int, seconds: float, limit: int) -> Drive:
-    env = child_env()
-    env["WRK_LIMIT"] = str(limit)
+def _wrk(url: str, connections: int, seconds: float) -> Drive:
     command = [
         "wrk",
         "-t1",
@@ -102,7 +100,7 @@ def _wrk(url: str, connections: int, seconds: float, limit: int) -> Drive:
     ]
     try:
         done = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=seconds + 30, check=False
+            command, env=child_env(), capture_output=True, text=True, timeout=seconds + 30, check=False
         )
     except subprocess.TimeoutExpired:
         raise BenchError(f"wrk ran more than {seconds + 30:g}s") from None
