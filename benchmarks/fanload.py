@@ -35,7 +35,7 @@ import jwt
 import orjson
 
 from .bench import BenchError, Server, child_env, serve
-from .common import RESULT_PREFIX, percentile, peak_rss_of
+from .common import RESULT_PREFIX, peak_rss_of, percentile
 from .wrkdrive import Drive, backend, drive, mib, rss_of, spread, taskserver_command
 
 KEY = "!ChangeThisMercureHubJWTSecretKey!"

@@ -62,7 +62,9 @@ def section(opts: HttpOptions, tmp: Path) -> None:
             )
         ratios = [
             t.per_second / h.per_second
-            for t, h in zip(results["taskserver", conns], results["hello-world", conns], strict=True)
+            for t, h in zip(
+                results["taskserver", conns], results["hello-world", conns], strict=True
+            )
             if h.per_second
         ]
         print(f"   c={conns:<4} taskserver / hello-world = {spread(ratios, '.2f')}")

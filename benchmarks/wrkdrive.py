@@ -100,7 +100,12 @@ def _wrk(url: str, connections: int, seconds: float) -> Drive:
     ]
     try:
         done = subprocess.run(
-            command, env=child_env(), capture_output=True, text=True, timeout=seconds + 30, check=False
+            command,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         raise BenchError(f"wrk ran more than {seconds + 30:g}s") from None
@@ -186,14 +191,14 @@ def rss_of(pid: int) -> int | None:
 
 
 def spread(values: Sequence[float], fmt: str = ",.0f") -> str:
-    """``median (min–max, n=N)`` of some rounds."""
+    """``median (min..max, n=N)`` of some rounds."""
     if not values:
         return "n/a"
     if len(values) == 1:
         return format(values[0], fmt)
     med = statistics.median(values)
     return (
-        f"{format(med, fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)}, "
+        f"{format(med, fmt)} ({format(min(values), fmt)}..{format(max(values), fmt)}, "
         f"n={len(values)})"
     )
 
@@ -210,4 +215,3 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
             return True
         time.sleep(0.01)
     return False
-
