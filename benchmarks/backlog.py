@@ -2,12 +2,13 @@
 
 ``taskserver run --task-workers 0`` (nothing consumes the queue; every task
 stays ``queued``), fresh database, ``--max-queued`` above the total. Keep-alive
-``POST /tasks`` (one ``wrk -t1 -c64`` run with ``post_marks.lua``, which marks
-every ``chunk`` responses; without wrk, one raw-client run per chunk); after
-each chunk the enqueue rate of that chunk and the server's RSS (``VmRSS``). Run twice: without anyone calling ``/stats`` (the baseline),
-then with a client calling ``GET /stats`` every 0.5 s (its call times are
-printed too). The figure is last ÷ first chunk's rate; at the end, three
-``GET /stats`` calls are timed one after another.
+``POST /tasks``: one ``wrk -t1 -c64`` run with ``post_marks.lua``, which marks
+every ``chunk`` responses (without wrk, one raw-client run per chunk). After
+each chunk: that chunk's enqueue rate and the server's RSS (``VmRSS``). Run
+twice: without anyone calling ``/stats`` (the baseline), then with a client
+calling ``GET /stats`` every 0.5 s (its call times are printed too). The
+figure is last / first chunk's rate; at the end, three ``GET /stats`` calls
+are timed one after another.
 """
 
 from __future__ import annotations
