@@ -131,7 +131,10 @@ def _wrk_marks(opts: BacklogOptions, url: str, pid: int, run: Run) -> None:
     env["WRK_MARK"] = str(opts.chunk)
     bound = CHUNK_SECONDS * (-(-opts.backlog // opts.chunk))
     command = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{bound}s", "-s", str(MARKS), url]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    # Unbuffered: select() must see every line wrk wrote, none held in a Python buffer.
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0
+    )
     assert proc.stdout is not None
     marks: list[tuple[int, float]] = []
     try:

@@ -74,6 +74,7 @@ class Throughput:
     dropped: int
     connected: int
     stored_events: int
+    client_cpu: float
 
 
 def section(opts: FanoutOptions, tmp: Path) -> None:
@@ -111,7 +112,8 @@ def section(opts: FanoutOptions, tmp: Path) -> None:
             print(
                 f"{'':30}events read per stream {spread([r.events_per_stream for r in runs])} "
                 f"of {spread([float(r.stored_events) for r in runs])} stored by the end; "
-                f"{dropped} streams dropped by the server; {connected:,} connected (fewest)"
+                f"{dropped} streams dropped by the server; {connected:,} connected (fewest); "
+                f"subscriber process CPU {spread([r.client_cpu for r in runs], '.1f')} s"
             )
     _latency(opts, tmp)
 
@@ -233,6 +235,7 @@ def _throughput(config: Config, seconds: float, db: Path, tmp: Path) -> Throughp
         dropped=got["closed_by_server"] if got else 0,
         connected=got["connected"] if got else 0,
         stored_events=stored,
+        client_cpu=got["cpu_seconds"] if got else 0.0,
     )
 
 
