@@ -51,7 +51,9 @@ class Run:
     queued: int = 0
     polls: list[float] = field(default_factory=list)
     final_stats_ms: list[float] = field(default_factory=list)
+    #: before the three GET /stats at the end, and the RSS after them
     peak: int | None = None
+    rss_after_stats: int | None = None
 
 
 def section(opts: BacklogOptions, tmp: Path) -> None:
@@ -68,7 +70,7 @@ def section(opts: BacklogOptions, tmp: Path) -> None:
         rates = " ".join(f"{r:,.0f}" for r in run.rates)
         rss = " ".join(f"{(x or 0) / 2**20:.0f}" for x in run.rss)
         print(f"   {label:<14} enqueue/s per chunk: {rates}")
-        print(f"{'':18}RSS MiB after each: {rss}; peak {mib(run.peak)}")
+        print(f"{'':18}RSS MiB after each: {rss}; peak {mib(run.peak)} (before the calls below)")
         ratio = run.rates[-1] / run.rates[0] if run.rates and run.rates[0] else 0.0
         print(
             f"{'':18}last / first chunk = {ratio:.2f}; {run.queued:,} queued at the end"
@@ -83,6 +85,7 @@ def section(opts: BacklogOptions, tmp: Path) -> None:
         print(
             f"{'':18}GET /stats at the end, three calls: "
             + ", ".join(f"{x:.1f} ms" for x in run.final_stats_ms)
+            + f"; RSS after them {mib(run.rss_after_stats)}"
         )
 
 
@@ -115,12 +118,13 @@ def _run(opts: BacklogOptions, db: Path, tmp: Path, polled: bool) -> Run:
             stop.set()
             if polled:
                 poller.join(60)
+        run.peak = peak_rss_of(server.proc.pid)
         for _ in range(3):
             ms, stats = _stats(server.url)
             run.final_stats_ms.append(ms)
+        run.rss_after_stats = rss_of(server.proc.pid)
         queued = stats.get("queued")
         run.queued = queued if isinstance(queued, int) else 0
-        run.peak = peak_rss_of(server.proc.pid)
     return run
 
 

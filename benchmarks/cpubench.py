@@ -10,6 +10,8 @@ and ``2``. Each gets one warm-up task, then a batch of ``cpu_tasks``
 result is how long its ``spin`` took where it ran: with one worker, dispatch =
 per task - the mean of those (and per task - 19 ms, the nominal figure); with
 two threads sharing the GIL, the figure is per task against one thread's.
+Then ``SERIAL`` tasks one in flight (``POST /tasks``, ``GET /tasks/{id}?wait``,
+the next): the client's time per task minus its spin, HTTP and commits included.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .cpuapp import spin
 from .wrkdrive import spread, taskserver_command
 
 TASK_MS = 19.0
+#: Tasks run one in flight after the batch: POST, wait for it, then the next.
+SERIAL = 10
 CONFIGS = {
     "cpu_bound, 1 process": ("process_setup", "--task-workers=1", "--process-workers=1"),
     "thread, 1 worker": ("thread_setup", "--task-workers=1"),
@@ -77,8 +81,10 @@ def _finished(url: str, task_id: int) -> tuple[float, float]:
     return float(task["finished_at"]), float(task["result"]["ms"])
 
 
-def _measure(name: str, n: int, count: int, db: Path, tmp: Path) -> tuple[float, float]:
-    """Per task ms over the batch, and the mean ms its spins took."""
+def _measure(
+    name: str, n: int, count: int, db: Path, tmp: Path
+) -> tuple[float, float, list[float]]:
+    """Per task ms over the batch, the mean ms its spins took, and one-in-flight overheads."""
     app, *flags = CONFIGS[name]
     command = taskserver_command(db, f"--app=benchmarks.cpuapp:{app}", *flags)
     with serve(command, cwd=tmp, log=tmp / "cpu.log", timeout=30) as server:
@@ -88,8 +94,15 @@ def _measure(name: str, n: int, count: int, db: Path, tmp: Path) -> tuple[float,
         ids = [t["id"] for t in _post(server.url + "/tasks:batch", batch)["tasks"]]
         _finished(server.url, ids[-1])
         done = [_finished(server.url, i) for i in ids]
-    end = max(f for f, _ in done)
-    return (end - start) / count * 1000, statistics.fmean(ms for _, ms in done)
+        end = max(f for f, _ in done)
+        # One in flight: each task enqueued once the one before has finished.
+        serial = []
+        for _ in range(SERIAL):
+            began = time.perf_counter()
+            one = _post(server.url + "/tasks", {"data": {"n": n}})["id"]
+            _, ms = _finished(server.url, one)
+            serial.append((time.perf_counter() - began) * 1000 - ms)
+    return (end - start) / count * 1000, statistics.fmean(ms for _, ms in done), serial
 
 
 def section(opts: CpuOptions, tmp: Path) -> None:
@@ -103,13 +116,15 @@ def section(opts: CpuOptions, tmp: Path) -> None:
     names = list(CONFIGS)
     per_task: dict[str, list[float]] = {k: [] for k in names}
     spins: dict[str, list[float]] = {k: [] for k in names}
+    alone: dict[str, list[float]] = {k: [] for k in names}
     for round_ in range(opts.rounds):
         shift = round_ % len(names)
         for index, name in enumerate(names[shift:] + names[:shift]):
             db = tmp / f"cpu-{round_}-{index}.db"
-            took, spun = _measure(name, n, opts.cpu_tasks, db, tmp)
+            took, spun, serial = _measure(name, n, opts.cpu_tasks, db, tmp)
             per_task[name].append(took)
             spins[name].append(spun)
+            alone[name] += serial
     for name in names:
         print(
             f"   {name:<22} {spread(per_task[name], '.2f'):>28} ms per task; its spin took "
@@ -121,6 +136,10 @@ def section(opts: CpuOptions, tmp: Path) -> None:
         print(
             f"{'':26}dispatch: per task - its spin {spread(over, '.2f')} ms; "
             f"per task - {TASK_MS:g} ms {spread([p - TASK_MS for p in per_task[name]], '.2f')} ms"
+        )
+        print(
+            f"{'':26}one in flight (POST, GET ?wait, next), client time - its spin: "
+            f"{spread(alone[name], '.2f')} ms"
         )
     two = per_task["thread, 2 workers"]
     one = per_task["thread, 1 worker"]
