@@ -122,6 +122,8 @@ async def _orchestrate(options: argparse.Namespace, workdir: Path) -> dict[str, 
         "--task-workers=0",
         "--heartbeat=60",
         f"--max-subscribers={options.subscribers + 100}",
+        # Every stream is a connection too; past max_connections the publisher got 503.
+        f"--max-connections={options.subscribers + 200}",
         "--mercure-anonymous=true",
         f"--mercure-publisher-jwt-key={KEY}",
     ]

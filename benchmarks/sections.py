@@ -1,0 +1,108 @@
+"""The issue-14 sections of ``scripts/bench``: wrk HTTP, fan-out, backlog, cpu_bound dispatch.
+
+``python -m benchmarks.sections [--quick] [--only wrk|fanout|backlog|cpu ...]``
+
+Each section starts its own servers (``taskserver run`` subprocesses on
+127.0.0.1, fresh databases under one temporary directory) and prints its
+figures beside a baseline measured in the same run, alternated, with the
+median and range of the rounds. Every load is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import backlog, cpubench, fanload, httpwrk
+from .bench import BenchError, header
+
+SECTIONS: dict[str, Callable[[Any, Path], None]] = {
+    "wrk": httpwrk.section,
+    "fanout": fanload.section,
+    "backlog": backlog.section,
+    "cpu": cpubench.section,
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """What every section reads (each takes the fields it needs)."""
+
+    rounds: int
+    seconds: float
+    connections: tuple[int, ...]
+    subscribers: tuple[int, ...]
+    mercure_subscribers: int
+    latency_subscribers: int
+    events: int
+    backlog: int
+    chunk: int
+    cpu_tasks: int
+    only: tuple[str, ...]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sections", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smoke run, not figures")
+    parser.add_argument(
+        "--only", action="append", choices=tuple(SECTIONS), help="run only these (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        return Options(
+            rounds=1,
+            seconds=1.0,
+            connections=(16, 64),
+            subscribers=(0, 50),
+            mercure_subscribers=50,
+            latency_subscribers=500,
+            events=5,
+            backlog=20_000,
+            chunk=10_000,
+            cpu_tasks=5,
+            only=tuple(args.only or SECTIONS),
+        )
+    return Options(
+        rounds=3,
+        seconds=5.0,
+        connections=(16, 64, 128),
+        subscribers=(0, 100, 1000),
+        mercure_subscribers=1000,
+        latency_subscribers=10_000,
+        events=20,
+        backlog=1_000_000,
+        chunk=100_000,
+        cpu_tasks=40,
+        only=tuple(args.only or SECTIONS),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen sections; 1 if one failed to measure, else 0."""
+    opts = parse_args(argv)
+    header()
+    failures = 0
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="taskserver-bench14-") as tmp:
+        for name in opts.only:
+            t0 = time.monotonic()
+            try:
+                SECTIONS[name](opts, Path(tmp))
+            except BenchError as exc:
+                failures += 1
+                print(f"   FAILED: {exc}")
+            print(f"   ({name}: {time.monotonic() - t0:.0f}s)")
+            sys.stdout.flush()
+    failed = f"; {failures} section(s) FAILED" if failures else ""
+    print(f"\nsections done in {time.monotonic() - started:.0f}s{failed}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
