@@ -13,6 +13,12 @@ from pathlib import Path
 
 from taskserver.storage import NewTask, Store
 
+#: Tasks written: each is two rows, so a WAL that never started over would hold
+#: about 2 KB of frames per task, some 120 MB here.
+WRITTEN = 60_000
+#: Well under that, with room for a checkpointer slowed by a busy machine.
+WAL_BOUND = 32 * 1024 * 1024
+
 
 async def test_the_wal_starts_over_under_writes_that_never_pause(tmp_path: Path) -> None:
     db = str(tmp_path / "wal.db")
@@ -22,20 +28,18 @@ async def test_the_wal_starts_over_under_writes_that_never_pause(tmp_path: Path)
     try:
         item = NewTask('{"n":1}', {"n": 1}, 1, None)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 2.0
+        deadline = loop.time() + 30.0
         written = 0
         biggest = 0
-        while loop.time() < deadline or store.wal_restarts == 0:
+        while written < WRITTEN or store.wal_restarts == 0:
             _, committed = store.insert_tasks([item] * 200)
             await committed
             written += 200
             biggest = max(biggest, wal.stat().st_size)  # a local file: no wait worth a thread
-            assert loop.time() < deadline + 10, "the WAL never started over"
+            assert loop.time() < deadline, "the WAL never started over"
     finally:
         await store.close()
-    # 2 s of batches of 200 tasks is tens of MB of WAL frames (each task is two rows).
-    assert written >= 20_000
     assert store.wal_restarts > 0
-    # Between two restarts the WAL holds what was written since the last one: a
-    # few checkpoint intervals' worth, not all of it.
-    assert biggest < 8 * 1024 * 1024, f"the WAL grew to {biggest:,} bytes"
+    # Between two restarts the WAL holds what was written since the last one: a few
+    # checkpoint intervals' worth (more on a loaded machine), never all of it.
+    assert biggest < WAL_BOUND, f"the WAL grew to {biggest:,} bytes"
