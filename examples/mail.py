@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +24,7 @@ from taskserver import (
     TaskContext,
     TaskServer,
     ValidationError,
+    problem,
 )
 
 log = logging.getLogger(__name__)
@@ -45,20 +45,6 @@ async def sent(ctx: TaskContext, result: Any) -> None:
     log.info("task %d done: %r", ctx.id, result)
 
 
-def problem(status: int, detail: str, field: str | None = None) -> web.Response:
-    """An RFC 9457 problem response, the shape taskserver's own routes answer with."""
-    title = HTTPStatus(status).phrase
-    body: dict[str, Any] = {
-        "type": "about:blank",
-        "title": title,
-        "status": status,
-        "detail": detail,
-    }
-    if field is not None:
-        body["field"] = field
-    return web.json_response(body, status=status, content_type="application/problem+json")
-
-
 async def post_send(request: web.Request) -> web.Response:
     """POST /send {"to": ...} → 202 {"id", "topic"}: enqueue and answer at once.
 
@@ -68,13 +54,15 @@ async def post_send(request: web.Request) -> web.Response:
     try:
         body = await request.json()
     except ValueError:
-        return problem(400, "the body is not valid JSON")
+        return problem(400, "Invalid request", "the body is not valid JSON")
     if not isinstance(body, dict) or not isinstance(body.get("to"), str):
-        return problem(422, 'send a JSON object with "to": an address', field="to")
+        return problem(
+            422, "Invalid request", 'send a JSON object with "to": an address', field="to"
+        )
     try:
         task_id = await server.task(body, queue="mail", unique_key=f"mail:{body['to']}")
     except ValidationError as exc:  # e.g. an address that cannot be a unique key
-        return problem(422, str(exc), field="to")
+        return problem(422, "Invalid request", str(exc), field="to")
     return web.json_response({"id": task_id, "topic": server.topic(task_id)}, status=202)
 
 

@@ -23,6 +23,7 @@ from .errors import (
 )
 from .lifecycle import ACTIVE, TERMINAL
 from .models import Event, EventType, RetryPolicy, Task, TaskState
+from .problems import problem
 from .runtime.options import TaskSpec
 from .runtime.workers import ProcessTaskContext, SyncTaskContext, TaskContext
 from .server import Submitted, TaskServer
@@ -69,4 +70,5 @@ __all__ = [
     "attach",
     "create_app",
     "load_settings",
+    "problem",
 ]
