@@ -128,6 +128,10 @@ class Verifier:
             header = jwt.get_unverified_header(token)
             if header.get("alg") != self._alg:
                 raise AuthError(401, f"the token's algorithm must be {self._alg}")
+            if "crit" in header:
+                # RFC 7515 §4.1.11: an extension the recipient does not know must be
+                # refused, and we know none (older PyJWT accepted any).
+                raise AuthError(401, "the token's header names critical extensions")
             payload = jwt.decode(
                 token,
                 self._key,
