@@ -22,13 +22,14 @@ from taskserver import EventType, TaskState
 from taskserver.models import Task
 from taskserver.storage import NewTask, Store
 
-#: backend name -> its address for a fresh database in ``tmp``
-BACKENDS: dict[str, Callable[[Path], str]] = {
-    "sqlite-file": lambda tmp: str(tmp / "contract.db"),
-    "sqlite-memory": lambda tmp: ":memory:",
+#: backend name -> its address for a fresh database in ``tmp`` (``request`` gives fixtures)
+BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], str]] = {
+    "sqlite-file": lambda tmp, request: str(tmp / "contract.db"),
+    "sqlite-memory": lambda tmp, request: ":memory:",
+    "postgresql": lambda tmp, request: request.getfixturevalue("postgres").create_database(),
 }
 #: backends whose committed data outlives the process
-DURABLE = ("sqlite-file",)
+DURABLE = ("sqlite-file", "postgresql")
 
 
 class Clock:
@@ -47,8 +48,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def address(backend: str, tmp_path: Path) -> str:
-    return BACKENDS[backend](tmp_path)
+def address(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return BACKENDS[backend](tmp_path, request)
 
 
 @pytest.fixture
@@ -93,9 +94,9 @@ async def test_ids_increase_across_batches_and_events_follow_commit_order(store:
 
 @pytest.mark.parametrize("durable", DURABLE)
 async def test_ids_are_never_reused_after_a_purge_and_a_restart(
-    durable: str, tmp_path: Path, clock: Clock
+    durable: str, tmp_path: Path, clock: Clock, request: pytest.FixtureRequest
 ) -> None:
-    address = BACKENDS[durable](tmp_path)
+    address = BACKENDS[durable](tmp_path, request)
     first = Store(address, clock=clock)
     await first.open()
     tasks = await insert(first, new(1), new(2))
@@ -214,7 +215,13 @@ async def test_reads_in_a_batch_see_its_commit(store: Store, clock: Clock) -> No
     assert [t.id for t in got["head"]] == [tasks[2].id]
     assert [t.id for t in got["due"]] == [tasks[3].id]
     assert tasks[3].state is TaskState.WAITING
-    assert await store.next_due() == clock.now + 60
+    if store.shared:
+        # Shared: the page claimed its tasks for this server, and the due read promoted.
+        claimed = [await store.get_task(t.id) for t in got["page"]]
+        assert [(t.state, t.attempts) for t in claimed if t] == [(TaskState.RUNNING, 1)] * 3
+        assert await store.next_due() is None
+    else:
+        assert await store.next_due() == clock.now + 60
 
 
 async def test_open_returns_what_the_server_starts_from(
@@ -233,8 +240,11 @@ async def test_open_returns_what_the_server_starts_from(
     opened = await second.open()
     await second.close()
     assert opened.counts[TaskState.QUEUED] == 2
-    assert list(opened.unique_keys) == ["k"]
-    assert [(g, s) for g, _, s in opened.group_heads] == [("g", TaskState.QUEUED)]
+    if second.shared:  # the database decides keys and turns, not the server's memory
+        assert (opened.unique_keys, opened.group_heads) == ({}, [])
+    else:
+        assert list(opened.unique_keys) == ["k"]
+        assert [(g, s) for g, _, s in opened.group_heads] == [("g", TaskState.QUEUED)]
     assert sorted(opened.queues_with_work) == ["default", "q"]
 
 
@@ -246,12 +256,16 @@ CRASHER = textwrap.dedent(
     from taskserver.storage import NewTask, Store
 
     async def main():
-        store = Store(sys.argv[1])
+        store = Store(sys.argv[1], node="crasher")
         await store.open()
         tasks, done = store.insert_tasks(
             [NewTask('1', 1, 2, None), NewTask('2', 2, 1, None), NewTask('3', 3, 2, None)]
         )
         await done
+        if store.shared:  # claimed first: the claim counts each attempt
+            claimed = asyncio.get_running_loop().create_future()
+            store.page_queued("default", 3, [], claimed.set_result)
+            tasks = await claimed
         for task in tasks[:2]:  # started and committed: left running
             start(task, 0.0)
             await store.update_task(task, EventType.STARTED)
@@ -267,9 +281,9 @@ CRASHER = textwrap.dedent(
 
 @pytest.mark.parametrize("durable", DURABLE)
 async def test_recovery_after_kill_9_counts_every_started_attempt(
-    durable: str, tmp_path: Path, clock: Clock
+    durable: str, tmp_path: Path, clock: Clock, request: pytest.FixtureRequest
 ) -> None:
-    address = BACKENDS[durable](tmp_path)
+    address = BACKENDS[durable](tmp_path, request)
     crash = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-c", CRASHER, address],
@@ -278,7 +292,7 @@ async def test_recovery_after_kill_9_counts_every_started_attempt(
         timeout=60,
     )
     assert crash.returncode == -signal.SIGKILL, crash.stderr
-    store = Store(address, clock=clock)
+    store = Store(address, clock=clock, node="crasher")  # the same server, restarted
     opened = await store.open()
     try:
         assert (opened.recovered_queued, opened.recovered_failed) == (2, 1)

@@ -21,6 +21,7 @@ Orders every backend keeps:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,7 +51,20 @@ class Opened:
 
 class Backend(Protocol):
     """One database behind the engine. Methods not marked *loop* run as the backend
-    likes (a thread, a connection pool); none may block the event loop."""
+    likes (a thread, a connection pool); none may block the event loop.
+
+    A backend is ``shared`` when several servers use its database at once
+    (PostgreSQL). Then what one process keeps in memory on SQLite comes from the
+    database: ``PageQueued`` *claims* the tasks it returns for this server (the
+    attempt counted, see ``storage/postgres/claims.py``), ``DueTasks`` promotes
+    the due tasks itself (with their events), ``GroupHead`` only reads, row
+    writes of tasks another server holds change nothing, unique keys and periodic
+    runs another server holds keep new tasks out (``Applied.conflicts``), and
+    ``Durable.events`` carries the other servers' events too, in id order.
+    """
+
+    #: several servers share the database (see above)
+    shared: bool
 
     async def open(self) -> Opened:
         """Connect, migrate the schema (refusing a newer one), then recover, atomically:
@@ -64,10 +78,25 @@ class Backend(Protocol):
         """Close connections and threads. The engine has applied every batch before."""
         ...
 
+    def bind(self, poke: Callable[[], None], on_cancel: Callable[[int], None]) -> None:
+        """*Loop.* A shared backend calls ``poke`` when other servers committed events
+        (the engine then runs a batch, which delivers them) and ``on_cancel`` with a
+        task some server was asked to cancel (``request_cancel``). Before ``open``."""
+        ...
+
+    def request_cancel(self, task_id: int) -> Awaitable[None]:
+        """Tell every server sharing the database to cancel ``task_id`` if it runs it."""
+        ...
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """The servers sharing the database and what each reported (``Lease``)."""
+        ...
+
     # --- ids and rows, on the loop, per task: keep them cheap ---------------------
 
     def next_task_id(self) -> int:
-        """*Loop.* A new task id, above every id ever used (purged ones included)."""
+        """*Loop.* A new task id, above every id this process used (purged ones
+        included); on a shared backend, unique among every server's."""
         ...
 
     def next_event_id(self) -> int:

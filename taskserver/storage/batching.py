@@ -23,6 +23,7 @@ from .intents import (
     Deliver,
     DueTasks,
     GroupHead,
+    Lease,
     Move,
     NewTask,
     PageQueued,
@@ -89,6 +90,7 @@ class Batching:
         tasks = [self._add_task(batch, item, item.text, item.data, now) for item in items]
         if schedule is not None:
             batch.schedule_runs.append(schedule)
+            batch.schedule_ids.setdefault(schedule[0], []).extend(t.id for t in tasks)
         return tasks, batch.future
 
     def insert_task(
@@ -248,20 +250,35 @@ class Batching:
         up_to = None if keep is None else self.backend.last_event_id - keep
         return self._chore(TrimEvents(before, up_to, chunk))
 
+    def lease(self, info: str) -> asyncio.Future[int]:
+        """Renew this server's lease and rescue the tasks of servers whose lease ran out
+        (a shared backend; see ``Lease``). Resolves to the number of tasks rescued."""
+        return self._chore(Lease(info))
+
     def _chore(self, chore: Chore) -> asyncio.Future[int]:
         future: asyncio.Future[int] = CommitFuture(loop=asyncio.get_running_loop())
         self._check_room(1).chores.append((chore, future))
         return future
 
-    def page_queued(self, queue: str, limit: int, busy_groups: list[str], deliver: Deliver) -> None:
+    def page_queued(
+        self,
+        queue: str,
+        limit: int,
+        busy_groups: list[str],
+        deliver: Deliver,
+        concurrency: int | None = None,
+    ) -> None:
         """Ask the writer for the first ``limit`` queued tasks of ``queue``, in run order,
-        leaving out tasks of the serial groups in ``busy_groups``.
+        leaving out tasks of the serial groups in ``busy_groups``. On a shared backend
+        these are *claimed* for this server (``Backend.shared``), at most
+        ``concurrency`` running in the queue over every server.
 
         ``deliver`` is called from the writer after the current batch commits and
         before the next starts, so no commit slips between query and delivery.
         It must not block.
         """
-        self._current().reads.append((PageQueued(queue, limit, tuple(busy_groups)), deliver))
+        read = PageQueued(queue, limit, tuple(busy_groups), concurrency)
+        self._current().reads.append((read, deliver))
 
     def group_head(self, group: str, deliver: Deliver) -> None:
         """Ask the writer for the oldest task of serial group ``group`` that has not ended

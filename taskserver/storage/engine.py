@@ -73,9 +73,11 @@ class Engine(Batching):
         on_commit: Callable[[Durable], None] | None = None,
         on_ready: Callable[[list[Task]], None] | None = None,
         on_failed: Callable[[list[Task]], None] | None = None,
+        on_cancel: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
+        backend.bind(self.poke, on_cancel or (lambda task_id: None))
         self._max_pending = max_pending_writes
         self._on_commit = on_commit or (lambda durable: None)
         self._on_ready = on_ready or (lambda tasks: None)
@@ -152,6 +154,12 @@ class Engine(Batching):
             self._retry_now.set()
         return self._probe
 
+    def poke(self) -> None:
+        """Run a batch soon even if nothing is appended: a shared backend delivers the
+        events other servers committed with it."""
+        if not self._closing:
+            self._current()
+
     @property
     def last_event_id(self) -> int:
         """The highest event id handed out so far (committed or about to be)."""
@@ -207,6 +215,8 @@ class Engine(Batching):
         #    times before the next batch goes to the writer, so what the answers
         #    provoke joins it: a producer's next task, and an HTTP client's next
         #    request (its answer is written, the request read, its handler run);
+        if applied.conflicts:
+            batch.future.conflicts = applied.conflicts
         batch.future.set_result(None)
         for _ in range(GATHER_ITERATIONS):
             await asyncio.sleep(0)

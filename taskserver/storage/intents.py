@@ -32,6 +32,11 @@ class CommitFuture(asyncio.Future[T]):
     ``asyncio.shield`` per caller, which cost a future and a callback per task.
     """
 
+    #: Set before it resolves, by a backend shared by several servers: new tasks the
+    #: database kept out, ``id -> the id of the task holding its unique key`` (``None``:
+    #: a periodic run another server had already enqueued).
+    conflicts: dict[int, int | None] | None = None
+
     def cancel(self, msg: Any | None = None) -> bool:
         return False
 
@@ -97,7 +102,16 @@ class ProbeWrite:
     """A write that changes nothing but reaches the disk; resolves to 0 once committed."""
 
 
-Chore = Purge | TrimEvents | ProbeWrite
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A shared backend's heartbeat: renew this server's lease (``info``: what it reports
+    about itself, JSON) and rescue the running tasks of servers whose lease ran out;
+    resolves to the number rescued. A backend one process owns does nothing (0)."""
+
+    info: str
+
+
+Chore = Purge | TrimEvents | ProbeWrite | Lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +122,8 @@ class PageQueued:
     queue: str
     limit: int
     busy_groups: tuple[str, ...]
+    #: the queue's concurrency limit (a shared backend counts it over every server)
+    concurrency: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +148,7 @@ Read = PageQueued | GroupHead | DueTasks
 class Batch:
     """One transaction's worth of intents, in the order they were appended."""
 
-    future: asyncio.Future[None]
+    future: CommitFuture[None]
     #: new task rows (``Backend.encode_new``), and the tasks themselves
     inserts: list[Any] = field(default_factory=list)
     inserted: list[Task] = field(default_factory=list)
@@ -147,6 +163,8 @@ class Batch:
     reads: list[tuple[Read, Deliver]] = field(default_factory=list)
     #: ``(schedule name, due time)``: periodic runs enqueued by this batch
     schedule_runs: list[tuple[str, float]] = field(default_factory=list)
+    #: per schedule name, the ids of the tasks its run inserts
+    schedule_ids: dict[str, list[int]] = field(default_factory=dict)
     #: a new or changed task is not ready yet (delayed): the scheduler may need to wake
     delayed: bool = False
     #: ``Backend.started`` tokens to hand to ``Backend.release`` once this committed
@@ -177,6 +195,8 @@ class Durable:
     events: list[Event]
     #: new tasks that are not ready yet (delayed): the scheduler may need to wake.
     delayed: bool
+    #: queues where other servers made tasks ready (a shared backend): claim from them.
+    queues: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -192,3 +212,5 @@ class Applied:
     pages: list[list[Task]] = field(default_factory=list)
     #: a transaction with writes committed (a batch of reads only proves nothing)
     wrote: bool = False
+    #: new tasks the database kept out (see ``CommitFuture.conflicts``)
+    conflicts: dict[int, int | None] = field(default_factory=dict)

@@ -1,7 +1,7 @@
 """``Store``: the group-commit engine over the backend a database address names.
 
-The server and the tests use this; the backend behind it is chosen by ``path``
-(today a SQLite file or ``:memory:``; a ``postgresql://`` URL is the next backend).
+The server and the tests use this; the backend behind it is chosen by ``path``:
+a ``postgresql://`` (or ``postgres://``) URL, else a SQLite file or ``:memory:``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,15 @@ from ..models import Event, Task, TaskState
 from .backend import Backend, Opened
 from .engine import Engine
 from .intents import Durable
+from .postgres import PostgresBackend
 from .sqlite import SqliteBackend
 from .sqlite.attempts import SEGMENT_RECORDS, AttemptJournal
 from .sqlite.backend import CHECKPOINT_INTERVAL, WAL_LIMIT_PAGES
+
+
+def is_postgres(address: str) -> bool:
+    """Whether a ``--db`` address names a PostgreSQL database (else a SQLite file)."""
+    return address.startswith(("postgresql://", "postgres://"))
 
 
 class Store(Engine):
@@ -36,25 +42,32 @@ class Store(Engine):
         on_commit: Callable[[Durable], None] | None = None,
         on_ready: Callable[[list[Task]], None] | None = None,
         on_failed: Callable[[list[Task]], None] | None = None,
+        on_cancel: Callable[[int], None] | None = None,
+        node: str | None = None,
+        lease: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
-        # The address picks the backend; today every address is a SQLite one.
-        self._sqlite = SqliteBackend(
-            path,
-            synchronous=synchronous,
-            wal_limit_pages=wal_limit_pages,
-            checkpoint_interval=checkpoint_interval,
-            journal_segment=journal_segment,
-            clock=clock,
-        )
-        backend: Backend = self._sqlite
+        backend: Backend
+        self._sqlite: SqliteBackend | None = None
+        if is_postgres(path):
+            backend = PostgresBackend(path, node=node, lease=lease, clock=clock)
+        else:
+            backend = self._sqlite = SqliteBackend(
+                path,
+                synchronous=synchronous,
+                wal_limit_pages=wal_limit_pages,
+                checkpoint_interval=checkpoint_interval,
+                journal_segment=journal_segment,
+                clock=clock,
+            )
         super().__init__(
             backend,
             max_pending_writes=max_pending_writes,
             on_commit=on_commit,
             on_ready=on_ready,
             on_failed=on_failed,
+            on_cancel=on_cancel,
             clock=clock,
         )
         self.opened: Opened | None = None
@@ -76,12 +89,17 @@ class Store(Engine):
     @property
     def journal(self) -> AttemptJournal | None:
         """The SQLite backend's attempts journal (``None`` in memory or when unusable)."""
-        return self._sqlite.journal
+        return self._sqlite.journal if self._sqlite else None
 
     @property
     def wal_restarts(self) -> int:
         """Times the SQLite writer copied the whole WAL so that it starts over."""
-        return self._sqlite.wal_restarts
+        return self._sqlite.wal_restarts if self._sqlite else 0
+
+    @property
+    def shared(self) -> bool:
+        """Several servers share this database (see ``Backend``)."""
+        return self.backend.shared
 
     # --- reads of committed state: see ``Backend`` ------------------------------------
 

@@ -30,7 +30,18 @@ import aiosqlite
 from ... import lifecycle
 from ...models import Event, EventType, Task, TaskState
 from ..backend import Opened
-from ..intents import Applied, Batch, Chore, DueTasks, Move, PageQueued, ProbeWrite, Purge, Read
+from ..intents import (
+    Applied,
+    Batch,
+    Chore,
+    DueTasks,
+    Lease,
+    Move,
+    PageQueued,
+    ProbeWrite,
+    Purge,
+    Read,
+)
 from ..payload import dumps, event_json
 from . import schema as sql
 from .attempts import SEGMENT_RECORDS, AttemptJournal
@@ -58,6 +69,9 @@ _MOVES: dict[str, tuple[str, TaskState, EventType, dict[str, Any] | None]] = {
 
 class SqliteBackend(SqliteReads):
     """Tasks and events in one SQLite file (or ``:memory:``, not durable)."""
+
+    #: One process owns the file.
+    shared = False
 
     def __init__(
         self,
@@ -146,6 +160,19 @@ class SqliteBackend(SqliteReads):
                 self.journal = None
         self._conn = conn
         return recovered
+
+    def bind(self, poke: Callable[[], None], on_cancel: Callable[[int], None]) -> None:
+        """``Backend.bind``: no other server writes here."""
+
+    def request_cancel(self, task_id: int) -> asyncio.Future[None]:
+        """``Backend.request_cancel``: the tasks of this file run in this process."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """``Backend.nodes``: one server, which ``/stats`` describes already."""
+        return []
 
     async def close(self) -> None:
         """``Backend.close``."""
@@ -336,6 +363,8 @@ def _move(db: sqlite3.Connection, move: Move, now: float, applied: Applied) -> E
 def _chore_statements(chore: Chore) -> list[tuple[str, tuple[Any, ...]]]:
     if isinstance(chore, ProbeWrite):
         return [(sql.PROBE_WRITE, ())]
+    if isinstance(chore, Lease):
+        return []  # one process owns the file: no other server's tasks to rescue
     if isinstance(chore, Purge):
         marks = ", ".join("?" for _ in chore.states)
         params = (*(s.value for s in chore.states), chore.before, chore.chunk)

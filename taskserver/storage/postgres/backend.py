@@ -1,0 +1,458 @@
+"""The PostgreSQL backend: several taskserver processes, on several hosts, one database.
+
+* **Driver: asyncpg.** It speaks the binary protocol straight from the event loop
+  (no thread hop per statement) and binds arrays, so a batch of any size is one
+  statement per kind of write (``unnest``): a group commit costs a handful of
+  round trips, not one per task.
+* **One writer connection** commits the engine's batches in order; reads use a
+  small pool; one more connection listens (``LISTEN``) and holds this node's
+  session lock (``node.py``).
+* **Task ids** come in blocks from a sequence, handed out on the loop; run order
+  is a second column, ``seq``, filled by the database at insert, so order across
+  nodes is insertion order, not block order.
+* **Event ids are gap-safe.** A batch takes its event ids at the very end of its
+  transaction from a one-row counter (``UPDATE … SET last = last + n``), whose row
+  lock is held until the commit. The next transaction to take ids waits for that
+  commit, so ids become visible in id order, with no holes: a reader that sees
+  id ``n`` has every id below it (a rolled-back batch gives its ids back). The
+  lock is held only for the event insert and the commit itself.
+* **Claims** (``claims.py``): each attempt runs on exactly one node. A ``PageQueued``
+  read *claims* tasks (``FOR UPDATE SKIP LOCKED``), counting the attempt in the
+  same statement; only the node that claimed a task writes its row afterwards.
+* **Events cross nodes.** Every commit with events ``NOTIFY``s the new last id;
+  each node then reads the events after the last one it delivered and hands them
+  to the engine, in id order, with its own (``Durable.events``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ... import lifecycle
+from ...errors import ConfigError, ServerBusy
+from ...models import Event, EventType, Task, TaskState
+from ..backend import Opened
+from ..intents import Applied, Batch, Lease, Move, ProbeWrite, Purge
+from ..payload import event_json
+from . import schema as sql
+from .claims import Claims
+from .node import Node, connect_error
+from .reads import PostgresReads
+
+log = logging.getLogger(__name__)
+#: Task ids reserved at a time; the next block is fetched when half is used.
+ID_BLOCK = 100_000
+#: Events read at most per catch-up round: a node that fell further behind (it was
+#: cut off from the database a long while) skips ahead and its streams replay.
+CATCHUP_LIMIT = 20_000
+#: The channel every commit with events notifies, its payload the new last id.
+EVENTS_CHANNEL = "taskserver_events"
+CANCEL_CHANNEL = "taskserver_cancel"
+
+_MOVES: dict[str, tuple[str, TaskState, EventType, dict[str, Any] | None]] = {
+    "cancel": (sql.CANCEL_PENDING, lifecycle.CANCELLED, EventType.CANCELLED, None),
+    "retry": (sql.RETRY_ENDED, lifecycle.QUEUED, EventType.QUEUED, {"manual_retry": True}),
+}
+
+
+class PostgresBackend(PostgresReads):
+    """Tasks and events in one PostgreSQL database shared by any number of servers."""
+
+    #: Several servers share this database: the runtime claims instead of offering.
+    shared = True
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        node: str | None = None,
+        lease: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        pool_size: int = 4,
+    ) -> None:
+        self.dsn = dsn
+        self.node = node or f"{socket.gethostname()}:{os.getpid()}"
+        self.lease = lease
+        self._clock = clock
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._writer: asyncpg.Connection | None = None
+        self._node: Node | None = None
+        self._claims = Claims(self.node, clock)
+        self._ids: list[tuple[int, int]] = []  # reserved blocks: (next id, end)
+        self._refill: asyncio.Task[None] | None = None
+        self._next_event_id = 1  # provisional ids, renumbered at commit
+        #: the last event id handed to the engine (every one up to it delivered)
+        self._delivered = 0
+        #: the highest event id another node said it committed (``NOTIFY``)
+        self._seen = 0
+        self._poke: Callable[[], None] = lambda: None
+        self._on_cancel: Callable[[int], None] = lambda task_id: None
+        self.commits = 0
+
+    def __repr__(self) -> str:
+        return f"<PostgresBackend node={self.node!r} delivered={self._delivered}>"
+
+    # --- open and close ----------------------------------------------------------
+
+    def bind(self, poke: Callable[[], None], on_cancel: Callable[[int], None]) -> None:
+        """Wire the signals other nodes send: ``poke`` when events were committed
+        elsewhere (the engine then runs a batch that reads them), ``on_cancel`` with
+        the id of a task some node was asked to cancel."""
+        self._poke, self._on_cancel = poke, on_cancel
+
+    async def open(self) -> Opened:
+        """``Backend.open``: connect, migrate (one node at a time), take this node's
+        session lock, recover its own tasks at once, then listen for the others."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=self._pool_size, command_timeout=60
+            )
+            self._writer = await asyncpg.connect(self.dsn)
+        except Exception as exc:
+            await self.close()
+            raise ConfigError(connect_error(self.dsn, exc)) from None
+        try:
+            await self._migrate(self._writer)
+            self._node = Node(self.dsn, self.node, self._notified)
+            await self._node.open([EVENTS_CHANNEL, CANCEL_CHANNEL])
+            await self._reserve_ids()
+            queued, failed = await self._recover_own()
+            self._delivered = int(await self._writer.fetchval(sql.SELECT_LAST_EVENT))
+            return Opened(
+                counts=await self.count_by_state(),
+                unique_keys={},  # the database's unique index decides, cluster-wide
+                group_heads=[],  # claims decide a group's turn
+                queues_with_work=await self.queues_with_work(),
+                recovered_queued=queued,
+                recovered_failed=failed,
+                committed_event_id=self._delivered,
+            )
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        # A session lock: two nodes starting at once migrate one after the other.
+        await conn.execute("SELECT pg_advisory_lock($1)", sql.LOCK_MIGRATE)
+        try:
+            await conn.execute(sql.CREATE_VERSION_TABLE)
+            version = int(await conn.fetchval(sql.SELECT_VERSION) or 0)
+            if version > len(sql.MIGRATIONS):
+                raise ConfigError(
+                    f"the database has taskserver schema version {version}, newer than this"
+                    f" taskserver knows ({len(sql.MIGRATIONS)}): upgrade taskserver"
+                )
+            for number, script in enumerate(sql.MIGRATIONS[version:], start=version + 1):
+                async with conn.transaction():
+                    await conn.execute(script)
+                    await conn.execute(sql.SET_VERSION, number)
+                log.info("migrated the PostgreSQL database to schema version %d", number)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", sql.LOCK_MIGRATE)
+
+    async def close(self) -> None:
+        """``Backend.close``: leave the cluster (the node row goes) and disconnect."""
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(BaseException):
+                await self._refill
+            self._refill = None
+        if self._writer is not None and not self._writer.is_closed():
+            with contextlib.suppress(Exception):
+                await self._writer.execute(sql.DELETE_NODE, self.node)
+            with contextlib.suppress(Exception):
+                await self._writer.close()
+        self._writer = None
+        if self._node is not None:
+            await self._node.close()
+            self._node = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.close()
+            self._pool = None
+
+    def _notified(self, channel: str, payload: str) -> None:
+        # On the loop, from the listening connection.
+        if channel == CANCEL_CHANNEL:
+            with contextlib.suppress(ValueError):
+                self._on_cancel(int(payload))
+        else:
+            # An unreadable payload (or a lost connection, "") means: look anyway.
+            seen = int(payload) if payload.isdigit() else self._delivered + 1
+            if seen > self._delivered:
+                self._seen = max(self._seen, seen)
+                self._poke()
+
+    # --- ids and rows (on the loop) ------------------------------------------------------
+
+    async def _reserve_ids(self) -> None:
+        assert self._pool is not None
+        block = int(await self._pool.fetchval("SELECT nextval('taskserver_task_blocks')"))
+        self._ids.append((block * ID_BLOCK, (block + 1) * ID_BLOCK))
+
+    def _refill_done(self, task: asyncio.Task[None]) -> None:
+        self._refill = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("reserving task ids failed: %s", task.exception())
+
+    def next_task_id(self) -> int:
+        """``Backend.next_task_id``: from this node's reserved block; unique in the
+        cluster, increasing in this process."""
+        if not self._ids:
+            raise ServerBusy("task ids are being reserved from the database", retry_after=1.0)
+        start, end = self._ids[0]
+        if start + 1 >= end:
+            self._ids.pop(0)
+        else:
+            self._ids[0] = (start + 1, end)
+        if (
+            len(self._ids) < 2
+            and (not self._ids or self._ids[0][1] - self._ids[0][0] < ID_BLOCK // 2)
+            and self._refill is None
+        ):
+            self._refill = asyncio.get_running_loop().create_task(self._reserve_ids())
+            self._refill.add_done_callback(self._refill_done)
+        return start
+
+    def next_event_id(self) -> int:
+        """``Backend.next_event_id``: provisional, for the order within a batch; the
+        commit gives the final ids (see the module docstring)."""
+        event_id = self._next_event_id
+        self._next_event_id = event_id + 1
+        return event_id
+
+    @property
+    def last_event_id(self) -> int:
+        """``Backend.last_event_id``: the highest id this node has seen committed."""
+        return self._delivered
+
+    encode_new = staticmethod(sql.insert_row)
+    encode_update = staticmethod(sql.update_row)
+
+    def started(self, task_id: int, attempt: int, event_id: int) -> int | None:
+        """``Backend.started``: nothing to do, the claim committed the attempt."""
+        return None
+
+    def release(self, token: int) -> None:
+        """``Backend.release``."""
+
+    async def request_cancel(self, task_id: int) -> None:
+        """``Backend.request_cancel``: a notification every node (this one too) hears."""
+        assert self._pool is not None
+        await self._pool.execute(sql.NOTIFY, CANCEL_CHANNEL, str(task_id))
+
+    # --- the one write -------------------------------------------------------------------
+
+    async def _connection(self) -> asyncpg.Connection:
+        # The writer reconnects after the database went away (the engine retries).
+        if self._writer is None or self._writer.is_closed():
+            try:
+                self._writer = await asyncpg.connect(self.dsn)
+            except Exception as exc:
+                raise ServerBusy(connect_error(self.dsn, exc), retry_after=1.0) from None
+        return self._writer
+
+    async def apply(self, batch: Batch) -> Applied:
+        """``Backend.apply``: the batch's writes in one transaction, its event ids taken
+        last; then the events other nodes committed before it, and the reads."""
+        conn = await self._connection()
+        now = self._clock()
+        applied = Applied()
+        mine: list[Event] = []
+        try:
+            if batch.writes():
+                async with conn.transaction():
+                    mine = await self._write(conn, batch, now, applied)
+                applied.wrote = True
+                self.commits += 1
+            durable = applied.durable
+            durable.events = await self._catch_up(conn, mine, durable.queues)
+            refused = applied.conflicts
+            durable.ready = (
+                [t for t in batch.ready if t.id not in refused] if refused else batch.ready
+            )
+            durable.delayed = batch.delayed
+            for read, _ in batch.reads:
+                tasks, events = await self._claims.answer(conn, read, now, self._store_events)
+                applied.pages.append(tasks)
+                durable.events.extend(events)
+            if durable.events:
+                self._delivered = max(self._delivered, durable.events[-1].id)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
+        return applied
+
+    async def _write(
+        self, conn: asyncpg.Connection, batch: Batch, now: float, applied: Applied
+    ) -> list[Event]:
+        drop: set[int] = set()  # tasks whose events must not be stored
+        for name, due in batch.schedule_runs:
+            if await conn.fetchval(sql.UPSERT_SCHEDULE, name, due) is None:
+                # Another node enqueued this due time already: not again.
+                ids = batch.schedule_ids.get(name, [])
+                drop.update(ids)
+                applied.conflicts.update(dict.fromkeys(ids))
+        rows = [r for r in batch.inserts if r[0] not in drop] if drop else batch.inserts
+        if rows:
+            written = {r[0] for r in await conn.fetch(sql.INSERT_TASKS, *sql.columns(rows, 14))}
+            if len(written) < len(rows):  # a unique key held by a task that has not ended
+                kept = [t for t in batch.inserted if t.id not in written and t.id not in drop]
+                keys = [t.unique_key for t in kept if t.unique_key is not None]
+                holders: dict[str, int] = {
+                    r[0]: r[1] for r in await conn.fetch(sql.SELECT_KEY_HOLDERS, keys)
+                }
+                for task in kept:
+                    key = task.unique_key
+                    applied.conflicts[task.id] = None if key is None else holders.get(key)
+                    drop.add(task.id)
+        if batch.updates:
+            updates = list(batch.updates.values())
+            written = {
+                r[0]
+                for r in await conn.fetch(sql.UPDATE_TASKS, *sql.columns(updates, 14), self.node)
+            }
+            if len(written) < len(updates):
+                stale = set(batch.updates) - written
+                log.warning("tasks %s were rescued by another node: not written", sorted(stale))
+                drop |= stale
+        events = [e for e in batch.events if e.task_id not in drop] if drop else batch.events
+        for move in batch.moves:
+            event = await _move(conn, move, now, applied)
+            if event is not None:
+                events.append(event)
+        if batch.moves:
+            events.sort(key=lambda e: e.id)
+        for chore, _ in batch.chores:
+            count, made = await self._chore(conn, chore, now)
+            applied.counts.append(count)
+            events.extend(made)
+            applied.durable.queues.extend(
+                t for t in dict.fromkeys(_queued_queues(made)) if t is not None
+            )
+        return await self._store_events(conn, events, now) if events else []
+
+    async def _store_events(
+        self, conn: asyncpg.Connection, events: list[Event], now: float
+    ) -> list[Event]:
+        """Give ``events`` their final ids (taken last: see the module docstring), insert
+        them and notify the other nodes; inside the caller's transaction."""
+        last = int(await conn.fetchval(sql.TAKE_EVENT_IDS, len(events)))
+        first = last - len(events) + 1
+        final = [
+            Event(first + i, e.task_id, e.type, e.json, e.topics, e.private, e.uid, e.retry)
+            for i, e in enumerate(events)
+        ]
+        await conn.execute(
+            sql.INSERT_EVENTS, *sql.columns([sql.event_row(e, now) for e in final], 9)
+        )
+        await conn.execute(sql.NOTIFY, EVENTS_CHANNEL, str(last))
+        return final
+
+    async def _catch_up(
+        self, conn: asyncpg.Connection, mine: list[Event], queues: list[str]
+    ) -> list[Event]:
+        """Events other nodes committed since the last delivered, then ``mine``, in id
+        order; the queues where they made tasks ready go to ``queues``."""
+        upto = mine[0].id - 1 if mine else None
+        if upto is not None and upto <= self._delivered:
+            return mine  # nobody committed in between
+        if upto is None and self._seen <= self._delivered:
+            return []  # nobody said they committed
+        rows = await conn.fetch(sql.SELECT_EVENTS_AFTER, self._delivered, CATCHUP_LIMIT + 1)
+        theirs = [sql.event_from_row(r) for r in rows]
+        if upto is not None:
+            theirs = [e for e in theirs if e.id <= upto]
+        if len(theirs) > CATCHUP_LIMIT:
+            log.warning(
+                "this node fell %d+ events behind the cluster: live streams skip ahead",
+                CATCHUP_LIMIT,
+            )
+            theirs = theirs[-CATCHUP_LIMIT:]
+        queues.extend(q for q in dict.fromkeys(_queued_queues(theirs)) if q is not None)
+        return theirs + mine
+
+    async def _chore(
+        self, conn: asyncpg.Connection, chore: Any, now: float
+    ) -> tuple[int, list[Event]]:
+        if isinstance(chore, ProbeWrite):
+            await conn.execute(sql.PROBE_WRITE)
+            return 0, []
+        if isinstance(chore, Lease):
+            return await self._claims.lease(conn, chore.info, self.lease, now)
+        # Purges and trims: one node at a time (the others wait their turn).
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", sql.LOCK_PURGE)
+        if isinstance(chore, Purge):
+            states = [s.value for s in chore.states]
+            return int(await conn.fetchval(sql.PURGE, states, chore.before, chore.chunk)), []
+        total = 0
+        if chore.before is not None:
+            total += int(await conn.fetchval(sql.TRIM_EVENTS_BY_AGE, chore.before, chore.chunk))
+        if chore.up_to is not None:
+            total += int(await conn.fetchval(sql.TRIM_EVENTS_BY_COUNT, chore.up_to, chore.chunk))
+        return total, []
+
+    async def _recover_own(self) -> tuple[int, int]:
+        """Tasks this node's previous run left running: back to queued at once (its
+        session lock proves that run is gone), their events stored and notified."""
+        conn = self._writer
+        assert conn is not None
+        now = self._clock()
+        async with conn.transaction():
+            queued, failed, events = await self._claims.rescue(conn, [self.node], now)
+            await conn.execute(sql.UPSERT_NODE, self.node, *self._claims.identity(now))
+            if events:
+                await self._store_events(conn, events, now)
+        if queued or failed:
+            log.warning(
+                "recovered tasks this node left running: %d re-queued, %d failed"
+                " (no attempts left)",
+                queued,
+                failed,
+            )
+        return queued, failed
+
+
+def _queued_queues(events: list[Event]) -> list[str | None]:
+    """The queues named by ``queued`` events (what other nodes made ready)."""
+    return [orjson.loads(e.json).get("queue") for e in events if e.type == EventType.QUEUED.value]
+
+
+async def _move(conn: asyncpg.Connection, move: Move, now: float, applied: Applied) -> Event | None:
+    """One conditional move inside the transaction (a savepoint of its own, so a unique
+    key taken meanwhile by another node fails the move, not the batch)."""
+    statement, state, type_, extra = _MOVES[move.kind]
+    try:
+        async with conn.transaction():
+            row = await conn.fetchrow(sql.SELECT_STATE_FOR_UPDATE, move.task_id)
+            status = await conn.execute(statement, move.at, move.task_id)
+    except asyncpg.UniqueViolationError:
+        applied.moved.append(None)
+        return None
+    changed = status.endswith(" 1")
+    applied.moved.append(TaskState(row[0]) if changed and row else None)
+    if not changed or row is None:
+        return None
+    stub = Task(
+        id=move.task_id,
+        data=None,
+        state=state,
+        max_attempts=1,
+        timeout=None,
+        created_at=now,
+        updated_at=now,
+        queue=row[1],
+    )
+    return Event(move.event_id, move.task_id, type_, event_json(stub, type_, extra, now))

@@ -1,0 +1,411 @@
+"""PostgreSQL schema, numbered migrations, the SQL the PostgreSQL backend runs, row mapping.
+
+Only the PostgreSQL backend (this folder) imports it. Times are the servers'
+clocks as seconds since the epoch (``double precision``), as on SQLite; leases
+compare heartbeats with the database's own clock, so hosts need not agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ... import lifecycle
+from ...models import Event, RetryPolicy, Task, TaskState
+from ..payload import dumps
+
+#: Numbered migrations; ``taskserver_schema.version`` records how many have run.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE SEQUENCE taskserver_task_blocks;
+    CREATE SEQUENCE taskserver_task_seq;
+    CREATE TABLE taskserver_tasks (
+        id            bigint PRIMARY KEY,
+        -- run order: ids come in blocks per node, seq in insertion order cluster-wide
+        seq           bigint NOT NULL DEFAULT nextval('taskserver_task_seq'),
+        state         text   NOT NULL,
+        name          text,
+        queue         text   NOT NULL DEFAULT 'default',
+        priority      integer NOT NULL DEFAULT 0,
+        serial_group  text,
+        unique_key    text,
+        data          text   NOT NULL,
+        attempts      integer NOT NULL DEFAULT 0,
+        max_attempts  integer NOT NULL,
+        timeout       double precision,
+        retry         text,
+        progress      double precision,
+        message       text,
+        result        text,
+        error         text,
+        traceback     text,
+        finish_error  text,
+        hook_error    text,
+        created_at    double precision NOT NULL,
+        available_at  double precision NOT NULL,
+        started_at    double precision,
+        finished_at   double precision,
+        updated_at    double precision NOT NULL,
+        -- the node that claimed it; only that node writes the task's row
+        node          text
+    );
+    CREATE INDEX taskserver_tasks_by_state ON taskserver_tasks (state, id);
+    CREATE INDEX taskserver_tasks_ready ON taskserver_tasks (queue, priority DESC, seq)
+        WHERE state = 'queued';
+    CREATE INDEX taskserver_tasks_running ON taskserver_tasks (node, queue)
+        WHERE state = 'running';
+    CREATE INDEX taskserver_tasks_due ON taskserver_tasks (available_at)
+        WHERE state IN ('waiting', 'retrying');
+    -- a key is held by one task that has not ended, cluster-wide, without a race
+    CREATE UNIQUE INDEX taskserver_tasks_unique ON taskserver_tasks (unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('queued', 'waiting', 'running', 'retrying');
+    CREATE INDEX taskserver_tasks_unique_done ON taskserver_tasks (unique_key, finished_at)
+        WHERE unique_key IS NOT NULL AND state = 'succeeded';
+    CREATE INDEX taskserver_tasks_group ON taskserver_tasks (serial_group, seq)
+        WHERE serial_group IS NOT NULL
+        AND state IN ('queued', 'waiting', 'running', 'retrying');
+    -- one running task per serial group, whatever races the claims run into
+    CREATE UNIQUE INDEX taskserver_tasks_group_running ON taskserver_tasks (serial_group)
+        WHERE serial_group IS NOT NULL AND state = 'running';
+    CREATE INDEX taskserver_tasks_finished ON taskserver_tasks (finished_at)
+        WHERE finished_at IS NOT NULL;
+    CREATE TABLE taskserver_events (
+        id       bigint PRIMARY KEY,
+        task_id  bigint,
+        type     text,
+        data     text NOT NULL,
+        topics   text,
+        private  boolean NOT NULL DEFAULT false,
+        uid      text,
+        retry    integer,
+        at       double precision NOT NULL
+    );
+    CREATE INDEX taskserver_events_by_task ON taskserver_events (task_id, id)
+        WHERE task_id IS NOT NULL;
+    CREATE INDEX taskserver_events_by_uid ON taskserver_events (uid, id) WHERE uid IS NOT NULL;
+    -- the last event id: its row lock, held to commit, orders commits (see backend.py)
+    CREATE TABLE taskserver_event_counter (
+        one   boolean PRIMARY KEY DEFAULT true CHECK (one),
+        last  bigint NOT NULL
+    );
+    INSERT INTO taskserver_event_counter VALUES (true, 0);
+    CREATE TABLE taskserver_schedules (
+        name      text PRIMARY KEY,
+        last_due  double precision NOT NULL
+    );
+    CREATE TABLE taskserver_nodes (
+        id          text PRIMARY KEY,
+        host        text NOT NULL,
+        pid         integer NOT NULL,
+        started_at  double precision NOT NULL,
+        heartbeat   double precision NOT NULL,
+        info        text NOT NULL DEFAULT '{}'
+    );
+    """,
+)
+
+#: Advisory lock keys (``pg_advisory_*``): one 64-bit space per database.
+LOCK_MIGRATE = 0x7461736B_00000001
+LOCK_RESCUE = 0x7461736B_00000002
+LOCK_PURGE = 0x7461736B_00000003
+
+CREATE_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS taskserver_schema (one boolean PRIMARY KEY DEFAULT true"
+    " CHECK (one), version integer NOT NULL)"
+)
+SELECT_VERSION = "SELECT version FROM taskserver_schema"
+SET_VERSION = (
+    "INSERT INTO taskserver_schema (one, version) VALUES (true, $1)"
+    " ON CONFLICT (one) DO UPDATE SET version = excluded.version"
+)
+
+
+def _in(states: tuple[TaskState, ...]) -> str:
+    return "(" + ", ".join(f"'{state.value}'" for state in states) + ")"
+
+
+ON_DISK = _in(lifecycle.ON_DISK)
+DELAYED = _in(lifecycle.DELAYED)
+RETRYABLE = _in(lifecycle.RETRYABLE)
+ACTIVE = _in(lifecycle.ACTIVE_ORDER)
+
+TASK_COLUMNS = (
+    "id, state, name, queue, priority, serial_group, unique_key, data, attempts, max_attempts,"
+    " timeout, retry, progress, message, result, error, traceback, finish_error, hook_error,"
+    " created_at, available_at, started_at, finished_at, updated_at"
+)
+_T = ", ".join(f"t.{c.strip()}" for c in TASK_COLUMNS.split(","))
+EVENT_COLUMNS = "id, task_id, type, data, topics, private, uid, retry"
+
+#: New rows, any number in one statement (one array per column).
+INSERT_TASKS = (
+    "INSERT INTO taskserver_tasks (id, state, name, queue, priority, serial_group, unique_key,"
+    " data, max_attempts, timeout, retry, created_at, available_at, updated_at)"
+    " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[],"
+    " $6::text[], $7::text[], $8::text[], $9::int[], $10::float8[], $11::text[],"
+    " $12::float8[], $13::float8[], $14::float8[])"
+    " ON CONFLICT DO NOTHING RETURNING id"
+)
+#: The active holder of each of ``$1``'s keys (for the tasks a conflict kept out).
+SELECT_KEY_HOLDERS = (
+    "SELECT unique_key, id FROM taskserver_tasks WHERE unique_key = ANY($1::text[])"
+    f" AND state IN {ACTIVE}"
+)
+#: Full-row writes by the node that holds the tasks (or of a row no node claimed):
+#: a row another node claimed or rescued (``node = ''``: its lease had run out) is
+#: left alone. The ids written come back.
+UPDATE_TASKS = (
+    "UPDATE taskserver_tasks AS t SET state = v.state, attempts = v.attempts,"
+    " progress = v.progress, message = v.message, result = v.result, error = v.error,"
+    " traceback = v.traceback, finish_error = v.finish_error, hook_error = v.hook_error,"
+    " available_at = v.available_at, started_at = v.started_at, finished_at = v.finished_at,"
+    " updated_at = v.updated_at"
+    " FROM unnest($1::text[], $2::int[], $3::float8[], $4::text[], $5::text[], $6::text[],"
+    " $7::text[], $8::text[], $9::text[], $10::float8[], $11::float8[], $12::float8[],"
+    " $13::float8[], $14::bigint[]) AS v(state, attempts, progress, message, result, error,"
+    " traceback, finish_error, hook_error, available_at, started_at, finished_at, updated_at,"
+    " id) WHERE t.id = v.id AND (t.node IS NULL OR t.node = $15) RETURNING t.id"
+)
+#: Takes the next event ids; the row stays locked until the transaction ends.
+TAKE_EVENT_IDS = "UPDATE taskserver_event_counter SET last = last + $1 RETURNING last"
+SELECT_LAST_EVENT = "SELECT last FROM taskserver_event_counter"
+INSERT_EVENTS = (
+    "INSERT INTO taskserver_events (id, task_id, type, data, topics, private, uid, retry, at)"
+    " SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],"
+    " $6::bool[], $7::text[], $8::int[], $9::float8[])"
+)
+NOTIFY = "SELECT pg_notify($1, $2)"
+UPSERT_SCHEDULE = (
+    "INSERT INTO taskserver_schedules (name, last_due) VALUES ($1, $2)"
+    " ON CONFLICT (name) DO UPDATE SET last_due = excluded.last_due"
+    " WHERE taskserver_schedules.last_due < excluded.last_due RETURNING name"
+)
+SELECT_STATE_FOR_UPDATE = "SELECT state, queue FROM taskserver_tasks WHERE id = $1 FOR UPDATE"
+CANCEL_PENDING = (
+    "UPDATE taskserver_tasks SET state = 'cancelled', finished_at = $1, updated_at = $1"
+    f" WHERE id = $2 AND state IN {ON_DISK}"
+)
+RETRY_ENDED = (
+    "UPDATE taskserver_tasks AS t SET state = 'queued', attempts = 0, progress = NULL,"
+    " message = NULL, result = NULL, error = NULL, traceback = NULL, finish_error = NULL,"
+    " hook_error = NULL, started_at = NULL, finished_at = NULL, available_at = $1,"
+    f" updated_at = $1, node = NULL WHERE t.id = $2 AND t.state IN {RETRYABLE}"
+    " AND (t.unique_key IS NULL OR NOT EXISTS (SELECT 1 FROM taskserver_tasks AS o"
+    f" WHERE o.unique_key = t.unique_key AND o.state IN {ACTIVE} AND o.id <> t.id))"
+)
+
+# --- claims: each attempt runs on exactly one node ---------------------------------
+#: A task of a serial group may run only as its group's oldest task that has not
+#: ended (a running one included), so one runs at a time, in insertion order.
+_GROUP_TURN = (
+    "(c.serial_group IS NULL OR c.seq = (SELECT min(g.seq) FROM taskserver_tasks AS g"
+    f" WHERE g.serial_group = c.serial_group AND g.state IN {ACTIVE}))"
+)
+_CLAIM = (
+    "UPDATE taskserver_tasks AS t SET state = 'running', attempts = t.attempts + 1,"
+    " node = $1, started_at = $2, updated_at = $2"
+    " FROM (SELECT c.id FROM taskserver_tasks AS c WHERE {where}"
+    " ORDER BY c.priority DESC, c.seq LIMIT $3 FOR UPDATE SKIP LOCKED) AS pick"
+    f" WHERE t.id = pick.id RETURNING {_T}, t.seq"
+)
+CLAIM_QUEUE = _CLAIM.format(where=f"c.state = 'queued' AND c.queue = $4 AND {_GROUP_TURN}")
+CLAIM_GROUP = _CLAIM.format(where=f"c.state = 'queued' AND c.serial_group = $4 AND {_GROUP_TURN}")
+#: Queue concurrency over the whole cluster: claims of a limited queue take turns.
+LOCK_QUEUE = "SELECT pg_advisory_xact_lock(hashtextextended('taskserver:queue:' || $1, 0))"
+COUNT_RUNNING = "SELECT count(*) FROM taskserver_tasks WHERE state = 'running' AND queue = $1"
+SELECT_GROUP_HEAD = (
+    f"SELECT {TASK_COLUMNS} FROM taskserver_tasks WHERE serial_group = $1"
+    f" AND state IN {ACTIVE} ORDER BY seq LIMIT 1"
+)
+#: Due tasks become queued by whichever node gets to them first.
+PROMOTE_DUE = (
+    "UPDATE taskserver_tasks AS t SET state = 'queued', node = NULL, updated_at = $1"
+    f" FROM (SELECT c.id FROM taskserver_tasks AS c WHERE c.state IN {DELAYED}"
+    " AND c.available_at <= $1 ORDER BY c.available_at, c.id LIMIT $2 FOR UPDATE SKIP LOCKED)"
+    f" AS pick WHERE t.id = pick.id RETURNING {_T}"
+)
+
+# --- leases: a node that stops renewing loses its tasks ------------------------------
+DB_NOW = "extract(epoch FROM clock_timestamp())"
+UPSERT_NODE = (
+    "INSERT INTO taskserver_nodes (id, host, pid, started_at, heartbeat, info)"
+    f" VALUES ($1, $2, $3, $4, {DB_NOW}, $5) ON CONFLICT (id) DO UPDATE SET host = $2,"
+    f" pid = $3, started_at = $4, heartbeat = {DB_NOW}, info = $5"
+)
+RENEW_NODE = f"UPDATE taskserver_nodes SET heartbeat = {DB_NOW}, info = $2 WHERE id = $1"
+DELETE_NODE = "DELETE FROM taskserver_nodes WHERE id = $1"
+SELECT_EXPIRED_NODES = (
+    f"SELECT id FROM taskserver_nodes WHERE heartbeat < {DB_NOW} - $1 AND id <> $2"
+)
+SELECT_NODES = (
+    f"SELECT id, host, pid, started_at, heartbeat, info, {DB_NOW} FROM taskserver_nodes ORDER BY id"
+)
+#: Running tasks of nodes that are gone: back to queued (the attempt was counted at
+#: the claim) or failed on their last attempt, locked so no one else rescues them too.
+SELECT_ORPHANS = (
+    f"SELECT {TASK_COLUMNS} FROM taskserver_tasks AS t WHERE state = 'running'"
+    " AND (node = ANY($1::text[]) OR (node <> '' AND NOT EXISTS"
+    " (SELECT 1 FROM taskserver_nodes AS n WHERE n.id = t.node)))"
+    " ORDER BY id FOR UPDATE SKIP LOCKED"
+)
+RESCUE_QUEUED = (
+    "UPDATE taskserver_tasks SET state = 'queued', node = '', progress = NULL,"
+    " message = NULL, available_at = $1, updated_at = $1 WHERE id = ANY($2::bigint[])"
+)
+RESCUE_FAILED = (
+    "UPDATE taskserver_tasks SET state = 'failed', error = $3, finished_at = $1,"
+    " updated_at = $1 WHERE id = $2"
+)
+
+# --- reads ---------------------------------------------------------------------
+SELECT_TASK = f"SELECT {TASK_COLUMNS} FROM taskserver_tasks WHERE id = $1"
+SELECT_TASKS = f"SELECT {TASK_COLUMNS} FROM taskserver_tasks WHERE id > $1 ORDER BY id LIMIT $2"
+SELECT_TASKS_DESC = (
+    f"SELECT {TASK_COLUMNS} FROM taskserver_tasks WHERE id < $1 ORDER BY id DESC LIMIT $2"
+)
+SELECT_TASKS_BY_STATE = (
+    f"SELECT {TASK_COLUMNS} FROM taskserver_tasks WHERE state = $3 AND id > $1 ORDER BY id LIMIT $2"
+)
+SELECT_TASKS_BY_STATE_DESC = (
+    f"SELECT {TASK_COLUMNS} FROM taskserver_tasks WHERE state = $3 AND id < $1"
+    " ORDER BY id DESC LIMIT $2"
+)
+SELECT_IDS_BY_STATE = "SELECT id FROM taskserver_tasks WHERE state = $1 ORDER BY id LIMIT $2"
+SELECT_EVENTS_AFTER = (
+    f"SELECT {EVENT_COLUMNS} FROM taskserver_events WHERE id > $1 ORDER BY id LIMIT $2"
+)
+SELECT_EVENTS_BETWEEN = (
+    f"SELECT {EVENT_COLUMNS} FROM taskserver_events WHERE id > $1 AND id <= $2 ORDER BY id"
+)
+SELECT_ALL_TASK_EVENTS_AFTER = (
+    f"SELECT {EVENT_COLUMNS} FROM taskserver_events WHERE id > $1 AND task_id IS NOT NULL"
+    " ORDER BY id LIMIT $2"
+)
+SELECT_TASK_EVENTS_AFTER = (
+    f"SELECT {EVENT_COLUMNS} FROM taskserver_events WHERE task_id = $3 AND id > $1"
+    " ORDER BY id LIMIT $2"
+)
+SELECT_EVENT_BY_UID = "SELECT id FROM taskserver_events WHERE uid = $1 ORDER BY id LIMIT 1"
+COUNT_BY_STATE = "SELECT state, count(*) FROM taskserver_tasks GROUP BY state"
+COUNT_BY_QUEUE = (
+    "SELECT queue, state, count(*) FROM taskserver_tasks"
+    f" WHERE state IN {ACTIVE} GROUP BY queue, state"
+)
+SELECT_QUEUES_WITH_WORK = "SELECT DISTINCT queue FROM taskserver_tasks WHERE state = 'queued'"
+SELECT_NEXT_DUE = f"SELECT min(available_at) FROM taskserver_tasks WHERE state IN {DELAYED}"
+SELECT_RECENT_UNIQUE = (
+    "SELECT id FROM taskserver_tasks WHERE unique_key = $1 AND state = 'succeeded'"
+    " AND finished_at >= $2 ORDER BY id DESC LIMIT 1"
+)
+SELECT_SCHEDULES = "SELECT name, last_due FROM taskserver_schedules"
+
+# --- chores ----------------------------------------------------------------------
+PURGE = (
+    "WITH gone AS (DELETE FROM taskserver_tasks WHERE id IN (SELECT id FROM taskserver_tasks"
+    " WHERE state = ANY($1::text[]) AND finished_at < $2 LIMIT $3) RETURNING id),"
+    " events AS (DELETE FROM taskserver_events WHERE task_id IN (SELECT id FROM gone))"
+    " SELECT count(*) FROM gone"
+)
+TRIM_EVENTS_BY_AGE = (
+    "WITH gone AS (DELETE FROM taskserver_events WHERE id IN (SELECT id FROM taskserver_events"
+    " WHERE at < $1 ORDER BY id LIMIT $2) RETURNING 1) SELECT count(*) FROM gone"
+)
+TRIM_EVENTS_BY_COUNT = (
+    "WITH gone AS (DELETE FROM taskserver_events WHERE id IN (SELECT id FROM taskserver_events"
+    " WHERE id <= $1 ORDER BY id LIMIT $2) RETURNING 1) SELECT count(*) FROM gone"
+)
+PROBE_WRITE = "UPDATE taskserver_schema SET version = version"
+
+
+def _retry(text: str | None) -> RetryPolicy | None:
+    return RetryPolicy(**orjson.loads(text)) if text else None
+
+
+def task_from_row(row: Any) -> Task:
+    """A ``Task`` from a row selected with ``TASK_COLUMNS`` (first 24 columns)."""
+    return Task(
+        id=row[0],
+        state=TaskState(row[1]),
+        name=row[2],
+        queue=row[3],
+        priority=row[4],
+        serial_group=row[5],
+        unique_key=row[6],
+        data=orjson.loads(row[7]),
+        attempts=row[8],
+        max_attempts=row[9],
+        timeout=row[10],
+        retry=_retry(row[11]),
+        progress=row[12],
+        message=row[13],
+        result=None if row[14] is None else orjson.loads(row[14]),
+        error=row[15],
+        traceback=row[16],
+        finish_error=row[17],
+        hook_error=row[18],
+        created_at=row[19],
+        available_at=row[20],
+        started_at=row[21],
+        finished_at=row[22],
+        updated_at=row[23],
+    )
+
+
+def insert_row(task: Task, data_text: str) -> tuple[Any, ...]:
+    """One row of ``INSERT_TASKS`` (a column of each array)."""
+    return (
+        task.id,
+        task.state.value,
+        task.name,
+        task.queue,
+        task.priority,
+        task.serial_group,
+        task.unique_key,
+        data_text,
+        task.max_attempts,
+        task.timeout,
+        dumps(task.retry.to_json()) if task.retry else None,
+        task.created_at,
+        task.available_at,
+        task.updated_at,
+    )
+
+
+def update_row(task: Task, result_text: str | None) -> tuple[Any, ...]:
+    """One row of ``UPDATE_TASKS``: the task's whole mutable state, its id last."""
+    return (
+        task.state.value,
+        task.attempts,
+        task.progress,
+        task.message,
+        result_text,
+        task.error,
+        task.traceback,
+        task.finish_error,
+        task.hook_error,
+        task.available_at,
+        task.started_at,
+        task.finished_at,
+        task.updated_at,
+        task.id,
+    )
+
+
+def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows turned into one list per column (``unnest`` takes arrays)."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def event_from_row(row: Any) -> Event:
+    """An ``Event`` from a row selected with ``EVENT_COLUMNS``."""
+    topics = tuple(orjson.loads(row[4])) if row[4] else ()
+    return Event(row[0], row[1], row[2], row[3], topics, bool(row[5]), row[6], row[7])
+
+
+def event_row(e: Event, at: float) -> tuple[Any, ...]:
+    """One row of ``INSERT_EVENTS``."""
+    topics = dumps(list(e.topics)) if e.topics else None
+    return (e.id, e.task_id, e.type, e.json, topics, e.private, e.uid, e.retry, at)
