@@ -178,7 +178,10 @@ async def _serve(
     # shutdown_timeout: how long open requests get; running tasks get grace_period after.
     # The runner does TLS itself (TlsGate): connections count from accept, not handshake.
     runner = netguard.runner(app, settings, ssl_context, access_log=None, shutdown_timeout=5.0)
-    await runner.setup()  # starts the TaskServer: opens the store, recovers, starts workers
+    try:
+        await runner.setup()  # starts the TaskServer: opens the store, recovers, starts workers
+    except ConfigError as exc:  # e.g. the database cannot be reached
+        _fail(str(exc))
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         try:

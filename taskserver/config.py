@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .credentials import ApiToken, check_api_token, parse_api_tokens
 from .errors import ConfigError
@@ -61,6 +62,28 @@ def _app_ref(value: Any) -> str | None:
     return "must look like 'package.module:function'"
 
 
+def _db_address(value: Any) -> str | None:
+    if not isinstance(value, str) or not value:
+        return "must be a file path, ':memory:' or a postgresql:// URL"
+    if value.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            return "has a bad port in its postgresql:// URL"
+    elif "://" in value:
+        return "must be a file path, ':memory:' or a postgresql:// URL"
+    return None
+
+
+def _node_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= 200 or not value.isprintable():
+        return "must be 1-200 printable characters"
+    return None
+
+
 def _setting(
     default: Any,
     help: str,
@@ -82,7 +105,22 @@ class Settings:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8080, "TCP port to listen on (0 picks a free one)", _range(0, 65535))
     db: str = _setting(
-        "taskserver.db", "SQLite database file; ':memory:' keeps tasks in memory only (not durable)"
+        "taskserver.db",
+        "SQLite database file (':memory:' keeps tasks in memory only, not durable), or a"
+        " postgresql:// URL: every taskserver given the same one shares its queues",
+        _db_address,
+    )
+    node_name: str | None = _setting(
+        None,
+        "PostgreSQL: this server's name in the cluster, unique among running servers"
+        " (default: host:port)",
+        _node_name,
+    )
+    lease: float = _setting(
+        30.0,
+        "PostgreSQL: seconds without a heartbeat after which the other servers rescue a"
+        " server's running tasks",
+        _range(1.0, 3600.0),
     )
     app: str | None = _setting(
         None,

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
@@ -43,7 +45,7 @@ from .runtime.shared import Shared
 from .runtime.tuning import RuntimeTuning
 from .runtime.waiting import Waiters
 from .runtime.workers import Callback, Limits, WorkerPool
-from .storage import Store
+from .storage import Store, is_postgres, redact
 
 __all__ = ["Submitted", "TaskServer"]
 
@@ -75,11 +77,15 @@ class TaskServer:
         self._shared = shared = Shared(self.settings, clock, Waiters())
         shared.topic_prefix = f"{self.settings.public_url}/tasks/"
         self._outcomes = Outcomes(shared, self.fanout)
+        # On a database shared by several servers a task is ours once claimed, and
+        # a server holds at most one claimed task per worker ahead of its workers.
+        claiming = is_postgres(self.settings.db)
         shared.ready = ReadyQueue(
-            self.settings.ready_window,
+            self.settings.task_workers if claiming else self.settings.ready_window,
             self._outcomes.page_in,
             self._outcomes.group_head,
             shared.is_running,
+            claiming=claiming,
         )
         self._enqueue = Enqueue(shared)
         self._control = Control(shared)
@@ -236,6 +242,9 @@ class TaskServer:
             on_commit=outcomes.committed,
             on_ready=outcomes.feed,
             on_failed=outcomes.not_stored,
+            on_cancel=self._control.cancel_requested,
+            node=self.node_name,
+            lease=self.settings.lease,
             clock=self._clock,
         )
         shared.opened_store = store
@@ -267,7 +276,7 @@ class TaskServer:
             "taskserver started: %d workers, %d queued, db %s",
             self.settings.task_workers,
             shared.counts[lifecycle.QUEUED],
-            self.settings.db,
+            redact(self.settings.db) + (f" as node {self.node_name}" if store.shared else ""),
         )
 
     def close_streams(self) -> None:
@@ -299,10 +308,23 @@ class TaskServer:
                     len(interrupted),
                     self.settings.grace_period,
                 )
+        if self.store.shared:
+            # Claimed but not started: back to the cluster, the attempt handed back.
+            for task in shared.ready.drain():
+                self.store.update_task(task, EventType.QUEUED, {"interrupted": True})
         shared.waiters.close()
         await self.store.close()
         self._tuning.undo()
         shared.started = False
+
+    @property
+    def node_name(self) -> str:
+        """This server's name among those sharing a PostgreSQL database."""
+        if self.settings.node_name:
+            return self.settings.node_name
+        host = socket.gethostname()
+        port = self.settings.port
+        return f"{host}:{port}" if port else f"{host}:pid{os.getpid()}"
 
     @property
     def store(self) -> Store:
@@ -440,6 +462,11 @@ class TaskServer:
             "commits": store.commits if store else 0,
             "failed_commits": store.failed_commits if store else 0,
             "last_event_id": store.committed_event_id if store else 0,
+            **(
+                {"node": self.node_name, "nodes": shared.nodes}
+                if store is not None and store.shared
+                else {}
+            ),
         }
 
     async def queue_stats(self) -> dict[str, dict[str, Any]]:
@@ -453,7 +480,8 @@ class TaskServer:
             row: dict[str, Any] = {state.value: by_state.get(state, 0) for state in ACTIVE_ORDER}
             held = memory.get(name)
             if held is not None:
-                row["running"] = held["running"]  # live, where the store lags a commit
+                if not self.store.shared:  # live, where the store lags a commit
+                    row["running"] = held["running"]
                 row.update({k: v for k, v in held.items() if k != "running"})
             out[name] = row
         return out

@@ -67,7 +67,25 @@ class Control:
         current = await self.get(task_id)
         if current.state in TERMINAL:
             raise Conflict(f"task {task_id} has already ended ({current.state.value})")
+        if store.shared and current.state is lifecycle.RUNNING:
+            # Claimed by some server of the cluster (maybe this one, a moment ago):
+            # every server hears the request, the one holding it stops it.
+            await store.backend.request_cancel(task_id)
+            return await self.wait_terminal(task_id, timeout=self._s.settings.grace_period + 5)
         raise Conflict(f"task {task_id} is {current.state.value} and cannot be cancelled now")
+
+    def cancel_requested(self, task_id: int) -> None:
+        """A server sharing the database asks for ``task_id`` to be cancelled: stop it
+        if this server runs it or holds it claimed; else nothing."""
+        if not self._s.started:
+            return
+        pool = self._s.pool
+        if pool is not None and pool.cancel(task_id):
+            return
+        task = self._s.ready.remove(task_id)
+        if task is not None:
+            lifecycle.end(task, lifecycle.CANCELLED, self._s.clock())
+            self._s.store.update_task(task, EventType.CANCELLED)
 
     async def retry(self, task_id: int) -> Task:
         """Re-queue a failed or cancelled task, attempts reset; ``Conflict`` otherwise."""

@@ -167,7 +167,37 @@ class Enqueue:
             results, commits = await self._append(prepared, schedule)
         for committed in commits:
             await committed
+        if self._s.store.shared:
+            return self._settle(results, commits)
         return results
+
+    def _settle(
+        self, results: list[Submitted], commits: list[asyncio.Future[None]]
+    ) -> list[Submitted]:
+        """On a shared database, another server may hold a unique key (or have enqueued a
+        periodic run) first: the database kept those new tasks out; answer with the
+        holder, as for a key held here."""
+        conflicts: dict[int, int | None] = {}
+        for committed in commits:
+            conflicts.update(getattr(committed, "conflicts", None) or {})
+        if not conflicts:
+            return results
+        settled = []
+        for result in results:
+            if result.id not in conflicts or result.existing:
+                settled.append(result)
+                continue
+            self._s.unique.release(result.id)
+            self._s.counts[lifecycle.QUEUED if result.state is None else result.state] -= 1
+            holder = conflicts[result.id]
+            if holder is None:
+                continue  # a periodic run another server enqueued
+            if holder == 0:
+                raise ServerBusy(
+                    "a task with the same unique_key just ended; try again", retry_after=0.1
+                )
+            settled.append(Submitted(holder, existing=True, topic=self._s.topic(holder)))
+        return settled
 
     async def _append(
         self, prepared: list[NewTask], schedule: tuple[str, float] | None

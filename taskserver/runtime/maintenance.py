@@ -10,6 +10,7 @@ from functools import partial
 from .. import lifecycle
 from ..errors import ServerBusy, ServerClosed
 from ..models import EventType, Task
+from ..storage.payload import dumps
 from .control import Control
 from .enqueue import Enqueue
 from .options import TaskSpec
@@ -19,6 +20,9 @@ from .shared import Shared
 log = logging.getLogger(__name__)
 #: Due tasks promoted per writer round.
 DUE_PAGE = 1_000
+#: Seconds between a shared database's refreshes (counts, nodes, the claim safety
+#: net) and the longest a due time set by another server waits to be seen.
+CLUSTER_INTERVAL = 1.0
 
 
 class Maintenance:
@@ -38,7 +42,37 @@ class Maintenance:
         ]
         if self.schedules:
             loops.append(asyncio.create_task(self.schedule_loop(), name="taskserver-periodic"))
+        if self._s.store.shared:
+            loops.append(asyncio.create_task(self.cluster_loop(), name="taskserver-cluster"))
         return loops
+
+    async def cluster_loop(self) -> None:
+        """On a shared database: renew this server's lease (rescuing the tasks of servers
+        whose lease ran out), refresh the cluster's counts and nodes for ``/stats``, and
+        claim from every known queue: the safety net under the notifications."""
+        s = self._s
+        beat = s.settings.lease / 3
+        last_beat = -beat
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if loop.time() - last_beat >= beat:
+                    last_beat = loop.time()
+                    pool = s.pool
+                    info = {
+                        "workers": s.settings.task_workers,
+                        "busy": pool.busy if pool else 0,
+                        "claimed": len(s.ready),
+                    }
+                    await s.store.lease(dumps(info))
+                s.counts = await s.store.count_by_state()
+                s.nodes = await s.store.backend.nodes()
+                s.ready.start_from_disk(list(s.ready.snapshot()))
+            except ServerClosed:
+                return
+            except Exception as exc:  # the database is away: the engine says so too
+                log.warning("cluster heartbeat failed: %s", exc)
+            await asyncio.sleep(min(CLUSTER_INTERVAL, beat))
 
     async def due_loop(self) -> None:
         """Move waiting and retrying tasks to ``queued`` when due; sleep until the next."""
@@ -61,6 +95,8 @@ class Maintenance:
                 log.exception("scheduling due tasks failed; retrying in a second")
                 next_due = self._s.clock() + 1
             delay = None if next_due is None else max(0.0, next_due - self._s.clock())
+            if self._s.store.shared:  # other servers' delayed tasks wake nobody here
+                delay = CLUSTER_INTERVAL if delay is None else min(delay, CLUSTER_INTERVAL)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._s.due_wake.wait()
@@ -70,6 +106,11 @@ class Maintenance:
     ) -> None:
         # Called by the writer between batches with due tasks as stored.
         stored = None
+        if self._s.store.shared:
+            # The database promoted them (with their events): claim some.
+            for task in tasks:
+                self._s.ready.offer(task)
+            tasks = []
         for task in tasks:
             previous = lifecycle.make_due(task)
             stored = self._s.store.update_task(task, EventType.QUEUED, {"due": True}, ready=True)

@@ -48,6 +48,8 @@ class Outcomes:
                 publish((f"{prefix}{event.task_id}",), event)
             if event.type in TERMINAL_EVENTS:
                 self.ended(event.task_id)
+        if durable.queues:  # other servers made tasks ready there: claim some
+            self._s.ready.start_from_disk(durable.queues)
 
     def feed(self, tasks: list[Task]) -> None:
         """``on_ready``: runs in the writer after the callers of a batch resumed: wake
@@ -71,8 +73,13 @@ class Outcomes:
 
     def page_in(self, queue: str, limit: int, busy_groups: list[str]) -> None:
         """The ready queue asks for queued tasks from disk; delivered after a commit."""
+        ready = self._s.ready
         self._s.store.page_queued(
-            queue, limit, busy_groups, lambda tasks: self._s.ready.deliver(queue, tasks)
+            queue,
+            limit,
+            busy_groups,
+            lambda tasks: ready.deliver(queue, tasks),
+            ready.limit_of(queue),
         )
 
     def group_head(self, group: str) -> None:

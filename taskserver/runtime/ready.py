@@ -16,6 +16,13 @@ one is paged in when the group is released.
 
 Due times are not kept here: delayed and retrying tasks wait on disk and are
 offered when due. The queue never touches the store itself.
+
+**Claiming** (a database shared by several servers, ``claiming=True``): a task is
+this server's to run only once a page *claimed* it in the database, which also
+decides serial groups' turns and counts queue concurrency over every server. So
+``offer`` takes nothing in: it notes that the queue has work and asks for a page
+at once; a page is taken in whole (every task in it was claimed for us); the
+``capacity`` is the number of workers: a page claims only for idle ones.
 """
 
 from __future__ import annotations
@@ -70,8 +77,12 @@ class ReadyQueue:
         page_in: Callable[[str, int, list[str]], None],
         group_head: Callable[[str], None],
         skip: Callable[[int], bool] = lambda task_id: False,
+        *,
+        claiming: bool = False,
     ) -> None:
         self.capacity = capacity
+        #: tasks are claimed from a shared database (see the module docstring)
+        self.claiming = claiming
         self._page_in = page_in
         self._group_head = group_head
         self._skip = skip
@@ -130,6 +141,11 @@ class ReadyQueue:
             for q in self._order
         }
 
+    def limit_of(self, name: str) -> int | None:
+        """Queue ``name``'s concurrency limit (``None``: none)."""
+        queue = self._queues.get(name)
+        return None if queue is None else queue.concurrency
+
     @property
     def has_backlog(self) -> bool:
         """True when queued tasks may be waiting on disk, outside a window."""
@@ -145,6 +161,11 @@ class ReadyQueue:
         group is released).
         """
         queue = self._queue(task.queue)
+        if self.claiming:
+            # Ours to run only once claimed: note the work and claim at once.
+            queue.backlog = True
+            self._maybe_page(queue)
+            return False
         if task.id in queue.present or task.id in self._tombstones or self._skip(task.id):
             return True
         group = task.serial_group
@@ -171,6 +192,15 @@ class ReadyQueue:
         """Take in a page answered by ``page_in`` for queue ``name``, in run order."""
         queue = self._queue(name)
         queue.paging = False
+        if self.claiming:
+            # Every task of the page was claimed for this server: all of them run here.
+            queue.taken = set()
+            for task in tasks:
+                self._admit_claimed(queue, task)
+            if len(tasks) < queue.requested:
+                queue.backlog = False
+            self._maybe_page(queue)
+            return
         # Tasks taken (and maybe finished) by a worker while the page was read are
         # still "queued" in it: never take those in again.
         taken, queue.taken = queue.taken, set()
@@ -211,16 +241,29 @@ class ReadyQueue:
         self._wake_one()
         return True
 
+    def _admit_claimed(self, queue: _Queue, task: Task) -> None:
+        if task.serial_group is not None:  # the database gave the group's turn to it
+            self._own(task.serial_group, task.id)
+        queue.present[task.id] = task
+        heapq.heappush(queue.heap, (-task.priority, task.id, next(self._pushes), task))
+        self._wake_one()
+
     def _maybe_page(self, queue: _Queue, *, eager: bool = False) -> None:
-        room = self.capacity - len(queue.present)
+        if self.claiming:
+            # Claim only for idle workers: a claimed task counts as running for the
+            # whole cluster, so none waits here while another server could run it.
+            room = self.capacity - sum(len(q.present) + q.running for q in self._order)
+        else:
+            room = self.capacity - len(queue.present)
         if (
             queue.backlog
             and not queue.paging
-            and room >= (1 if eager else max(1, self.capacity // 2))
+            and room >= (1 if eager or self.claiming else max(1, self.capacity // 2))
         ):
             queue.paging = True
-            # Ask for enough to find `room` tasks we do not hold yet.
-            queue.requested = room + len(queue.present)
+            # Ask for enough to find `room` tasks we do not hold yet (a claim finds
+            # only tasks nobody holds).
+            queue.requested = room if self.claiming else room + len(queue.present)
             self._page_in(queue.name, queue.requested, list(self._owner))
 
     # --- serial groups -----------------------------------------------------------
@@ -229,7 +272,7 @@ class ReadyQueue:
         """A new task of a serial group was just stored: the first one of a free group
         holds it from now on (delayed or not), so later ones wait behind it."""
         group = task.serial_group
-        if group is None or group in self._owner:
+        if group is None or group in self._owner or self.claiming:
             return
         if group in self._group_backlog:
             self._fetch_head(group)  # older tasks of it wait on disk: they come first
@@ -243,6 +286,8 @@ class ReadyQueue:
         paged in as the group's next task. Either way, a new task of the group
         waits behind the ones on disk.
         """
+        if self.claiming:
+            return  # the database decides the group's turn
         if state is lifecycle.QUEUED:
             self._group_backlog.add(group)
         else:
@@ -262,7 +307,8 @@ class ReadyQueue:
         group = self._owned.pop(task_id, None)
         if group is None:
             return
-        del self._owner[group]
+        if self._owner.get(group) == task_id:
+            del self._owner[group]
         # Always ask: after a restart, or past a busy page, tasks of the group may
         # wait on disk without this queue having seen them.
         self._fetch_head(group)
@@ -275,6 +321,10 @@ class ReadyQueue:
     def deliver_head(self, group: str, task: Task | None) -> None:
         """Take in the oldest task of ``group`` that has not ended (answer to ``group_head``)."""
         self._fetching.discard(group)
+        if self.claiming:
+            if task is not None and task.state is lifecycle.QUEUED:
+                self.start_from_disk([task.queue])  # its turn: claim it from its queue
+            return
         if task is None:
             self._group_backlog.discard(group)  # the group is empty
             return
@@ -300,6 +350,14 @@ class ReadyQueue:
                 self._maybe_page(queue)
                 return task
         return None
+
+    def drain(self) -> list[Task]:
+        """Take every waiting task out of memory (claimed ones go back at a stop)."""
+        tasks = [task for queue in self._order for task in queue.present.values()]
+        for queue in self._order:
+            queue.present.clear()
+            queue.heap.clear()
+        return tasks
 
     def tombstone(self, task_id: int) -> None:
         """Keep ``task_id`` out of what is offered or delivered until ``untombstone``."""
@@ -333,6 +391,9 @@ class ReadyQueue:
         """A worker is finished with ``task`` (whatever the outcome): free its slot."""
         queue = self._queue(task.queue)
         queue.running = max(0, queue.running - 1)
+        if self.claiming:  # a worker is free: claim for it
+            for other in self._order:
+                self._maybe_page(other)
         if queue.heap:
             self._wake_one()
         elif (

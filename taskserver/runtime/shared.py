@@ -65,6 +65,8 @@ class Shared:
     opened_store: Store | None = None
     #: the prefix of every task's topic (``topic(id)``)
     topic_prefix: str = ""
+    #: a shared database's servers and what each reported (refreshed by the lease loop)
+    nodes: list[dict[str, object]] = field(default_factory=list)
     #: set right after construction (its callbacks read from the store through us)
     ready: ReadyQueue = field(init=False)
 

@@ -5,8 +5,9 @@ backend-neutral group-commit ``Engine`` (``engine.py``), the intents a batch car
 from .backend import Backend, Opened
 from .engine import Engine
 from .intents import CommitFuture, Durable, NewTask
+from .postgres import redact
 from .sqlite import Snapshot, SnapshotError
-from .store import Store
+from .store import Store, is_postgres
 
 __all__ = [
     "Backend",
@@ -18,4 +19,6 @@ __all__ = [
     "Snapshot",
     "SnapshotError",
     "Store",
+    "is_postgres",
+    "redact",
 ]

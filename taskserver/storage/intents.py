@@ -34,7 +34,8 @@ class CommitFuture(asyncio.Future[T]):
 
     #: Set before it resolves, by a backend shared by several servers: new tasks the
     #: database kept out, ``id -> the id of the task holding its unique key`` (``None``:
-    #: a periodic run another server had already enqueued).
+    #: a periodic run another server had already enqueued; ``0``: the holder has ended
+    #: since, try again).
     conflicts: dict[int, int | None] | None = None
 
     def cancel(self, msg: Any | None = None) -> bool:

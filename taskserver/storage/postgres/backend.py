@@ -315,8 +315,9 @@ class PostgresBackend(PostgresReads):
                     r[0]: r[1] for r in await conn.fetch(sql.SELECT_KEY_HOLDERS, keys)
                 }
                 for task in kept:
+                    # 0: the holder ended between the insert and this look-up
                     key = task.unique_key
-                    applied.conflicts[task.id] = None if key is None else holders.get(key)
+                    applied.conflicts[task.id] = holders.get(key, 0) if key is not None else 0
                     drop.add(task.id)
         if batch.updates:
             updates = list(batch.updates.values())

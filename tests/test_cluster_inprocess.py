@@ -1,0 +1,201 @@
+"""Several TaskServers on one PostgreSQL database, in one process: the cluster's rules.
+
+Each server is a node of its own (its own connections, claims, lease and node
+name), exactly as separate processes would be; tests/test_cluster.py runs real
+``taskserver run`` processes and kills them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from taskserver import Settings, TaskContext, TaskServer, TaskState
+
+from .conftest import wait_for
+from .pg_server import PostgresServer
+
+Node = Callable[..., Awaitable[TaskServer]]
+
+
+@pytest.fixture
+async def node(postgres: PostgresServer) -> AsyncIterator[Node]:
+    """Start nodes on one fresh database; ``node(name, task=fn, workers=2, **settings)``."""
+    dsn = await postgres.create_database_async()
+    started: list[TaskServer] = []
+
+    async def start(
+        name: str,
+        task: Callable[[TaskContext], Any],
+        *,
+        workers: int = 2,
+        setup: Callable[[TaskServer], None] | None = None,
+        **overrides: Any,
+    ) -> TaskServer:
+        settings = Settings(
+            db=dsn, node_name=name, task_workers=workers, port=0, grace_period=2.0, **overrides
+        )
+        server = TaskServer(settings)
+        server.on("task", task)
+        server.on("finish", lambda ctx, result: None)
+        if setup is not None:
+            setup(server)
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        await server.stop()
+
+
+async def test_tasks_enqueued_on_every_node_run_once_each(node: Node) -> None:
+    runs: list[tuple[str, int, int]] = []
+
+    def recorder(name: str) -> Callable[[TaskContext], Any]:
+        async def task(ctx: TaskContext) -> Any:
+            runs.append((name, ctx.id, ctx.attempt))
+            await asyncio.sleep(0)
+            return ctx.data
+
+        return task
+
+    a = await node("a", recorder("a"))
+    b = await node("b", recorder("b"))
+    c = await node("c", recorder("c"))
+    ids = [await server.task(i) for i in range(100) for server in (a, b, c)]
+    assert len(set(ids)) == 300  # ids are unique over the cluster
+    await wait_for(lambda: len(runs) >= 300, timeout=30)
+    for task_id in ids:
+        done = await b.wait_terminal(task_id, timeout=10)
+        assert done.state is TaskState.SUCCEEDED
+    assert Counter((i, n) for _, i, n in runs) == Counter((i, 1) for i in ids)
+    assert len({name for name, _, _ in runs}) >= 2  # the work was shared
+
+
+async def test_a_node_waits_for_and_sees_the_events_of_a_task_run_elsewhere(node: Node) -> None:
+    release = asyncio.Event()
+
+    async def task(ctx: TaskContext) -> Any:
+        await release.wait()
+        return {"ran": ctx.data}
+
+    a = await node("a", task)
+    b = await node("b", task, workers=0)  # serves only: every task runs on a
+    subscription = b.subscribe()
+    task_id = await b.task("x")
+    release.set()
+    done = await b.wait_terminal(task_id, timeout=10)
+    assert (done.state, done.result) == (TaskState.SUCCEEDED, {"ran": "x"})
+    seen: list[str | None] = []
+    while not seen or seen[-1] != "finished":
+        event = await asyncio.wait_for(subscription.get(), 5)
+        assert event is not None
+        if event.task_id == task_id:
+            seen.append(event.type)
+    subscription.close()
+    assert seen == ["queued", "started", "finished"]
+    assert (await a.get(task_id)).state is TaskState.SUCCEEDED
+
+
+async def test_a_unique_key_is_held_once_across_nodes(node: Node) -> None:
+    release = asyncio.Event()
+
+    async def task(ctx: TaskContext) -> Any:
+        await release.wait()
+
+    a = await node("a", task)
+    b = await node("b", task)
+    first = await a.submit(1, unique_key="k")
+    second = await b.submit(2, unique_key="k")
+    assert (second.id, second.existing) == (first.id, True)
+    release.set()
+    await a.wait_terminal(first.id, timeout=10)
+    third = await b.submit(3, unique_key="k")
+    assert not third.existing
+    assert third.id != first.id
+
+
+async def test_serial_groups_and_queue_concurrency_hold_across_nodes(node: Node) -> None:
+    spans: dict[str, list[tuple[float, float, int]]] = {"g": [], "limited": []}
+    loop = asyncio.get_running_loop()
+
+    async def task(ctx: TaskContext) -> Any:
+        start = loop.time()
+        await asyncio.sleep(0.01)
+        spans[ctx.data["kind"]].append((start, loop.time(), ctx.id))
+
+    def limited(server: TaskServer) -> None:
+        server.queue("limited", concurrency=2)
+
+    nodes = [await node(name, task, workers=3, setup=limited) for name in "abc"]
+    group_ids = []
+    for i in range(12):
+        server = nodes[i % 3]
+        group_ids.append(await server.task({"kind": "g"}, serial_group="g"))
+        await server.task({"kind": "limited"}, queue="limited")
+    await wait_for(lambda: len(spans["g"]) == 12 and len(spans["limited"]) == 12, timeout=30)
+    group = sorted(spans["g"])
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(group))  # one at a time
+    assert [i for _, _, i in group] == group_ids  # in enqueue order
+    edges = sorted(
+        [(s, 1) for s, _, _ in spans["limited"]] + [(e, -1) for _, e, _ in spans["limited"]]
+    )
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 2
+
+
+async def test_a_task_running_on_another_node_is_cancelled(node: Node) -> None:
+    started = asyncio.Event()
+
+    async def task(ctx: TaskContext) -> Any:
+        started.set()
+        await asyncio.sleep(60)
+
+    a = await node("a", task)
+    b = await node("b", task, workers=0)
+    task_id = await b.task("long")
+    await asyncio.wait_for(started.wait(), 10)
+    cancelled = await b.cancel(task_id)
+    assert cancelled.state is TaskState.CANCELLED
+    assert (await a.get(task_id)).state is TaskState.CANCELLED
+
+
+async def test_delays_and_retries_run_once_on_some_node(node: Node) -> None:
+    attempts: list[int] = []
+
+    async def task(ctx: TaskContext) -> Any:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("first time fails")
+        return "ok"
+
+    a = await node("a", task, retry_base=0.1, retry_jitter=0.0)
+    b = await node("b", task, retry_base=0.1, retry_jitter=0.0)
+    task_id = await a.task("x", delay=0.2, max_attempts=2)
+    done = await b.wait_terminal(task_id, timeout=15)
+    assert (done.state, done.attempts, attempts) == (TaskState.SUCCEEDED, 2, [1, 2])
+
+
+async def test_stats_cover_the_cluster(node: Node) -> None:
+    gate = asyncio.Event()
+
+    async def task(ctx: TaskContext) -> Any:
+        await gate.wait()
+
+    a = await node("a", task, workers=1)
+    b = await node("b", task, workers=1)
+    for _ in range(5):
+        await a.task(None)
+    await wait_for(lambda: {n["id"] for n in b.stats()["nodes"]} == {"a", "b"}, timeout=10)
+    await wait_for(lambda: b.stats()["tasks"]["running"] == 2, timeout=10)
+    assert b.stats()["tasks"]["queued"] == 3
+    gate.set()
