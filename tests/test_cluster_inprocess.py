@@ -13,9 +13,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import pytest
 
-from taskserver import Settings, TaskContext, TaskServer, TaskState
+from taskserver import EventType, Settings, TaskContext, TaskServer, TaskState, lifecycle
+from taskserver.models import Task
+from taskserver.storage import NewTask, Store
 
 from .conftest import wait_for
 from .pg_server import PostgresServer
@@ -199,3 +202,41 @@ async def test_stats_cover_the_cluster(node: Node) -> None:
     await wait_for(lambda: b.stats()["tasks"]["running"] == 2, timeout=10)
     assert b.stats()["tasks"]["queued"] == 3
     gate.set()
+
+
+async def test_a_node_without_a_lease_loses_its_running_tasks_to_the_others(
+    node: Node, postgres: PostgresServer
+) -> None:
+    ran: list[int] = []
+
+    async def task(ctx: TaskContext) -> Any:
+        ran.append(ctx.attempt)
+        return "rescued"
+
+    a = await node("a", task, lease=3.0)
+    dsn = a.settings.db
+    # A node that claimed a task and then stopped renewing its lease (cut off, hung):
+    # its connections stay open, so only the lease can tell.
+    ghost = Store(dsn, node="ghost")
+    await ghost.open()
+    try:
+        (stuck,), committed = ghost.insert_tasks([NewTask("1", 1, 3, None, queue="ghostly")])
+        await committed
+        claimed: asyncio.Future[list[Task]] = asyncio.get_running_loop().create_future()
+        ghost.page_queued("ghostly", 1, [], claimed.set_result)
+        (mine,) = await claimed
+        conn = await asyncpg.connect(dsn)
+        await conn.execute(
+            "UPDATE taskserver_nodes SET heartbeat = heartbeat - 100 WHERE id = 'ghost'"
+        )
+        await conn.close()
+        done = await a.wait_terminal(stuck.id, timeout=20)
+        assert (done.state, done.attempts, done.result) == (TaskState.SUCCEEDED, 2, "rescued")
+        assert ran == [2]  # the ghost's attempt counted
+        # The ghost wakes up and reports its outcome: the row is not its own any more.
+        lifecycle.start(mine, 0.0)
+        lifecycle.end(mine, lifecycle.FAILED, 0.0)
+        await ghost.update_task(mine, EventType.FAILED)
+        assert (await a.get(stuck.id)).state is TaskState.SUCCEEDED
+    finally:
+        await ghost.close()

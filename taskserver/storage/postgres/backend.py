@@ -234,8 +234,9 @@ class PostgresBackend(PostgresReads):
 
     @property
     def last_event_id(self) -> int:
-        """``Backend.last_event_id``: the highest id this node has seen committed."""
-        return self._delivered
+        """``Backend.last_event_id``: the highest id this node knows committed (delivered,
+        or announced by another node and on its way)."""
+        return max(self._delivered, self._seen)
 
     encode_new = staticmethod(sql.insert_row)
     encode_update = staticmethod(sql.update_row)
