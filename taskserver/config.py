@@ -116,6 +116,12 @@ class Settings:
         " (default: host:port)",
         _node_name,
     )
+    prefetch: int = _setting(
+        0,
+        "PostgreSQL: tasks a server claims beyond its idle workers; more makes short tasks"
+        " faster, but a claimed task waits for a worker here (counted as running)",
+        _range(0, 10_000),
+    )
     lease: float = _setting(
         30.0,
         "PostgreSQL: seconds without a heartbeat after which the other servers rescue a"

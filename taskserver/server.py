@@ -77,11 +77,13 @@ class TaskServer:
         self._shared = shared = Shared(self.settings, clock, Waiters())
         shared.topic_prefix = f"{self.settings.public_url}/tasks/"
         self._outcomes = Outcomes(shared, self.fanout)
-        # On a database shared by several servers a task is ours once claimed, and
-        # a server holds at most one claimed task per worker ahead of its workers.
+        # On a database shared by several servers a task is ours once claimed; a server
+        # claims for its idle workers and ``prefetch`` more.
         claiming = is_postgres(self.settings.db)
         shared.ready = ReadyQueue(
-            self.settings.task_workers if claiming else self.settings.ready_window,
+            self.settings.task_workers + self.settings.prefetch
+            if claiming
+            else self.settings.ready_window,
             self._outcomes.page_in,
             self._outcomes.group_head,
             shared.is_running,

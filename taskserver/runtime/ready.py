@@ -22,7 +22,8 @@ this server's to run only once a page *claimed* it in the database, which also
 decides serial groups' turns and counts queue concurrency over every server. So
 ``offer`` takes nothing in: it notes that the queue has work and asks for a page
 at once; a page is taken in whole (every task in it was claimed for us); the
-``capacity`` is the number of workers: a page claims only for idle ones.
+``capacity`` is the number of workers plus the prefetch: a page claims for idle
+workers only, and that many more.
 """
 
 from __future__ import annotations
@@ -250,8 +251,8 @@ class ReadyQueue:
 
     def _maybe_page(self, queue: _Queue, *, eager: bool = False) -> None:
         if self.claiming:
-            # Claim only for idle workers: a claimed task counts as running for the
-            # whole cluster, so none waits here while another server could run it.
+            # Claim for idle workers (and the prefetch, in ``capacity``): a claimed task
+            # counts as running in the cluster, so few wait here that another could run.
             room = self.capacity - sum(len(q.present) + q.running for q in self._order)
         else:
             room = self.capacity - len(queue.present)

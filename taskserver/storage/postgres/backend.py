@@ -58,6 +58,7 @@ CATCHUP_LIMIT = 20_000
 #: The channel every commit with events notifies, its payload the new last id.
 EVENTS_CHANNEL = "taskserver_events"
 CANCEL_CHANNEL = "taskserver_cancel"
+STORE_EVENTS = sql.STORE_EVENTS.format(channel=EVENTS_CHANNEL)
 
 _MOVES: dict[str, tuple[str, TaskState, EventType, dict[str, Any] | None]] = {
     "cancel": (sql.CANCEL_PENDING, lifecycle.CANCELLED, EventType.CANCELLED, None),
@@ -265,17 +266,25 @@ class PostgresBackend(PostgresReads):
         return self._writer
 
     async def apply(self, batch: Batch) -> Applied:
-        """``Backend.apply``: the batch's writes in one transaction, its event ids taken
-        last; then the events other nodes committed before it, and the reads."""
+        """``Backend.apply``: the batch's writes, then its reads (claims, promotions), in
+        one transaction (one commit to wait for), its event ids taken last; then the
+        events other nodes committed before it."""
         conn = await self._connection()
         now = self._clock()
         applied = Applied()
         mine: list[Event] = []
         try:
-            if batch.writes():
+            writes = batch.writes()
+            if writes or batch.reads:
                 async with conn.transaction():
-                    mine = await self._write(conn, batch, now, applied)
-                applied.wrote = True
+                    events = await self._write(conn, batch, now, applied) if writes else []
+                    for read, _ in batch.reads:
+                        tasks, made = await self._claims.answer(conn, read, now)
+                        applied.pages.append(tasks)
+                        events.extend(made)
+                    if events:
+                        mine = await self._store_events(conn, events, now)
+                applied.wrote = writes
                 self.commits += 1
             durable = applied.durable
             durable.events = await self._catch_up(conn, mine, durable.queues)
@@ -284,10 +293,6 @@ class PostgresBackend(PostgresReads):
                 [t for t in batch.ready if t.id not in refused] if refused else batch.ready
             )
             durable.delayed = batch.delayed
-            for read, _ in batch.reads:
-                tasks, events = await self._claims.answer(conn, read, now, self._store_events)
-                applied.pages.append(tasks)
-                durable.events.extend(events)
             if durable.events:
                 self._delivered = max(self._delivered, durable.events[-1].id)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
@@ -299,6 +304,7 @@ class PostgresBackend(PostgresReads):
     async def _write(
         self, conn: asyncpg.Connection, batch: Batch, now: float, applied: Applied
     ) -> list[Event]:
+        """The batch's writes, inside the caller's transaction; the events to store."""
         drop: set[int] = set()  # tasks whose events must not be stored
         for name, due in batch.schedule_runs:
             if await conn.fetchval(sql.UPSERT_SCHEDULE, name, due) is None:
@@ -344,24 +350,20 @@ class PostgresBackend(PostgresReads):
             applied.durable.queues.extend(
                 t for t in dict.fromkeys(_queued_queues(made)) if t is not None
             )
-        return await self._store_events(conn, events, now) if events else []
+        return events
 
     async def _store_events(
         self, conn: asyncpg.Connection, events: list[Event], now: float
     ) -> list[Event]:
         """Give ``events`` their final ids (taken last: see the module docstring), insert
         them and notify the other nodes; inside the caller's transaction."""
-        last = int(await conn.fetchval(sql.TAKE_EVENT_IDS, len(events)))
+        columns = sql.columns([sql.event_row(e) for e in events], 7)
+        last = int(await conn.fetchval(STORE_EVENTS, *columns, now))
         first = last - len(events) + 1
-        final = [
+        return [
             Event(first + i, e.task_id, e.type, e.json, e.topics, e.private, e.uid, e.retry)
             for i, e in enumerate(events)
         ]
-        await conn.execute(
-            sql.INSERT_EVENTS, *sql.columns([sql.event_row(e, now) for e in final], 9)
-        )
-        await conn.execute(sql.NOTIFY, EVENTS_CHANNEL, str(last))
-        return final
 
     async def _catch_up(
         self, conn: asyncpg.Connection, mine: list[Event], queues: list[str]

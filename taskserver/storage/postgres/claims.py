@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -39,8 +39,6 @@ from ..payload import event_json
 from . import schema as sql
 
 log = logging.getLogger(__name__)
-
-StoreEvents = Callable[[asyncpg.Connection, list[Event], float], Awaitable[list[Event]]]
 
 
 class Claims:
@@ -56,31 +54,33 @@ class Claims:
         return socket.gethostname(), os.getpid(), self._started, "{}"
 
     async def answer(
-        self, conn: asyncpg.Connection, read: Read, now: float, store_events: StoreEvents
+        self, conn: asyncpg.Connection, read: Read, now: float
     ) -> tuple[list[Task], list[Event]]:
-        """The tasks ``read`` asks for (claimed, for a page), and the events it stored."""
-        try:
-            if isinstance(read, PageQueued):
-                return await self._claim(conn, read, now), []
-            if isinstance(read, DueTasks):
-                return await self._promote(conn, read, now, store_events)
-            assert isinstance(read, GroupHead)
-            rows = await conn.fetch(sql.SELECT_GROUP_HEAD, read.group)
-            return [sql.task_from_row(r) for r in rows], []
-        except asyncpg.UniqueViolationError:
-            # Two nodes raced for one serial group's turn: the index refused the second.
-            return [], []
+        """The tasks ``read`` asks for (claimed, for a page), and the events to store with
+        them; inside the caller's transaction.
+
+        No savepoint (two more round trips per batch): a claim decides a group's turn on
+        committed rows and skips locked ones, so the unique index on a group's running
+        task is a backstop that no claim is expected to reach; if one did, the batch
+        would fail as a whole, its callers told to retry (503) and nothing lost.
+        """
+        if isinstance(read, PageQueued):
+            return await self._claim(conn, read, now), []
+        if isinstance(read, DueTasks):
+            return await self._promote(conn, read, now)
+        assert isinstance(read, GroupHead)
+        rows = await conn.fetch(sql.SELECT_GROUP_HEAD, read.group)
+        return [sql.task_from_row(r) for r in rows], []
 
     async def _claim(self, conn: asyncpg.Connection, read: PageQueued, now: float) -> list[Task]:
-        async with conn.transaction():
-            limit = read.limit
-            if read.concurrency is not None:
-                await conn.execute(sql.LOCK_QUEUE, read.queue)
-                running = int(await conn.fetchval(sql.COUNT_RUNNING, read.queue))
-                limit = min(limit, read.concurrency - running)
-            if limit <= 0:
-                return []
-            rows = await conn.fetch(sql.CLAIM_QUEUE, self.node, now, limit, read.queue)
+        limit = read.limit
+        if read.concurrency is not None:
+            await conn.execute(sql.LOCK_QUEUE, read.queue)
+            running = int(await conn.fetchval(sql.COUNT_RUNNING, read.queue))
+            limit = min(limit, read.concurrency - running)
+        if limit <= 0:
+            return []
+        rows = await conn.fetch(sql.CLAIM_QUEUE, self.node, now, limit, read.queue)
         rows = sorted(rows, key=lambda r: (-r[4], r[24]))  # run order: priority, then seq
         tasks = []
         for row in rows:
@@ -92,19 +92,12 @@ class Claims:
         return tasks
 
     async def _promote(
-        self, conn: asyncpg.Connection, read: DueTasks, now: float, store_events: StoreEvents
+        self, conn: asyncpg.Connection, read: DueTasks, now: float
     ) -> tuple[list[Task], list[Event]]:
-        async with conn.transaction():
-            rows = await conn.fetch(sql.PROMOTE_DUE, read.now, read.limit)
-            tasks = sorted((sql.task_from_row(r) for r in rows), key=lambda t: t.available_at)
-            events = [
-                Event(
-                    0, t.id, EventType.QUEUED, event_json(t, EventType.QUEUED, {"due": True}, now)
-                )
-                for t in tasks
-            ]
-            stored = await store_events(conn, events, now) if events else []
-        return tasks, stored
+        rows = await conn.fetch(sql.PROMOTE_DUE, read.now, read.limit)
+        tasks = sorted((sql.task_from_row(r) for r in rows), key=lambda t: t.available_at)
+        queued, due = EventType.QUEUED, {"due": True}
+        return tasks, [Event(0, t.id, queued, event_json(t, queued, due, now)) for t in tasks]
 
     async def lease(
         self, conn: asyncpg.Connection, info: str, lease: float, now: float

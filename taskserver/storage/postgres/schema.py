@@ -167,14 +167,21 @@ UPDATE_TASKS = (
     " traceback, finish_error, hook_error, available_at, started_at, finished_at, updated_at,"
     " id) WHERE t.id = v.id AND (t.node IS NULL OR t.node = $15) RETURNING t.id"
 )
-#: Takes the next event ids; the row stays locked until the transaction ends.
-TAKE_EVENT_IDS = "UPDATE taskserver_event_counter SET last = last + $1 RETURNING last"
-SELECT_LAST_EVENT = "SELECT last FROM taskserver_event_counter"
-INSERT_EVENTS = (
-    "INSERT INTO taskserver_events (id, task_id, type, data, topics, private, uid, retry, at)"
-    " SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],"
-    " $6::bool[], $7::text[], $8::int[], $9::float8[])"
+#: Stores a batch's events, in one round trip: takes their ids from the counter (whose
+#: row stays locked until the transaction ends), inserts them in order, and notifies
+#: the other nodes of the new last id. ``$1``..``$7``: one array per column, ``$8``: time.
+STORE_EVENTS = (
+    "WITH counter AS (UPDATE taskserver_event_counter"
+    " SET last = last + cardinality($1::bigint[]) RETURNING last),"
+    " stored AS (INSERT INTO taskserver_events"
+    " (id, task_id, type, data, topics, private, uid, retry, at)"
+    " SELECT counter.last - cardinality($1::bigint[]) + e.n, e.task_id, e.type, e.data,"
+    " e.topics, e.private, e.uid, e.retry, $8 FROM counter, unnest($1::bigint[], $2::text[],"
+    " $3::text[], $4::text[], $5::bool[], $6::text[], $7::int[]) WITH ORDINALITY"
+    " AS e(task_id, type, data, topics, private, uid, retry, n))"
+    " SELECT last, pg_notify('{channel}', last::text) FROM counter"
 )
+SELECT_LAST_EVENT = "SELECT last FROM taskserver_event_counter"
 NOTIFY = "SELECT pg_notify($1, $2)"
 UPSERT_SCHEDULE = (
     "INSERT INTO taskserver_schedules (name, last_due) VALUES ($1, $2)"
@@ -405,7 +412,7 @@ def event_from_row(row: Any) -> Event:
     return Event(row[0], row[1], row[2], row[3], topics, bool(row[5]), row[6], row[7])
 
 
-def event_row(e: Event, at: float) -> tuple[Any, ...]:
-    """One row of ``INSERT_EVENTS``."""
+def event_row(e: Event) -> tuple[Any, ...]:
+    """One row of ``STORE_EVENTS`` (its id comes from the counter)."""
     topics = dumps(list(e.topics)) if e.topics else None
-    return (e.id, e.task_id, e.type, e.json, topics, e.private, e.uid, e.retry, at)
+    return (e.task_id, e.type, e.json, topics, e.private, e.uid, e.retry)
