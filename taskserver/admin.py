@@ -30,7 +30,7 @@ import orjson
 from . import add_command
 from .config import URL_ENV
 from .models import TaskState
-from .storage import Snapshot, SnapshotError
+from .storage import Snapshot, SnapshotError, is_postgres
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
@@ -187,6 +187,11 @@ async def _retry_each(http: aiohttp.ClientSession, args: argparse.Namespace) -> 
 
 def _offline(args: argparse.Namespace) -> int:
     """``list``, ``show`` and ``stats`` read straight from the database file."""
+    if is_postgres(args.db):
+        return _usage(
+            "--db reads a SQLite file while no server runs; for a PostgreSQL cluster ask"
+            " any of its servers (--url)"
+        )
     try:
         snapshot = Snapshot(args.db)
     except (FileNotFoundError, SnapshotError) as exc:

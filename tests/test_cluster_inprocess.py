@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -38,12 +40,13 @@ async def node(postgres: PostgresServer) -> AsyncIterator[Node]:
         *,
         workers: int = 2,
         setup: Callable[[TaskServer], None] | None = None,
+        clock: Callable[[], float] = time.time,
         **overrides: Any,
     ) -> TaskServer:
         settings = Settings(
             db=dsn, node_name=name, task_workers=workers, port=0, grace_period=2.0, **overrides
         )
-        server = TaskServer(settings)
+        server = TaskServer(settings, clock=clock)
         server.on("task", task)
         server.on("finish", lambda ctx, result: None)
         if setup is not None:
@@ -240,3 +243,34 @@ async def test_a_node_without_a_lease_loses_its_running_tasks_to_the_others(
         assert (await a.get(stuck.id)).state is TaskState.SUCCEEDED
     finally:
         await ghost.close()
+
+
+async def test_a_cron_due_time_is_enqueued_once_by_the_cluster(node: Node) -> None:
+    # Every node's clock is 3 s before a minute starts: all three start, then wake for it.
+    offset = math.floor(time.time() / 60 + 1) * 60 - 3.0 - time.time()
+    ran: list[int] = []
+    attempts: list[str] = []
+
+    async def task(ctx: TaskContext) -> Any:
+        ran.append(ctx.id)
+
+    def every_minute(server: TaskServer) -> None:
+        server.schedule("tick", "* * * * *", "tock")
+        run = server._maintenance._enqueue_run  # observed, to know every node has tried
+
+        async def observed(*args: Any) -> None:
+            await run(*args)
+            attempts.append(server.settings.node_name or "")
+
+        server._maintenance._enqueue_run = observed  # type: ignore[method-assign]
+
+    nodes = [
+        await node(name, task, setup=every_minute, clock=lambda: time.time() + offset)
+        for name in "abc"
+    ]
+    await wait_for(lambda: len(attempts) == 3, timeout=15)
+    assert sorted(attempts) == ["a", "b", "c"]  # every node enqueued the due time...
+    stored = await nodes[0].store.list_tasks(state=None, after=0, limit=10)
+    assert [t.name for t in stored] == ["tick"]  # ...and the cluster stored it once
+    await wait_for(lambda: ran, timeout=10)
+    assert ran == [stored[0].id]
