@@ -262,7 +262,7 @@ async def test_a_cron_due_time_is_enqueued_once_by_the_cluster(node: Node) -> No
             await run(*args)
             attempts.append(server.settings.node_name or "")
 
-        server._maintenance._enqueue_run = observed  # type: ignore[method-assign]
+        server._maintenance._enqueue_run = observed  # type: ignore[method-assign,assignment]
 
     nodes = [
         await node(name, task, setup=every_minute, clock=lambda: time.time() + offset)
