@@ -104,9 +104,19 @@ async def test_a_node_waits_for_and_sees_the_events_of_a_task_run_elsewhere(node
         assert event is not None
         if event.task_id == task_id:
             seen.append(event.type)
-    subscription.close()
     assert seen == ["queued", "started", "finished"]
     assert (await a.get(task_id)).state is TaskState.SUCCEEDED
+    # An update published to the Mercure hub on one node reaches the other's subscribers.
+    published, committed = a.publish_update(("https://example.com/books/1",), "new edition")
+    await committed
+    while True:
+        event = await asyncio.wait_for(subscription.get(), 5)
+        assert event is not None
+        if event.task_id is None:
+            break
+    subscription.close()
+    assert (event.topics, event.json, event.uid) == (published.topics, "new edition", None)
+    assert event.id > max(e.id for e in await b.events_after(0) if e.task_id == task_id)
 
 
 async def test_a_unique_key_is_held_once_across_nodes(node: Node) -> None:
