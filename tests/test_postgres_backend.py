@@ -12,9 +12,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from taskserver import Settings, TaskServer, TaskState
+from taskserver import EventType, Settings, TaskServer, TaskState, lifecycle
 from taskserver.errors import ConfigError, ServerBusy
-from taskserver.storage import Store
+from taskserver.models import Task
+from taskserver.storage import NewTask, Store
 from taskserver.storage.postgres import schema
 
 from .conftest import wait_for
@@ -187,3 +188,47 @@ async def _try_task(server: TaskServer) -> int | None:
         return await server.task("after")
     except ServerBusy:
         return None
+
+
+async def test_shared_counts_match_the_rows_after_a_mixed_workload(
+    postgres: PostgresServer,
+) -> None:
+    dsn = await postgres.create_database_async()
+    store = Store(dsn, node="counter")
+    await store.open()
+    try:
+        items = [NewTask(str(i), i, 3, None, queue=f"q{i % 3}") for i in range(60)]
+        tasks, committed = store.insert_tasks(items)
+        await committed
+        claimed: asyncio.Future[list[Task]] = asyncio.get_running_loop().create_future()
+        store.page_queued("q0", 15, [], claimed.set_result)
+        for i, task in enumerate(await claimed):
+            lifecycle.start(task, 0.0)
+            if i % 2:
+                lifecycle.end(task, lifecycle.SUCCEEDED, 0.0)
+            store.update_task(task, EventType.STARTED)
+        assert await store.cancel_pending(tasks[1].id) is TaskState.QUEUED
+        await store.lease("{}")  # folds the deltas so far into the totals
+        assert await store.purge((TaskState.CANCELLED,), 10**10) == 1
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT queue, state, count(*) FROM taskserver_tasks GROUP BY queue, state"
+            )
+        finally:
+            await conn.close()
+        truth: dict[str, dict[TaskState, int]] = {}
+        for queue, state, n in rows:
+            truth.setdefault(queue, {})[TaskState(state)] = n
+        active = {
+            q: {s: n for s, n in c.items() if s in lifecycle.ACTIVE} for q, c in truth.items()
+        }
+        assert await store.count_by_queue() == {q: c for q, c in active.items() if c}
+        by_state = dict.fromkeys(TaskState, 0)
+        for counts in truth.values():
+            for state, n in counts.items():
+                by_state[state] += n
+        assert await store.count_by_state() == by_state
+        assert (by_state[TaskState.RUNNING], by_state[TaskState.SUCCEEDED]) == (8, 7)
+    finally:
+        await store.close()

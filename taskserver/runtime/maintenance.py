@@ -51,20 +51,15 @@ class Maintenance:
         whose lease ran out), refresh the cluster's counts and nodes for ``/stats``, and
         claim from every known queue: the safety net under the notifications."""
         s = self._s
-        beat = s.settings.lease / 3
-        last_beat = -beat
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                if loop.time() - last_beat >= beat:
-                    last_beat = loop.time()
-                    pool = s.pool
-                    info = {
-                        "workers": s.settings.task_workers,
-                        "busy": pool.busy if pool else 0,
-                        "claimed": len(s.ready),
-                    }
-                    await s.store.lease(dumps(info))
+                pool = s.pool
+                info = {
+                    "workers": s.settings.task_workers,
+                    "busy": pool.busy if pool else 0,
+                    "claimed": len(s.ready),
+                }
+                await s.store.lease(dumps(info))
                 s.counts = await s.store.count_by_state()
                 s.nodes = await s.store.backend.nodes()
                 s.ready.start_from_disk(list(s.ready.snapshot()))
@@ -72,7 +67,7 @@ class Maintenance:
                 return
             except Exception as exc:  # the database is away: the engine says so too
                 log.warning("cluster heartbeat failed: %s", exc)
-            await asyncio.sleep(min(CLUSTER_INTERVAL, beat))
+            await asyncio.sleep(min(CLUSTER_INTERVAL, s.settings.lease / 3))
 
     async def due_loop(self) -> None:
         """Move waiting and retrying tasks to ``queued`` when due; sleep until the next."""

@@ -14,7 +14,8 @@
   running task of each group is the backstop.
 * **A due promotion** (``DueTasks``) moves waiting and retrying tasks that are due
   to ``queued``, by whichever node gets to them first, with their events.
-* **A lease** (``Lease``) renews this node's heartbeat; one node at a time then
+* **A lease** (``Lease``) renews this node's heartbeat, folds the count deltas into
+  the shared totals (``schema.py``, migration 2); one node at a time then
   rescues the running tasks of nodes whose heartbeat is older than the lease
   (and of nodes with no row at all): back to ``queued`` with the attempt counted,
   or ``failed`` when it was their last, as on a restart. A rescued row is marked
@@ -113,6 +114,8 @@ class Claims:
             )
             host, pid, started, _ = self.identity(now)
             await conn.execute(sql.UPSERT_NODE, self.node, host, pid, started, info)
+        if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", sql.LOCK_FOLD):
+            await conn.execute(sql.FOLD_COUNTS)
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", sql.LOCK_RESCUE):
             return 0, []  # another node is rescuing
         dead = [r[0] for r in await conn.fetch(sql.SELECT_EXPIRED_NODES, lease, self.node)]

@@ -103,12 +103,63 @@ MIGRATIONS: tuple[str, ...] = (
         info        text NOT NULL DEFAULT '{}'
     );
     """,
+    # Counts per queue and state the cluster shares, kept where tasks change: each
+    # statement on the tasks appends its deltas (statement triggers, transition tables:
+    # no row lock that concurrent commits would queue on), and the heartbeat folds them
+    # into the totals now and then. Reading them costs O(queues), not O(tasks).
+    """
+    CREATE TABLE taskserver_counts (
+        queue  text   NOT NULL,
+        state  text   NOT NULL,
+        n      bigint NOT NULL,
+        PRIMARY KEY (queue, state)
+    );
+    CREATE TABLE taskserver_count_deltas (
+        queue  text   NOT NULL,
+        state  text   NOT NULL,
+        n      bigint NOT NULL
+    );
+    INSERT INTO taskserver_counts
+        SELECT queue, state, count(*) FROM taskserver_tasks GROUP BY queue, state;
+    CREATE FUNCTION taskserver_count_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO taskserver_count_deltas
+            SELECT queue, state, count(*) FROM new_rows GROUP BY queue, state;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION taskserver_count_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO taskserver_count_deltas
+            SELECT queue, state, sum(n) FROM (
+                SELECT queue, state, count(*) AS n FROM new_rows GROUP BY queue, state
+                UNION ALL
+                SELECT queue, state, -count(*) FROM old_rows GROUP BY queue, state
+            ) AS d GROUP BY queue, state HAVING sum(n) <> 0;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION taskserver_count_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO taskserver_count_deltas
+            SELECT queue, state, -count(*) FROM old_rows GROUP BY queue, state;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER taskserver_count_inserted AFTER INSERT ON taskserver_tasks
+        REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION taskserver_count_inserted();
+    CREATE TRIGGER taskserver_count_updated AFTER UPDATE ON taskserver_tasks
+        REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION taskserver_count_updated();
+    CREATE TRIGGER taskserver_count_deleted AFTER DELETE ON taskserver_tasks
+        REFERENCING OLD TABLE AS old_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION taskserver_count_deleted();
+    """,
 )
 
 #: Advisory lock keys (``pg_advisory_*``): one 64-bit space per database.
 LOCK_MIGRATE = 0x7461736B_00000001
 LOCK_RESCUE = 0x7461736B_00000002
 LOCK_PURGE = 0x7461736B_00000003
+LOCK_FOLD = 0x7461736B_00000004
 
 CREATE_VERSION_TABLE = (
     "CREATE TABLE IF NOT EXISTS taskserver_schema (one boolean PRIMARY KEY DEFAULT true"
@@ -294,10 +345,18 @@ SELECT_TASK_EVENTS_AFTER = (
     " ORDER BY id LIMIT $2"
 )
 SELECT_EVENT_BY_UID = "SELECT id FROM taskserver_events WHERE uid = $1 ORDER BY id LIMIT 1"
-COUNT_BY_STATE = "SELECT state, count(*) FROM taskserver_tasks GROUP BY state"
-COUNT_BY_QUEUE = (
-    "SELECT queue, state, count(*) FROM taskserver_tasks"
-    f" WHERE state IN {ACTIVE} GROUP BY queue, state"
+_COUNTS = (
+    "SELECT queue, state, sum(n) AS n FROM (SELECT queue, state, n FROM taskserver_counts"
+    " UNION ALL SELECT queue, state, n FROM taskserver_count_deltas) AS c"
+)
+COUNT_BY_STATE = f"SELECT state, sum(n) FROM ({_COUNTS} GROUP BY queue, state) AS q GROUP BY state"
+COUNT_BY_QUEUE = f"{_COUNTS} WHERE state IN {ACTIVE} GROUP BY queue, state HAVING sum(n) <> 0"
+#: Folds the deltas committed so far into the totals (one node at a time).
+FOLD_COUNTS = (
+    "WITH moved AS (DELETE FROM taskserver_count_deltas RETURNING queue, state, n)"
+    " INSERT INTO taskserver_counts SELECT queue, state, sum(n) FROM moved"
+    " GROUP BY queue, state ON CONFLICT (queue, state)"
+    " DO UPDATE SET n = taskserver_counts.n + excluded.n"
 )
 SELECT_QUEUES_WITH_WORK = "SELECT DISTINCT queue FROM taskserver_tasks WHERE state = 'queued'"
 SELECT_NEXT_DUE = f"SELECT min(available_at) FROM taskserver_tasks WHERE state IN {DELAYED}"
