@@ -166,6 +166,8 @@ async def test_a_database_that_goes_away_refuses_tasks_then_recovers(
         await _cut_off(dsn, postgres, allow=False)
         refused = await wait_for(lambda: _refused(server), timeout=20)
         assert "database" in str(refused) or "PostgreSQL" in str(refused)
+        with pytest.raises(ServerBusy, match="the database cannot be read now"):
+            await server.get(before)  # reads say 503 too, not 500
         await _cut_off(dsn, postgres, allow=True)
         after = await wait_for(lambda: _try_task(server), timeout=20)
         done = await server.wait_terminal(after, timeout=10)

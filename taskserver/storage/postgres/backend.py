@@ -46,8 +46,8 @@ from ..intents import Applied, Batch, Lease, Move, ProbeWrite, Purge
 from ..payload import event_json
 from . import schema as sql
 from .claims import Claims
-from .node import Node, connect_error
-from .reads import PostgresReads
+from .node import Node, connect_error, where
+from .reads import UNREACHABLE, PostgresReads
 
 log = logging.getLogger(__name__)
 #: Task ids reserved at a time; the next block is fetched when half is used.
@@ -98,6 +98,7 @@ class PostgresBackend(PostgresReads):
         #: the highest event id another node said it committed (``NOTIFY``)
         self._seen = 0
         self._poke: Callable[[], None] = lambda: None
+        self._writer_pid = 0  # the server process of our writer connection
         self._on_cancel: Callable[[int], None] = lambda task_id: None
         self.commits = 0
 
@@ -123,6 +124,7 @@ class PostgresBackend(PostgresReads):
         except Exception as exc:
             await self.close()
             raise ConfigError(connect_error(self.dsn, exc)) from None
+        self._writer_pid = self._writer.get_server_pid()
         try:
             await self._migrate(self._writer)
             self._node = Node(self.dsn, self.node, self._notified)
@@ -139,6 +141,9 @@ class PostgresBackend(PostgresReads):
                 recovered_failed=failed,
                 committed_event_id=self._delivered,
             )
+        except asyncpg.PostgresError as exc:  # e.g. no right to create tables
+            await self.close()
+            raise ConfigError(f"PostgreSQL at {where(self.dsn)}: {exc}") from None
         except BaseException:
             await self.close()
             raise
@@ -183,8 +188,10 @@ class PostgresBackend(PostgresReads):
                 await self._pool.close()
             self._pool = None
 
-    def _notified(self, channel: str, payload: str) -> None:
+    def _notified(self, channel: str, payload: str, pid: int) -> None:
         # On the loop, from the listening connection.
+        if channel == EVENTS_CHANNEL and pid == self._writer_pid:
+            return  # our own commit: its events are delivered with it
         if channel == CANCEL_CHANNEL:
             with contextlib.suppress(ValueError):
                 self._on_cancel(int(payload))
@@ -263,6 +270,7 @@ class PostgresBackend(PostgresReads):
                 self._writer = await asyncpg.connect(self.dsn)
             except Exception as exc:
                 raise ServerBusy(connect_error(self.dsn, exc), retry_after=1.0) from None
+            self._writer_pid = self._writer.get_server_pid()
         return self._writer
 
     async def apply(self, batch: Batch) -> Applied:
@@ -295,7 +303,7 @@ class PostgresBackend(PostgresReads):
             durable.delayed = batch.delayed
             if durable.events:
                 self._delivered = max(self._delivered, durable.events[-1].id)
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+        except UNREACHABLE:
             with contextlib.suppress(Exception):
                 await conn.close()
             raise

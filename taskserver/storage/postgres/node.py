@@ -75,10 +75,10 @@ def connect_error(dsn: str, exc: BaseException) -> str:
 
 
 class Node:
-    """The listening connection of node ``node_id``; ``on_notify(channel, payload)`` runs
-    on the loop for every notification."""
+    """The listening connection of node ``node_id``; ``on_notify(channel, payload, pid)``
+    runs on the loop for every notification (``pid``: the notifying server process)."""
 
-    def __init__(self, dsn: str, node_id: str, on_notify: Callable[[str, str], None]) -> None:
+    def __init__(self, dsn: str, node_id: str, on_notify: Callable[[str, str, int], None]) -> None:
         self.dsn = dsn
         self.node_id = node_id
         self._on_notify = on_notify
@@ -110,7 +110,7 @@ class Node:
         conn.add_termination_listener(self._lost)
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: object) -> None:
-        self._on_notify(channel, str(payload))
+        self._on_notify(channel, str(payload), pid)
 
     def _lost(self, conn: Any) -> None:
         if self._closing or self._reconnect is not None:
@@ -135,7 +135,7 @@ class Node:
                     continue
                 self._conn = conn
                 log.info("reconnected to PostgreSQL (%s)", where(self.dsn))
-                self._on_notify(self._channels[0], "")  # what was missed meanwhile
+                self._on_notify(self._channels[0], "", 0)  # what was missed meanwhile
                 return
         finally:
             self._reconnect = None

@@ -7,8 +7,19 @@ from typing import Any
 import asyncpg
 import orjson
 
+from ...errors import ServerBusy, ServerClosed
 from ...models import Event, Task, TaskState
 from . import schema as sql
+
+#: What a lost or refused connection raises.
+UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
 
 
 class PostgresReads:
@@ -18,8 +29,11 @@ class PostgresReads:
 
     async def _fetch(self, query: str, *params: Any) -> list[Any]:
         if self._pool is None:
-            raise RuntimeError("the PostgreSQL backend is not open")
-        rows: list[Any] = await self._pool.fetch(query, *params)
+            raise ServerClosed("the PostgreSQL backend is not open")
+        try:
+            rows: list[Any] = await self._pool.fetch(query, *params)
+        except UNREACHABLE as exc:  # the database went away: say so (503), do not crash
+            raise ServerBusy(f"the database cannot be read now: {exc}", retry_after=1.0) from None
         return rows
 
     async def _value(self, query: str, *params: Any) -> Any:
