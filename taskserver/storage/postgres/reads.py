@@ -19,6 +19,9 @@ UNREACHABLE = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InvalidCatalogNameError,  # the database was dropped
+    asyncpg.ObjectNotInPrerequisiteStateError,  # it does not accept connections now
 )
 
 
