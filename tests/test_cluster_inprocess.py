@@ -284,3 +284,26 @@ async def test_a_cron_due_time_is_enqueued_once_by_the_cluster(node: Node) -> No
     assert [t.name for t in stored] == ["tick"]  # ...and the cluster stored it once
     await wait_for(lambda: ran, timeout=10)
     assert ran == [stored[0].id]
+
+
+async def test_dead_letters_retried_and_purged_from_any_node(node: Node) -> None:
+    outcomes: dict[int, int] = {}
+
+    async def flaky(ctx: TaskContext) -> Any:
+        outcomes[ctx.id] = outcomes.get(ctx.id, 0) + 1
+        if outcomes[ctx.id] == 1:
+            raise RuntimeError("dead letter")
+        return "ok"
+
+    a = await node("a", flaky)
+    b = await node("b", flaky)
+    ids = [await a.task(i) for i in range(10)]
+    for task_id in ids:
+        assert (await b.wait_terminal(task_id, timeout=10)).state is TaskState.FAILED
+    assert sorted(await b.retry_failed()) == ids  # retried from the other node
+    for task_id in ids:
+        assert (await a.wait_terminal(task_id, timeout=10)).state is TaskState.SUCCEEDED
+    # Both nodes purge at once: each task is deleted once, none is left.
+    purged = await asyncio.gather(a.purge(0), b.purge(0))
+    assert sum(purged) == 10
+    assert await a.store.list_tasks(state=None, after=0, limit=100) == []
