@@ -32,6 +32,7 @@ LAYERS: list[set[str]] = [
         "storage.sqlite.attempts",
     },
     {"lifecycle", "storage.intents", "storage.payload", "web.connbound"},
+    {"storage.rows"},
     {
         "storage.backend",
         "storage.sqlite.schema",

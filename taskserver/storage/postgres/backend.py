@@ -38,12 +38,12 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ... import lifecycle
 from ...errors import ConfigError, ServerBusy
 from ...models import Event, EventType, Task, TaskState
 from ..backend import Opened
 from ..intents import Applied, Batch, Lease, Move, ProbeWrite, Purge
 from ..payload import event_json
+from ..rows import MOVES
 from . import schema as sql
 from .claims import Claims
 from .node import Node, connect_error, where
@@ -60,10 +60,8 @@ EVENTS_CHANNEL = "taskserver_events"
 CANCEL_CHANNEL = "taskserver_cancel"
 STORE_EVENTS = sql.STORE_EVENTS.format(channel=EVENTS_CHANNEL)
 
-_MOVES: dict[str, tuple[str, TaskState, EventType, dict[str, Any] | None]] = {
-    "cancel": (sql.CANCEL_PENDING, lifecycle.CANCELLED, EventType.CANCELLED, None),
-    "retry": (sql.RETRY_ENDED, lifecycle.QUEUED, EventType.QUEUED, {"manual_retry": True}),
-}
+#: Per conditional move: its statement (what it leads to: ``rows.MOVES``).
+_MOVES = {"cancel": sql.CANCEL_PENDING, "retry": sql.RETRY_ENDED}
 
 
 class PostgresBackend(PostgresReads):
@@ -445,7 +443,8 @@ def _queued_queues(events: list[Event]) -> list[str | None]:
 async def _move(conn: asyncpg.Connection, move: Move, now: float, applied: Applied) -> Event | None:
     """One conditional move inside the transaction (a savepoint of its own, so a unique
     key taken meanwhile by another node fails the move, not the batch)."""
-    statement, state, type_, extra = _MOVES[move.kind]
+    statement = _MOVES[move.kind]
+    state, type_, extra = MOVES[move.kind]
     try:
         async with conn.transaction():
             row = await conn.fetchrow(sql.SELECT_STATE_FOR_UPDATE, move.task_id)

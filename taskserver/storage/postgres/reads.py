@@ -9,6 +9,7 @@ import orjson
 
 from ...errors import ServerBusy, ServerClosed
 from ...models import Event, Task, TaskState
+from ..rows import queue_counts, state_counts
 from . import schema as sql
 
 #: What a lost or refused connection raises.
@@ -85,17 +86,11 @@ class PostgresReads:
 
     async def count_by_state(self) -> dict[TaskState, int]:
         """``Backend.count_by_state``."""
-        counts = dict.fromkeys(TaskState, 0)
-        for state, count in await self._fetch(sql.COUNT_BY_STATE):
-            counts[TaskState(state)] = int(count)
-        return counts
+        return state_counts(await self._fetch(sql.COUNT_BY_STATE))
 
     async def count_by_queue(self) -> dict[str, dict[TaskState, int]]:
         """``Backend.count_by_queue``."""
-        queues: dict[str, dict[TaskState, int]] = {}
-        for queue, state, count in await self._fetch(sql.COUNT_BY_QUEUE):
-            queues.setdefault(queue, {})[TaskState(state)] = int(count)
-        return queues
+        return queue_counts(await self._fetch(sql.COUNT_BY_QUEUE))
 
     async def queues_with_work(self) -> list[str]:
         """Queues with queued tasks."""

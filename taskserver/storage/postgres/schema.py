@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from ... import lifecycle
-from ...models import Event, RetryPolicy, Task, TaskState
+from ...models import Event, Task
 from ..payload import dumps
+from ..rows import event_from_row, state_list, task_from_row
 
 #: Numbered migrations; ``taskserver_schema.version`` records how many have run.
 MIGRATIONS: tuple[str, ...] = (
@@ -172,14 +171,10 @@ SET_VERSION = (
 )
 
 
-def _in(states: tuple[TaskState, ...]) -> str:
-    return "(" + ", ".join(f"'{state.value}'" for state in states) + ")"
-
-
-ON_DISK = _in(lifecycle.ON_DISK)
-DELAYED = _in(lifecycle.DELAYED)
-RETRYABLE = _in(lifecycle.RETRYABLE)
-ACTIVE = _in(lifecycle.ACTIVE_ORDER)
+ON_DISK = state_list(lifecycle.ON_DISK)
+DELAYED = state_list(lifecycle.DELAYED)
+RETRYABLE = state_list(lifecycle.RETRYABLE)
+ACTIVE = state_list(lifecycle.ACTIVE_ORDER)
 
 TASK_COLUMNS = (
     "id, state, name, queue, priority, serial_group, unique_key, data, attempts, max_attempts,"
@@ -384,40 +379,6 @@ TRIM_EVENTS_BY_COUNT = (
 PROBE_WRITE = "UPDATE taskserver_schema SET version = version"
 
 
-def _retry(text: str | None) -> RetryPolicy | None:
-    return RetryPolicy(**orjson.loads(text)) if text else None
-
-
-def task_from_row(row: Any) -> Task:
-    """A ``Task`` from a row selected with ``TASK_COLUMNS`` (first 24 columns)."""
-    return Task(
-        id=row[0],
-        state=TaskState(row[1]),
-        name=row[2],
-        queue=row[3],
-        priority=row[4],
-        serial_group=row[5],
-        unique_key=row[6],
-        data=orjson.loads(row[7]),
-        attempts=row[8],
-        max_attempts=row[9],
-        timeout=row[10],
-        retry=_retry(row[11]),
-        progress=row[12],
-        message=row[13],
-        result=None if row[14] is None else orjson.loads(row[14]),
-        error=row[15],
-        traceback=row[16],
-        finish_error=row[17],
-        hook_error=row[18],
-        created_at=row[19],
-        available_at=row[20],
-        started_at=row[21],
-        finished_at=row[22],
-        updated_at=row[23],
-    )
-
-
 def insert_row(task: Task, data_text: str) -> tuple[Any, ...]:
     """One row of ``INSERT_TASKS`` (a column of each array)."""
     return (
@@ -465,13 +426,10 @@ def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
-def event_from_row(row: Any) -> Event:
-    """An ``Event`` from a row selected with ``EVENT_COLUMNS``."""
-    topics = tuple(orjson.loads(row[4])) if row[4] else ()
-    return Event(row[0], row[1], row[2], row[3], topics, bool(row[5]), row[6], row[7])
-
-
 def event_row(e: Event) -> tuple[Any, ...]:
     """One row of ``STORE_EVENTS`` (its id comes from the counter)."""
     topics = dumps(list(e.topics)) if e.topics else None
     return (e.task_id, e.type, e.json, topics, e.private, e.uid, e.retry)
+
+
+__all__ = ["event_from_row", "task_from_row"]  # re-exported: the backend maps rows with them

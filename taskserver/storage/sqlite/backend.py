@@ -27,8 +27,7 @@ from typing import Any
 
 import aiosqlite
 
-from ... import lifecycle
-from ...models import Event, EventType, Task, TaskState
+from ...models import Event, Task, TaskState
 from ..backend import Opened
 from ..intents import (
     Applied,
@@ -43,6 +42,7 @@ from ..intents import (
     Read,
 )
 from ..payload import dumps, event_json
+from ..rows import MOVES
 from . import schema as sql
 from .attempts import SEGMENT_RECORDS, AttemptJournal
 from .reads import SqliteReads
@@ -61,10 +61,8 @@ CHECKPOINT_INTERVAL = 1.0
 WAL_LIMIT_PAGES = 16_384
 
 #: Per conditional move: its statement, and the state and event it leads to.
-_MOVES: dict[str, tuple[str, TaskState, EventType, dict[str, Any] | None]] = {
-    "cancel": (sql.CANCEL_PENDING, lifecycle.CANCELLED, EventType.CANCELLED, None),
-    "retry": (sql.RETRY_ENDED, lifecycle.QUEUED, EventType.QUEUED, {"manual_retry": True}),
-}
+#: Per conditional move: its statement (what it leads to: ``rows.MOVES``).
+_MOVES = {"cancel": sql.CANCEL_PENDING, "retry": sql.RETRY_ENDED}
 
 
 class SqliteBackend(SqliteReads):
@@ -340,7 +338,8 @@ class SqliteBackend(SqliteReads):
 
 def _move(db: sqlite3.Connection, move: Move, now: float, applied: Applied) -> Event | None:
     """One conditional move inside the transaction; its event if it moved."""
-    statement, state, type_, extra = _MOVES[move.kind]
+    statement = _MOVES[move.kind]
+    state, type_, extra = MOVES[move.kind]
     # The state before, for the server's counters: it may have moved since the
     # caller looked (queued -> running -> retrying ...).
     before = db.execute(sql.SELECT_STATE, (move.task_id,)).fetchone()

@@ -16,6 +16,7 @@ from typing import Any
 import aiosqlite
 
 from ...models import Event, Task, TaskState
+from ..rows import queue_counts, state_counts
 from . import schema as sql
 
 
@@ -86,17 +87,11 @@ class SqliteReads:
 
     async def count_by_state(self) -> dict[TaskState, int]:
         """How many tasks are in each state, from the committed rows."""
-        counts = dict.fromkeys(TaskState, 0)
-        for state, count in await self._fetch(sql.COUNT_BY_STATE):
-            counts[TaskState(state)] = int(count)
-        return counts
+        return state_counts(await self._fetch(sql.COUNT_BY_STATE))
 
     async def count_by_queue(self) -> dict[str, dict[TaskState, int]]:
         """Active tasks per queue and state."""
-        counts: dict[str, dict[TaskState, int]] = {}
-        for queue, state, count in await self._fetch(sql.COUNT_BY_QUEUE):
-            counts.setdefault(queue, {})[TaskState(state)] = int(count)
-        return counts
+        return queue_counts(await self._fetch(sql.COUNT_BY_QUEUE))
 
     async def queues_with_work(self) -> list[str]:
         """Names of queues that have queued tasks on disk."""

@@ -11,11 +11,10 @@ import sqlite3
 from itertools import chain
 from typing import Any
 
-import orjson
-
 from ... import lifecycle
-from ...models import Event, RetryPolicy, Task, TaskState
+from ...models import Event, Task
 from ..payload import dumps
+from ..rows import event_from_row, state_list, task_from_row
 
 #: Numbered migrations; ``PRAGMA user_version`` records how many have run.
 MIGRATIONS: tuple[str, ...] = (
@@ -98,15 +97,10 @@ TASK_COLUMNS = (
 )
 
 
-def _in(states: tuple[TaskState, ...]) -> str:
-    """A SQL list of state literals, in the lifecycle's order: ``('queued', 'waiting')``."""
-    return "(" + ", ".join(f"'{state.value}'" for state in states) + ")"
-
-
-ON_DISK = _in(lifecycle.ON_DISK)
-DELAYED = _in(lifecycle.DELAYED)
-RETRYABLE = _in(lifecycle.RETRYABLE)
-ACTIVE = _in(lifecycle.ACTIVE_ORDER)
+ON_DISK = state_list(lifecycle.ON_DISK)
+DELAYED = state_list(lifecycle.DELAYED)
+RETRYABLE = state_list(lifecycle.RETRYABLE)
+ACTIVE = state_list(lifecycle.ACTIVE_ORDER)
 QUEUED, RUNNING, SUCCEEDED = (
     lifecycle.QUEUED.value,
     lifecycle.RUNNING.value,
@@ -315,40 +309,6 @@ INSERT_EVENT_PREFIX = (
 INSERT_TASK_EVENT_PREFIX = "INSERT INTO events (id, task_id, type, data, at)"
 
 
-def _retry(text: str | None) -> RetryPolicy | None:
-    return RetryPolicy(**orjson.loads(text)) if text else None
-
-
-def task_from_row(row: Any) -> Task:
-    """A ``Task`` from a row selected with ``TASK_COLUMNS``."""
-    return Task(
-        id=row[0],
-        state=TaskState(row[1]),
-        name=row[2],
-        queue=row[3],
-        priority=row[4],
-        serial_group=row[5],
-        unique_key=row[6],
-        data=orjson.loads(row[7]),
-        attempts=row[8],
-        max_attempts=row[9],
-        timeout=row[10],
-        retry=_retry(row[11]),
-        progress=row[12],
-        message=row[13],
-        result=None if row[14] is None else orjson.loads(row[14]),
-        error=row[15],
-        traceback=row[16],
-        finish_error=row[17],
-        hook_error=row[18],
-        created_at=row[19],
-        available_at=row[20],
-        started_at=row[21],
-        finished_at=row[22],
-        updated_at=row[23],
-    )
-
-
 def insert_row(task: Task, data_text: str) -> tuple[Any, ...]:
     """Parameters of one ``TASK_ROW`` for a new task (no None: see ``NO_TEXT``)."""
     retry = dumps(task.retry.to_json()) if task.retry else NO_TEXT
@@ -390,13 +350,10 @@ def update_row(task: Task, result_text: str | None) -> tuple[Any, ...]:
     )
 
 
-def event_from_row(row: Any) -> Event:
-    """An ``Event`` from a row selected with ``EVENT_COLUMNS``."""
-    topics = tuple(orjson.loads(row[4])) if row[4] else ()
-    return Event(row[0], row[1], row[2], row[3], topics, bool(row[5]), row[6], row[7])
-
-
 def event_row(e: Event, at: float) -> tuple[Any, ...]:
     """Parameters of ``INSERT_EVENT``."""
     topics = dumps(list(e.topics)) if e.topics else None
     return (e.id, e.task_id, e.type, e.json, topics, int(e.private), e.uid, e.retry, at)
+
+
+__all__ = ["event_from_row", "task_from_row"]  # re-exported: the backend maps rows with them
