@@ -290,7 +290,7 @@ class Settings:
     # --- who may use the API (taskserver/access.py) and TLS ---
     api_token: str = _setting(
         "",
-        "bearer token with every scope (read, enqueue, admin); any token makes the API"
+        "bearer token with every scope (read, enqueue, metrics, admin); any token makes the API"
         " require one, on loopback too",
         check_api_token,
         secret=True,

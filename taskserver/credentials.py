@@ -14,7 +14,8 @@ from typing import Any
 from .errors import ConfigError
 
 #: What an API credential may allow (taskserver/access.py); ``admin`` implies the others.
-API_SCOPES = ("read", "enqueue", "admin")
+#: ``metrics`` reads ``/metrics`` only: what a Prometheus scraper is given.
+API_SCOPES = ("read", "enqueue", "metrics", "admin")
 #: Shorter API secrets are refused: a token is a password that never needs typing.
 MIN_TOKEN_CHARS = 16
 _TOKEN_HINT = "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"

@@ -42,6 +42,7 @@ from .runtime.outcomes import Outcomes
 from .runtime.periodic import Schedule
 from .runtime.ready import ReadyQueue
 from .runtime.shared import Shared
+from .runtime.tally import Tally
 from .runtime.tuning import RuntimeTuning
 from .runtime.waiting import Waiters
 from .runtime.workers import Callback, Limits, WorkerPool
@@ -253,6 +254,8 @@ class TaskServer:
         opened = await store.open()
         self._tuning.apply()
         shared.counts = opened.counts
+        shared.tally.depths.clear()  # a restart in the same process counts from the disk
+        shared.tally.seed(opened.queued_seconds)
         shared.unique.restore(opened.unique_keys)
         for group, head, state in opened.group_heads:
             shared.ready.restore_group(group, head, state)
@@ -327,6 +330,20 @@ class TaskServer:
         host = socket.gethostname()
         port = self.settings.port
         return f"{host}:{port}" if port else f"{host}:pid{os.getpid()}"
+
+    @property
+    def opened_store(self) -> Store | None:
+        """The store while the server runs, else ``None`` (``store`` raises instead)."""
+        return self._shared.opened_store
+
+    def now(self) -> float:
+        """Seconds since the epoch, from the server's clock (injectable in tests)."""
+        return self._clock()
+
+    @property
+    def tally(self) -> Tally:
+        """What ``/metrics`` reports: task counters, histograms, queue depths."""
+        return self._shared.tally
 
     @property
     def store(self) -> Store:

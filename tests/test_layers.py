@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"credentials"},
     {
         "models",
+        "measure",
         "config",
         "push.topics",
         "runtime.periodic",
@@ -54,13 +55,13 @@ LAYERS: list[set[str]] = [
     {"storage.sqlite", "storage.postgres"},
     {"storage.store"},
     {"storage"},
-    {"runtime.ready", "runtime.waiting", "push.fanout"},
+    {"runtime.ready", "runtime.waiting", "runtime.tally", "push.fanout"},
     {"runtime.workers", "runtime.options", "push.sse"},
     {"runtime.shared"},
     {"runtime.enqueue", "runtime.outcomes", "runtime.control"},
     {"runtime.maintenance"},
     {"server", "push.mercure"},
-    {"web.access", "web.openapi"},
+    {"web.access", "web.openapi", "web.metrics"},
     {"web.api", "web.demo", "add_command"},
     {"web.app", "admin"},
     {"cli", "__init__", "__main__", "netguard"},  # netguard: the old path, re-exported
@@ -70,7 +71,17 @@ LAYERS: list[set[str]] = [
 FOLDERS = {"storage": 1, "runtime": 2, "push": 3, "web": 5}
 TOP = {
     **dict.fromkeys(
-        ("errors", "credentials", "models", "lifecycle", "config", "problems", "client"), 0
+        (
+            "errors",
+            "credentials",
+            "models",
+            "measure",
+            "lifecycle",
+            "config",
+            "problems",
+            "client",
+        ),
+        0,
     ),
     "server": 4,
     **dict.fromkeys(("cli", "admin", "add_command", "__init__", "__main__", "netguard"), 6),

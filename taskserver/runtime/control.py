@@ -55,6 +55,8 @@ class Control:
                 lifecycle.end(task, lifecycle.CANCELLED, self._s.clock())
                 self._s.counts[lifecycle.QUEUED] -= 1  # the ready queue holds queued tasks only
                 self._s.counts[lifecycle.CANCELLED] += 1
+                self._s.tally.unqueued(task)
+                self._s.tally.ended(task)
                 await store.update_task(task, EventType.CANCELLED)
                 return task
             previous = await store.cancel_pending(task_id)
@@ -63,7 +65,11 @@ class Control:
         if previous is not None:
             self._s.counts[previous] -= 1
             self._s.counts[lifecycle.CANCELLED] += 1
-            return await self.get(task_id)
+            cancelled = await self.get(task_id)
+            if previous is lifecycle.QUEUED:
+                self._s.tally.unqueued(cancelled)
+            self._s.tally.ended(cancelled)
+            return cancelled
         current = await self.get(task_id)
         if current.state in TERMINAL:
             raise Conflict(f"task {task_id} has already ended ({current.state.value})")
@@ -108,6 +114,7 @@ class Control:
             self._s.counts[previous] -= 1
             self._s.counts[lifecycle.QUEUED] += 1
             task = await self.get(task_id)
+            self._s.tally.queued(task)
         finally:
             self._s.ready.untombstone(task_id)
         if task.unique_key is not None:

@@ -134,6 +134,8 @@ class Enqueue:
             text, data = encode_payload(data)
         task, committed = self.admit(1).insert_task(item, text, data)
         self._s.counts[task.state] += 1
+        if task.state is lifecycle.QUEUED:
+            self._s.tally.queued(task)
         return task, committed
 
     async def task_many(self, items: Iterable[Any], **options: Any) -> list[Submitted]:
@@ -241,6 +243,8 @@ class Enqueue:
             keyed: list[int] = []
             for task in tasks:
                 self._s.counts[task.state] += 1
+                if task.state is lifecycle.QUEUED:
+                    self._s.tally.queued(task)
                 if task.serial_group is not None:
                     self._s.ready.claim(task)
                 if task.unique_key is not None:

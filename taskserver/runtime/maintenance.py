@@ -111,6 +111,7 @@ class Maintenance:
             stored = self._s.store.update_task(task, EventType.QUEUED, {"due": True}, ready=True)
             self._s.counts[previous] -= 1
             self._s.counts[lifecycle.QUEUED] += 1
+            self._s.tally.queued(task)
         if not promoted.done():  # the due loop may have been cancelled (stop)
             promoted.set_result(stored)
 

@@ -36,6 +36,10 @@ class Outcomes:
         the events to the fan-out."""
         if durable.delayed:
             self._s.due_wake.set()
+        if durable.inserted:
+            committed = self._s.tally.committed
+            for task in durable.inserted:
+                committed(task)
         fanout = self._fanout
         publish = fanout.publish if len(fanout) else None  # nobody listens: skip the topics
         prefix = self._s.topic_prefix
@@ -63,6 +67,8 @@ class Outcomes:
         ``Enqueue`` counted."""
         for task in tasks:
             self._s.counts[task.state] -= 1
+            if task.state is lifecycle.QUEUED:
+                self._s.tally.unqueued(task)
             self.ended(task.id)
 
     def ended(self, task_id: int) -> None:
@@ -91,13 +97,19 @@ class Outcomes:
     def report(self, task: Task, type_: EventType, extra: dict[str, Any] | None) -> None:
         """A worker's outcome (``started``, ``retrying``, ``finished`` ...): stored, counted."""
         self._s.store.update_task(task, type_, extra)  # NotSerializable propagates to the pool
-        counts = self._s.counts
+        counts, tally = self._s.counts, self._s.tally
         if type_ is EventType.STARTED:
             counts[lifecycle.QUEUED] -= 1
             counts[lifecycle.RUNNING] += 1
+            tally.started(task)
         elif type_ is not EventType.PROGRESS:
             counts[lifecycle.RUNNING] -= 1
             counts[task.state] += 1
+            tally.attempt_ended(task, self._s.clock())
+            if type_ is EventType.RETRYING:
+                tally.retried(task)
+            elif type_ in TERMINAL_EVENTS:
+                tally.ended(task)
 
     def progress(self, task: Task, fraction: float, message: str | None) -> Any:
         """A running task's progress: stored with its event; the batch's future."""

@@ -16,6 +16,7 @@ from ..errors import ServerClosed
 from ..models import TaskState
 from ..storage import Store
 from .ready import ReadyQueue
+from .tally import Tally
 from .waiting import Waiters
 from .workers import WorkerPool
 
@@ -57,6 +58,8 @@ class Shared:
     waiters: Waiters
     counts: dict[TaskState, int] = field(default_factory=lambda: dict.fromkeys(TaskState, 0))
     unique: UniqueKeys = field(default_factory=UniqueKeys)
+    #: what ``/metrics`` shows: counters, histograms, queue depths (``tally.py``)
+    tally: Tally = field(default_factory=Tally)
     #: set when a delayed task may have become due sooner than the due loop thinks
     due_wake: asyncio.Event = field(default_factory=asyncio.Event)
     pool: WorkerPool | None = None

@@ -41,6 +41,9 @@ class Opened:
     group_heads: list[tuple[str, int, TaskState]]
     #: queues with queued tasks on disk
     queues_with_work: list[str]
+    #: queued tasks per queue and whole second of ``available_at``: ``(queue, second, n)``
+    #: (``/metrics``: queue depth and oldest age; empty if the backend does not say)
+    queued_seconds: list[tuple[str, int, int]] = field(default_factory=list)
     #: what recovery did with tasks a dead process left running
     recovered_queued: int = 0
     recovered_failed: int = 0

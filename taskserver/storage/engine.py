@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import ServerBusy
+from ..measure import BATCH_SIZES, COMMIT_SECONDS, Histogram
 from ..models import Task
 from .backend import Backend, Opened
 from .batching import Batching
@@ -103,6 +104,9 @@ class Engine(Batching):
         self._probe: asyncio.Future[int] | None = None
         #: The highest event id committed so far (events are committed in id order).
         self.committed_event_id = 0
+        #: Of each transaction that wrote: its writes, and the seconds ``apply`` took.
+        self.batch_sizes = Histogram(BATCH_SIZES)
+        self.commit_seconds = Histogram(COMMIT_SECONDS)
 
     def __repr__(self) -> str:
         pending = len(self._batch) if self._batch else 0
@@ -177,6 +181,7 @@ class Engine(Batching):
                 self._wake.clear()
                 continue
             self._batch = None
+            began = time.perf_counter()
             try:
                 applied = await self.backend.apply(batch)
             except Exception as exc:
@@ -194,6 +199,9 @@ class Engine(Batching):
                 continue
             self._failing = 0
             self.commits += 1
+            if applied.wrote:
+                self.commit_seconds.observe(time.perf_counter() - began)
+                self.batch_sizes.observe(len(batch))
             await self._committed(batch, applied)
 
     async def _committed(self, batch: Batch, applied: Applied) -> None:
@@ -202,6 +210,7 @@ class Engine(Batching):
         for token in batch.retire:
             self.backend.release(token)
         durable = applied.durable
+        durable.inserted = batch.inserted
         if durable.events:
             self.committed_event_id = max(self.committed_event_id, durable.events[-1].id)
         # Order matters, for speed and for correctness:

@@ -198,6 +198,8 @@ class Durable:
     delayed: bool
     #: queues where other servers made tasks ready (a shared backend): claim from them.
     queues: list[str] = field(default_factory=list)
+    #: the new tasks the batch stored (the engine sets it: backends need not)
+    inserted: list[Task] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -6,7 +6,8 @@ Mercure subscriber allowed the task's topic will do); ``Access.protect`` wraps i
 handler so that the check happens in one place. The contract:
 
 * Scopes: ``read`` (GET tasks, stats, event streams), ``enqueue`` (POST /tasks,
-  /tasks:batch), ``admin`` (everything else); ``admin`` implies the other two.
+  /tasks:batch), ``metrics`` (GET /metrics), ``admin`` (everything else); ``admin``
+  implies the others.
 * Credentials, tried in order: ``Authorization: Bearer <token>``, else the dashboard's
   ``taskserver_token`` cookie. A token is one of the configured secrets (``api_token``
   has every scope, ``[api_tokens.NAME]`` their own), compared as SHA-256 digests in
@@ -79,6 +80,7 @@ class Need:
 READ = Need("read")
 READ_TASK = Need("read", by_topic=True)
 ENQUEUE = Need("enqueue")
+METRICS = Need("metrics")
 ADMIN = Need("admin")
 
 
@@ -338,7 +340,7 @@ class Access:
             raise ValidationError("token is required", field="token")
         principal = self.identify(token.strip())
         if not principal.scopes:
-            raise AccessDenied("this token has no API scope (read, enqueue or admin)")
+            raise AccessDenied("this token has no API scope (read, enqueue, metrics or admin)")
         response = _json({"name": principal.name, "scopes": sorted(principal.scopes)})
         response.set_cookie(
             COOKIE,

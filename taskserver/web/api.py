@@ -25,8 +25,9 @@ from ..push.mercure import MercureHub, discovery_link
 from ..push.sse import stream_events
 from ..runtime.options import OPTIONS, TaskSpec
 from ..server import TaskServer
-from .access import ADMIN, ENQUEUE, READ, READ_TASK, Access, Need
+from .access import ADMIN, ENQUEUE, METRICS, READ, READ_TASK, Access, Need
 from .jsonints import refuse_wide_integers
+from .metrics import Metrics
 from .openapi import document
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ SERVER: web.AppKey[TaskServer] = web.AppKey("taskserver", TaskServer)
 PREFIX: web.AppKey[str] = web.AppKey("taskserver_prefix", str)
 #: Who may use the routes (``access.py``).
 ACCESS: web.AppKey[Access] = web.AppKey("taskserver_access", Access)
+#: The server's Prometheus registry (``metrics.py``).
+METRICS_KEY: web.AppKey[Metrics] = web.AppKey("taskserver_metrics", Metrics)
 
 JSON = "application/json"
 MAX_PAGE = 1000
@@ -416,6 +419,11 @@ async def openapi_document(request: web.Request) -> web.Response:
     return json_response(document(settings, prefix, **limits))
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics`` → the Prometheus exposition of this server (``metrics.py``)."""
+    return await request.app[METRICS_KEY].handle(request)
+
+
 def _not_ready(detail: str) -> web.Response:
     return problem(503, "Not ready", detail, headers={"Retry-After": str(READY_RETRY_AFTER)})
 
@@ -435,6 +443,7 @@ ROUTES: tuple[tuple[str, str, Handler, str | None, Need | None], ...] = (
     ("GET", "/stats", stats, "stats", READ),
     ("GET", "/healthz", healthz, "healthz", None),
     ("GET", "/readyz", readyz, "readyz", None),
+    ("GET", "/metrics", metrics, "metrics", METRICS),
     ("GET", "/openapi.json", openapi_document, "openapi", None),
 )
 
@@ -452,6 +461,7 @@ def add_routes(
     app[PREFIX] = prefix
     access = Access(server, prefix, hub)
     app[ACCESS] = access
+    app[METRICS_KEY] = Metrics(server, hub)
     base_url = server.settings.base_url
 
     def discovery(request: web.Request, response: web.StreamResponse) -> None:

@@ -209,7 +209,8 @@ JSON_BODY = (400, 413, 415, 422)
 
 
 def _op(summary: str, scope: str | None, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
-    """One operation; ``scope`` (read, enqueue, admin) adds the 401/403 it may answer."""
+    """One operation; ``scope`` (read, enqueue, metrics, admin) adds the 401/403 it may
+    answer."""
     op: dict[str, Any] = {"summary": summary, "responses": responses, **more}
     if scope is None:
         op["security"] = []
@@ -369,6 +370,16 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
             "Worker and task counters", "read", {"200": _json({"type": "object"})}
         ),
         ("GET", "/healthz"): _op("Liveness", None, {"200": _json(_ref("Status"))}),
+        ("GET", "/metrics"): _op(
+            "Prometheus metrics (text exposition; OpenMetrics on Accept)",
+            "metrics",
+            {
+                "200": {
+                    "description": "the exposition",
+                    "content": {"text/plain": {}, "application/openmetrics-text": {}},
+                }
+            },
+        ),
         ("GET", "/readyz"): _op(
             "Readiness: 503 while draining or the store cannot write",
             None,
@@ -518,7 +529,8 @@ def document(settings: Settings, prefix: str = "", **limits: int) -> dict[str, A
                     "type": "http",
                     "scheme": "bearer",
                     "description": "api_token, [api_tokens.NAME] (scopes read, enqueue, "
-                    "admin; admin implies both) or a JWT; open when none is configured",
+                    "metrics, admin; admin implies the others) or a JWT; open when none is"
+                    " configured",
                 },
                 "cookie": {"type": "apiKey", "in": "cookie", "name": "taskserver_token"},
                 "mercure": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},

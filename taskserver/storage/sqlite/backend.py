@@ -125,6 +125,7 @@ class SqliteBackend(SqliteReads):
             unique_keys=await self.active_unique_keys(),
             group_heads=await self.serial_heads(),
             queues_with_work=await self.queues_with_work(),
+            queued_seconds=await self.queued_seconds(),
             recovered_queued=queued,
             recovered_failed=failed,
             committed_event_id=self._next_event_id - 1,

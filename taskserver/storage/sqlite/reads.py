@@ -97,6 +97,11 @@ class SqliteReads:
         """Names of queues that have queued tasks on disk."""
         return [str(r[0]) for r in await self._fetch(sql.SELECT_QUEUES_WITH_WORK)]
 
+    async def queued_seconds(self) -> list[tuple[str, int, int]]:
+        """Queued tasks per queue and whole second of ``available_at`` (``Opened``)."""
+        rows = await self._fetch(sql.SELECT_QUEUED_SECONDS)
+        return [(str(q), int(s), int(n)) for q, s, n in rows]
+
     async def next_due(self) -> float | None:
         """The earliest ``available_at`` of a waiting or retrying task, or ``None``."""
         rows = await self._fetch(sql.SELECT_NEXT_DUE)

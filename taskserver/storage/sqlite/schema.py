@@ -163,6 +163,10 @@ SELECT_GROUP_HEAD = (
     f" AND state IN {ON_DISK} ORDER BY id LIMIT 1"
 )
 SELECT_QUEUES_WITH_WORK = f"SELECT DISTINCT queue FROM tasks WHERE state = '{QUEUED}'"
+SELECT_QUEUED_SECONDS = (
+    "SELECT queue, CAST(available_at AS INTEGER), count(*) FROM tasks"
+    f" WHERE state = '{QUEUED}' GROUP BY 1, 2"
+)
 SELECT_DUE = (
     f"SELECT {TASK_COLUMNS} FROM tasks WHERE state IN {DELAYED}"
     " AND available_at <= ? ORDER BY available_at, id LIMIT ?"
