@@ -105,11 +105,7 @@ class Outcomes:
         elif type_ is not EventType.PROGRESS:
             counts[lifecycle.RUNNING] -= 1
             counts[task.state] += 1
-            tally.attempt_ended(task, self._s.clock())
-            if type_ is EventType.RETRYING:
-                tally.retried(task)
-            elif type_ in TERMINAL_EVENTS:
-                tally.ended(task)
+            tally.attempt_ended(task, task.finished_at or self._s.clock())
 
     def progress(self, task: Task, fraction: float, message: str | None) -> Any:
         """A running task's progress: stored with its event; the batch's future."""

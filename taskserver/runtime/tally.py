@@ -21,10 +21,13 @@ operations on the loop, no lock and no store read. The contract:
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import Any
 
+from ..lifecycle import RETRYING, TERMINAL
 from ..measure import SECONDS, Histogram
-from ..models import Task
+from ..models import Task, TaskState
 
 #: Distinct label sets kept per metric before new ones are folded into ``OTHER``.
 MAX_SERIES = 1000
@@ -37,11 +40,11 @@ class Depth:
     """One queue's queued tasks: how many, and how many per second of ``available_at``."""
 
     count: int = 0
-    seconds: dict[int, int] = field(default_factory=dict)
+    seconds: dict[float, int] = field(default_factory=dict)
     #: every second in ``seconds``, and some that left it (dropped lazily at the top)
-    heap: list[int] = field(default_factory=list)
+    heap: list[float] = field(default_factory=list)
 
-    def add(self, second: int, n: int = 1) -> None:
+    def add(self, second: float, n: int = 1) -> None:
         self.count += n
         held = self.seconds.get(second)
         if held is not None:
@@ -53,7 +56,7 @@ class Depth:
         else:
             heapq.heappush(self.heap, second)
 
-    def remove(self, second: int) -> None:
+    def remove(self, second: float) -> None:
         held = self.seconds.get(second)
         if held is None:
             return  # never counted (a task queued before a process that did not seed it)
@@ -63,7 +66,7 @@ class Depth:
         else:
             del self.seconds[second]
 
-    def oldest(self) -> int | None:
+    def oldest(self) -> float | None:
         """The earliest second of ``available_at`` among the queued tasks, or ``None``."""
         heap, seconds = self.heap, self.seconds
         while heap and heap[0] not in seconds:
@@ -72,12 +75,16 @@ class Depth:
 
 
 class Tally:
-    """The counters, histograms and queue depths behind ``/metrics``."""
+    """The counters, histograms and queue depths behind ``/metrics``.
+
+    Keys hold ``task.name`` as it is (``None`` for none) and the ``TaskState`` itself:
+    the scrape spells them out, the hot path does not.
+    """
 
     def __init__(self) -> None:
-        self.enqueued: dict[tuple[str, str], int] = {}
-        self.finished: dict[tuple[str, str, str], int] = {}
-        self.retries: dict[tuple[str, str], int] = {}
+        self.enqueued: dict[tuple[str, str | None], int] = {}
+        self.finished: dict[tuple[str, str | None, TaskState], int] = {}
+        self.retries: dict[tuple[str, str | None], int] = {}
         self.run_seconds: dict[str, Histogram] = {}
         self.wait_seconds: dict[str, Histogram] = {}
         self.depths: dict[str, Depth] = {}
@@ -86,15 +93,16 @@ class Tally:
         queued = sum(d.count for d in self.depths.values())
         return f"<Tally queues={len(self.depths)} queued={queued}>"
 
-    # --- labels -------------------------------------------------------------------
+    # --- new label sets (the slow path: once per label set) -----------------------------
 
-    def _labels(self, table: dict[tuple[str, str], int], task: Task) -> tuple[str, str]:
-        key = (task.queue, task.name or "")
-        if key in table or len(table) < MAX_SERIES:
-            return key
-        return (OTHER, OTHER)
+    @staticmethod
+    def _count(table: dict[Any, int], key: Any, other: Any) -> None:
+        if key not in table and len(table) >= MAX_SERIES:
+            key = other
+        table[key] = table.get(key, 0) + 1
 
-    def _histogram(self, table: dict[str, Histogram], queue: str) -> Histogram:
+    @staticmethod
+    def _histogram(table: dict[str, Histogram], queue: str) -> Histogram:
         histogram = table.get(queue)
         if histogram is None:
             if len(table) >= MAX_SERIES:
@@ -104,55 +112,81 @@ class Tally:
                 histogram = table[queue] = Histogram(SECONDS)
         return histogram
 
-    # --- what the parts report --------------------------------------------------------
+    # --- what the parts report (each runs per task: kept to a few dict operations) ----
 
     def committed(self, task: Task) -> None:
         """A new task's batch committed: it is enqueued."""
-        key = self._labels(self.enqueued, task)
-        self.enqueued[key] = self.enqueued.get(key, 0) + 1
+        key = (task.queue, task.name)
+        try:
+            self.enqueued[key] += 1
+        except KeyError:
+            self._count(self.enqueued, key, (OTHER, OTHER))
 
     def queued(self, task: Task) -> None:
         """``task`` became ``queued`` (new, due, retried, re-queued)."""
-        depth = self.depths.get(task.queue)
-        if depth is None:
+        try:
+            depth = self.depths[task.queue]
+        except KeyError:
             name = task.queue if len(self.depths) < MAX_SERIES else OTHER
             depth = self.depths.setdefault(name, Depth())
-        depth.add(int(task.available_at))
+        second = task.available_at // 1  # a float key: equal to the int, and cheaper
+        seconds = depth.seconds
+        if second in seconds:  # Depth.add, inlined: this runs per task
+            depth.count += 1
+            seconds[second] += 1
+        else:
+            depth.add(second)
 
     def unqueued(self, task: Task) -> None:
         """``task`` left ``queued`` (started, cancelled, or its batch failed)."""
-        name = task.queue if task.queue in self.depths else OTHER
+        name = task.queue
         depth = self.depths.get(name)
-        if depth is not None:
-            depth.remove(int(task.available_at))
-            if not depth.count and not depth.seconds:
-                del self.depths[name]  # queues come and go: keep those with tasks
+        if depth is None:
+            name, depth = OTHER, self.depths.get(OTHER)
+            if depth is None:
+                return
+        depth.remove(task.available_at // 1)
+        if not depth.count and not depth.seconds:
+            del self.depths[name]  # queues come and go: keep those with tasks
 
     def started(self, task: Task) -> None:
         """A worker started ``task`` (``started_at`` set): it left the queue."""
         self.unqueued(task)
-        if task.started_at is not None:
-            wait = max(0.0, task.started_at - task.available_at)
-            self._histogram(self.wait_seconds, task.queue).observe(wait)
+        wait = (task.started_at or task.available_at) - task.available_at
+        try:
+            histogram = self.wait_seconds[task.queue]
+        except KeyError:
+            histogram = self._histogram(self.wait_seconds, task.queue)
+        if wait < 0.0:
+            wait = 0.0
+        histogram.counts[bisect_left(histogram.bounds, wait)] += 1  # observe(), inlined
+        histogram.sum += wait
 
     def attempt_ended(self, task: Task, now: float) -> None:
-        """An attempt of ``task`` ended (any outcome, a retry or a wait included)."""
-        if task.started_at is not None:
-            run = max(0.0, now - task.started_at)
-            self._histogram(self.run_seconds, task.queue).observe(run)
-
-    def retried(self, task: Task) -> None:
-        """A failed attempt of ``task`` will be retried."""
-        key = self._labels(self.retries, task)
-        self.retries[key] = self.retries.get(key, 0) + 1
+        """An attempt of ``task`` ended: its outcome in ``task.state`` (an ended state, a
+        retry or a wait); ``now`` is when."""
+        run = now - (task.started_at or now)
+        try:
+            histogram = self.run_seconds[task.queue]
+        except KeyError:
+            histogram = self._histogram(self.run_seconds, task.queue)
+        if run < 0.0:
+            run = 0.0
+        histogram.counts[bisect_left(histogram.bounds, run)] += 1  # observe(), inlined
+        histogram.sum += run
+        state = task.state
+        if state is RETRYING:
+            self._count(self.retries, (task.queue, task.name), (OTHER, OTHER))
+        elif state in TERMINAL:
+            self.ended(task)
 
     def ended(self, task: Task) -> None:
         """``task`` ended, its outcome in ``task.state``."""
-        queue, name = task.queue, task.name or ""
-        key = (queue, name, task.state.value)
-        if key not in self.finished and len(self.finished) >= MAX_SERIES:
-            key = (OTHER, OTHER, task.state.value)
-        self.finished[key] = self.finished.get(key, 0) + 1
+        key = (task.queue, task.name, task.state)
+        try:
+            self.finished[key] += 1
+        except KeyError:
+            self._count(self.finished, key, (OTHER, OTHER, task.state))
 
     def seed(self, queued_seconds: list[tuple[str, int, int]]) -> None:
         """At start: ``(queue, second of available_at, tasks)`` queued on disk."""

@@ -95,21 +95,27 @@ class ServerCollector(Collector):
             PREFIX + "tasks_enqueued", METRICS["tasks_enqueued"], labels=["queue", "name"]
         )
         for (queue, name), n in tally.enqueued.items():
-            enqueued.add_metric([queue, name], n)
+            enqueued.add_metric([queue, name or ""], n)
         yield enqueued
         finished = CounterMetricFamily(
             PREFIX + "tasks_finished",
             METRICS["tasks_finished"],
             labels=["queue", "name", "outcome"],
         )
-        for (queue, name, outcome), n in tally.finished.items():
-            finished.add_metric([queue, name, outcome], n)
+        for (queue, name, state), n in tally.finished.items():
+            finished.add_metric([queue, name or "", state.value], n)
         yield finished
         retries = CounterMetricFamily(
             PREFIX + "task_retries", METRICS["task_retries"], labels=["queue", "name"]
         )
         for (queue, name), n in tally.retries.items():
-            retries.add_metric([queue, name], n)
+            retries.add_metric(
+                [
+                    queue,
+                    name or "",
+                ],
+                n,
+            )
         yield retries
         for name, table in (
             ("task_run_seconds", tally.run_seconds),
