@@ -12,8 +12,10 @@ Every field's help text is also its ``--flag`` help, so ``--help`` stays complet
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +56,28 @@ def _choice(*options: str) -> Check:
     return check
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(value: str) -> tuple[Network, ...]:
+    """Addresses and CIDR networks, space or comma separated; ``ValueError`` naming a bad one."""
+    networks = []
+    for item in filter(None, re.split(r"[\s,]+", value)):
+        try:
+            networks.append(ipaddress.ip_network(item.strip("[]"), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or a CIDR network") from None
+    return tuple(networks)
+
+
+def _networks(value: Any) -> str | None:
+    try:
+        parse_networks(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _app_ref(value: Any) -> str | None:
     if value is None or (
         isinstance(value, str) and value.count(":") == 1 and all(value.split(":"))
@@ -91,10 +115,18 @@ def _setting(
     *,
     file_only: bool = False,
     secret: bool = False,
+    separated: bool = False,
 ) -> Any:
     # file_only: a table, not a scalar; no --flag and no environment variable.
     # secret: left out of repr() and of error messages, so that no log shows a key.
-    metadata = {"help": help, "check": check, "file_only": file_only, "secret": secret}
+    # separated: a list in one string; the TOML file may give an array of strings.
+    metadata = {
+        "help": help,
+        "check": check,
+        "file_only": file_only,
+        "secret": secret,
+        "separated": separated,
+    }
     return field(default=default, repr=not secret, metadata=metadata)
 
 
@@ -251,6 +283,14 @@ class Settings:
     max_subscribers: int = _setting(20_000, "open SSE streams allowed at once", _range(1))
     heartbeat: float = _setting(15.0, "seconds between SSE keep-alive comments", _range(0.05))
     base_url: str = _setting("", "public URL of this server, used in task topics and links")
+    trusted_proxies: str = _setting(
+        "",
+        "addresses or CIDR networks of reverse proxies, space or comma separated (a TOML"
+        " array too): only from these peers are Forwarded / X-Forwarded-For, -Proto, -Host"
+        " believed (client address, scheme, host)",
+        _networks,
+        separated=True,
+    )
     log_level: str = _setting(
         "INFO", "logging level", _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     )
@@ -367,6 +407,12 @@ def coerce(name: str, value: Any, source: str) -> Any:
             converted = float(value)
         elif isinstance(value, str):
             converted = value
+        elif (
+            FIELDS[name].metadata["separated"]
+            and isinstance(value, list)
+            and all(isinstance(v, str) for v in value)
+        ):
+            converted = " ".join(value)
         else:
             raise ValueError
         if isinstance(converted, float) and not math.isfinite(converted):

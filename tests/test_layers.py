@@ -41,7 +41,6 @@ LAYERS: list[set[str]] = [
         "storage.postgres.node",
         "push.jws",
         "web.netguard",
-        "web.exposure",
     },
     {
         "storage.batching",
@@ -61,7 +60,8 @@ LAYERS: list[set[str]] = [
     {"runtime.enqueue", "runtime.outcomes", "runtime.control"},
     {"runtime.maintenance"},
     {"server", "push.mercure"},
-    {"web.access", "web.openapi", "web.metrics"},
+    {"web.exposure"},
+    {"web.access", "web.openapi", "web.metrics", "web.forwarded"},
     {"web.api", "web.demo", "add_command"},
     {"web.app", "admin"},
     {"cli", "__init__", "__main__", "netguard"},  # netguard: the old path, re-exported

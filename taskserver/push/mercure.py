@@ -169,8 +169,21 @@ def public_origin(request: web.Request, base_url: str) -> str:
     return base_url.rstrip("/") if base_url else local_origin(request)
 
 
+def request_key(name: str, kind: type) -> Any:
+    """A key of request storage: ``web.RequestKey`` where aiohttp has it, else the name."""
+    key_type = getattr(web, "RequestKey", None)  # newer aiohttp warns about plain str keys
+    return key_type(name, kind) if key_type is not None else name
+
+
+#: Set on a request whose scheme and host a trusted proxy reported (``web/forwarded.py``).
+PROXIED: Any = request_key("taskserver_proxied", bool)
+
+
 def local_origin(request: web.Request) -> str:
-    """``scheme://address:port`` of the listening socket that accepted ``request``."""
+    """``scheme://address:port`` of the listening socket that accepted ``request``, or,
+    behind a trusted proxy (``PROXIED``), the scheme and host the proxy received."""
+    if request.get(PROXIED):
+        return _proxied_origin(request.scheme, request.host)
     transport = request.transport
     sockname = transport.get_extra_info("sockname") if transport is not None else None
     scheme = request.scheme
@@ -186,6 +199,13 @@ def _origin(scheme: str, host: str, port: int) -> str:
     if (scheme, port) in (("http", 80), ("https", 443)):
         return f"{scheme}://{host}"  # as browsers write an Origin
     return f"{scheme}://{host}:{port}"
+
+
+@functools.lru_cache(maxsize=64)
+def _proxied_origin(scheme: str, host: str) -> str:
+    host = host.lower()
+    default = ":443" if scheme == "https" else ":80"
+    return f"{scheme}://{host.removesuffix(default)}"  # as browsers write an Origin
 
 
 def discovery_link(request: web.Request, base_url: str) -> str:

@@ -24,6 +24,9 @@ REPLAY_PAGE = 500
 RECONNECT_MS = 1000
 #: A write to a client that does not read for this long drops the client.
 SEND_TIMEOUT = 10.0
+#: Sent with every stream: nginx (and proxies that follow it) then never buffers one,
+#: whatever its own proxy_buffering says.
+NO_PROXY_BUFFERING = {"X-Accel-Buffering": "no"}
 
 
 @contextlib.asynccontextmanager
@@ -39,11 +42,13 @@ async def open_stream(
     """An SSE response, prepared and flushed, whose ``subscription`` ends with the client.
 
     ``opening`` is written at once (a comment): browsers fire ``onopen`` only once
-    the headers are flushed. When the client goes (its heartbeat write fails) the
+    the headers are flushed; ``X-Accel-Buffering: no`` goes with them (nginx never
+    buffers a stream). When the client goes (its heartbeat write fails) the
     subscription is closed, so a body waiting on it wakes up. A client that goes
     away or stops reading ends the body quietly; on the way out the subscription
     is closed and the heartbeats stop.
     """
+    headers = {**NO_PROXY_BUFFERING, **headers} if headers else NO_PROXY_BUFFERING
     response = EventSourceResponse(
         headers=headers, ping_interval=heartbeat, send_timeout=SEND_TIMEOUT
     )

@@ -24,6 +24,7 @@ from ..push import mercure
 from ..server import TaskServer
 from . import api
 from .access import Authorizer
+from .forwarded import TrustedProxies
 
 #: Where an application finds its TaskServer: ``request.app[TASKSERVER]``.
 TASKSERVER = api.SERVER
@@ -51,6 +52,9 @@ def attach(
     if authorize is not None:
         server.authorize(authorize)
     app[TASKSERVER] = server
+    if server.settings.trusted_proxies:
+        # First: every handler and middleware after it sees the client's request.
+        app.middlewares.insert(0, TrustedProxies(server.settings.trusted_proxies).middleware)
     hub = mercure.add_routes(app, server)  # at /.well-known/mercure, whatever the prefix
     api.add_routes(app, server, prefix, hub)
 

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..errors import AccessDenied, ConfigError
+from ..push.mercure import PROXIED
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ def check_host(request: web.Request, base_host: str) -> None:
     sockname = transport.get_extra_info("sockname") if transport is not None else None
     if not isinstance(sockname, tuple) or not is_loopback(str(sockname[0])):
         return  # a Unix socket, or a non-loopback address: reachable without rebinding
-    header = request.headers.get("Host")
+    # Behind a trusted proxy: the host the client asked the proxy for.
+    header = request.host if request.get(PROXIED) else request.headers.get("Host")
     if header is None or _allowed(header, str(sockname[0]).lower(), base_host):
         return
     raise AccessDenied(
