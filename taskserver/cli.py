@@ -25,7 +25,7 @@ from . import admin
 from .config import FIELDS, Settings, load_settings
 from .errors import ConfigError
 from .runtime.workers import TASK_THREAD_PREFIX
-from .web import netguard, tls
+from .web import logs, netguard, tls
 from .web.app import ACCESS, TASKSERVER, create_app, load_setup
 from .web.exposure import check_exposure
 
@@ -136,9 +136,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 def run(settings: Settings) -> int:
     """Build the app, bind, serve until SIGINT/SIGTERM, stop gracefully. Returns the exit code."""
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -177,7 +175,8 @@ async def _serve(
 ) -> int:
     # shutdown_timeout: how long open requests get; running tasks get grace_period after.
     # The runner does TLS itself (TlsGate): connections count from accept, not handshake.
-    runner = netguard.runner(app, settings, ssl_context, access_log=None, shutdown_timeout=5.0)
+    access: dict[str, Any] = logs.access_logger() if settings.access_log else {"access_log": None}
+    runner = netguard.runner(app, settings, ssl_context, shutdown_timeout=5.0, **access)
     try:
         await runner.setup()  # starts the TaskServer: opens the store, recovers, starts workers
     except ConfigError as exc:  # e.g. the database cannot be reached

@@ -294,6 +294,15 @@ class Settings:
     log_level: str = _setting(
         "INFO", "logging level", _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     )
+    log_format: str = _setting(
+        "text",
+        "log lines as text, or json: one object per line (time, level, logger, message,"
+        " task_id and queue where there is one)",
+        _choice("text", "json"),
+    )
+    access_log: bool = _setting(
+        False, "log every HTTP request: method, path, status, duration, client address"
+    )
     # --- the Mercure hub at /.well-known/mercure (taskserver/push/mercure.py) ---
     mercure_jwt_alg: str = _setting(
         "HS256", "JWT algorithm of the Mercure keys; tokens must use it", _choice("HS256", "RS256")

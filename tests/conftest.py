@@ -206,7 +206,8 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
-LISTENING = re.compile(r"listening on (https?://\S+)")
+#: In a text line or in a JSON one (``--log-format json``): the URL ends before a quote.
+LISTENING = re.compile(r"listening on (https?://[^\s\"]+)")
 
 
 @pytest.fixture

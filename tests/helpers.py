@@ -143,3 +143,13 @@ def cpu_wait_for_file(ctx: ProcessTaskContext) -> dict[str, Any]:
     while not os.path.exists(ctx.data["until_file"]) and time.monotonic() < deadline:
         time.sleep(0.01)
     return {"pid": os.getpid(), "data": ctx.data}
+
+
+async def _failing_finish(ctx: TaskContext, result: Any) -> None:
+    raise RuntimeError(f"finish failed for {ctx.data!r}")
+
+
+def setup_failing_finish(server: TaskServer) -> None:
+    """Echo tasks whose ``finish`` callback raises: the server logs it, about the task."""
+    server.on("task", _echo)
+    server.on("finish", _failing_finish)

@@ -62,7 +62,7 @@ LAYERS: list[set[str]] = [
     {"server", "push.mercure"},
     {"web.exposure"},
     {"web.access", "web.openapi", "web.metrics", "web.forwarded"},
-    {"web.api", "web.demo", "add_command"},
+    {"web.api", "web.demo", "web.logs", "add_command"},
     {"web.app", "admin"},
     {"cli", "__init__", "__main__", "netguard"},  # netguard: the old path, re-exported
 ]

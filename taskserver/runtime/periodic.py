@@ -143,4 +143,10 @@ async def _enqueue_logged(enqueue: Enqueue, schedule: Schedule, due: float) -> N
     try:
         await enqueue(schedule, due)
     except (ServerBusy, ValidationError) as exc:
-        log.error("schedule %r: could not enqueue the run due at %s: %s", schedule.name, due, exc)
+        log.error(
+            "schedule %r: could not enqueue the run due at %s: %s",
+            schedule.name,
+            due,
+            exc,
+            extra={"schedule": schedule.name},
+        )

@@ -182,6 +182,11 @@ class Callback:
 CALLBACK_ERRORS = (Exception, SystemExit)
 
 
+def _about(task: Task) -> dict[str, Any]:
+    """A log line's ``extra`` about ``task``: its id and queue (JSON logs show them)."""
+    return {"task_id": task.id, "queue": task.queue}
+
+
 def _uncancel(task: asyncio.Task[None]) -> None:
     # Every cancel() counts; all of them were for this one task.
     while task.cancelling():
@@ -405,7 +410,9 @@ class WorkerPool:
                 self._end(task, lifecycle.CANCELLED, EventType.CANCELLED, None)
             except Exception:
                 # A bug of ours must cost one task, never a worker.
-                log.exception("worker %d failed handling task %d", worker_id, task.id)
+                log.exception(
+                    "worker %d failed handling task %d", worker_id, task.id, extra=_about(task)
+                )
                 self._end(
                     task,
                     lifecycle.FAILED,
@@ -467,7 +474,7 @@ class WorkerPool:
 
     @staticmethod
     def _finish_failed(task: Task, exc: BaseException) -> None:
-        log.error("finish callback failed for task %d", task.id, exc_info=exc)
+        log.error("finish callback failed for task %d", task.id, exc_info=exc, extra=_about(task))
         task.finish_error = f"{type(exc).__name__}: {exc}"
 
     async def _hook(self, name: str, run: _Run, *args: Any) -> None:
@@ -487,7 +494,7 @@ class WorkerPool:
 
     @staticmethod
     def _hook_failed(task: Task, name: str, exc: BaseException) -> None:
-        log.error("%s hook failed for task %d", name, task.id, exc_info=exc)
+        log.error("%s hook failed for task %d", name, task.id, exc_info=exc, extra=_about(task))
         note = f"{name} hook: {type(exc).__name__}: {exc}"
         task.hook_error = f"{task.hook_error}; {note}" if task.hook_error else note
 

@@ -42,7 +42,7 @@ async def demo_task(ctx: TaskContext) -> dict[str, Any]:
 
 async def demo_finish(ctx: TaskContext, result: Any) -> None:
     """Log the result: ``finish`` runs in the server process once the task returned."""
-    log.debug("demo task %d finished: %r", ctx.id, result)
+    log.debug("demo task %d finished: %r", ctx.id, result, extra={"task_id": ctx.id})
 
 
 #: No other site may frame the dashboard (clickjacking its Cancel and Retry buttons).
