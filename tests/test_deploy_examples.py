@@ -12,12 +12,16 @@ import os
 import re
 import shlex
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 
@@ -294,3 +298,94 @@ def test_nginx_accepts_the_site(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "[warn]" not in done.stderr, done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_behind_a_real_nginx(tmp_path: Path, run_server: Callable[..., ServerProcess]) -> None:
+    """The site, run by a real nginx in front of a real taskserver with the unit's
+    trusted_proxies: taskserver sees the URL the browser used, never the forged client,
+    and an event reaches the browser at once through the proxy."""
+    nginx = _nginx()
+    if nginx is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set: no nginx binary (.ci/run unpacks Debian's)", pytrace=False)
+        pytest.skip("no nginx binary: apt-get install nginx (or set TEST_NGINX)")
+    token = "n" * 32
+    env = {
+        "TASKSERVER_TRUSTED_PROXIES": _unit_env()["TASKSERVER_TRUSTED_PROXIES"],
+        "TASKSERVER_API_TOKEN": token,
+    }
+    server = run_server("--log-format", "json", "--access-log", "true", env=env)
+    upstream = server.url.removeprefix("http://")
+    port = _free_port()
+    cert, key = self_signed(tmp_path)
+    site = _nginx_site()
+    site = re.sub(r"ssl_certificate +\S+;", f"ssl_certificate {cert};", site)
+    site = re.sub(r"ssl_certificate_key +\S+;", f"ssl_certificate_key {key};", site)
+    site = re.sub(r"(upstream taskserver \{\s*server )[\d.:]+;", rf"\g<1>{upstream};", site)
+    site = site.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{port} ssl http2;")
+    site = re.sub(r"\n\s*listen (\[::\]:)?(80|443)[^;]*;", "", site)  # the others
+    site = re.sub(r"server \{\s*server_name [^;]+;\s*return 301[^}]*\}", "", site)
+    temp = "\n".join(
+        f"    {kind}_temp_path {tmp_path}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (tmp_path / "nginx.conf").write_text(
+        f"error_log stderr;\npid {tmp_path}/nginx.pid;\nevents {{}}\n"
+        f"http {{\n    access_log off;\n{temp}\n{site}\n}}\n"
+    )
+    errors = tmp_path / "nginx.log"
+    with errors.open("w") as out:  # nginx keeps its own copy of the descriptor
+        proxy = subprocess.Popen(
+            [nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
+            stderr=out,
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proxy.poll() is None, errors.read_text()
+            assert time.monotonic() < deadline, "nginx did not listen"
+            time.sleep(0.02)
+        tls = ssl.create_default_context(cafile=str(cert))
+        base = f"https://127.0.0.1:{port}"
+        browser = {
+            "Host": "tasks.example.com",
+            "Authorization": f"Bearer {token}",
+            "X-Forwarded-For": "6.6.6.6",  # forged by the client: nginx overwrites it
+        }
+
+        def fetch(path: str, body: bytes | None = None) -> Any:
+            headers = {**browser, **({"Content-Type": "application/json"} if body else {})}
+            request = urllib.request.Request(base + path, data=body, headers=headers)
+            return urllib.request.urlopen(request, timeout=10, context=tls)
+
+        with fetch("/stats") as response:
+            assert response.status == 200
+            # No base_url: the hub's Link is built on what nginx forwarded (the port too:
+            # this nginx listens on a test port, not 443).
+            link = response.headers["Link"]
+            assert f"<https://tasks.example.com:{port}/.well-known/mercure>" in link
+        with fetch("/events") as stream:
+            assert stream.headers["Content-Type"].startswith("text/event-stream")
+            assert stream.readline().startswith(b":")  # the opening comment, unbuffered
+            with fetch("/tasks", json.dumps({"data": "via nginx"}).encode()) as created:
+                task_id = json.load(created)["id"]
+            while not (line := stream.readline()).startswith(b"data:"):
+                assert line, "the stream ended"
+            assert json.loads(line[5:])["task_id"] == task_id
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+    assert server.terminate() == 0
+    lines = [json.loads(line) for line in server.log.read_text().splitlines()]
+    access = [line for line in lines if line["logger"] == "taskserver.access"]
+    assert {line["path"] for line in access} >= {"/stats", "/tasks"}  # a stream: at its end
+    assert {line["client"] for line in access} == {"127.0.0.1"}, "the forged one not believed"
