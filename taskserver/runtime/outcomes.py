@@ -37,9 +37,7 @@ class Outcomes:
         if durable.delayed:
             self._s.due_wake.set()
         if durable.inserted:
-            committed = self._s.tally.committed
-            for task in durable.inserted:
-                committed(task)
+            self._s.tally.committed(durable.inserted)
         fanout = self._fanout
         publish = fanout.publish if len(fanout) else None  # nobody listens: skip the topics
         prefix = self._s.topic_prefix

@@ -114,13 +114,15 @@ class Tally:
 
     # --- what the parts report (each runs per task: kept to a few dict operations) ----
 
-    def committed(self, task: Task) -> None:
-        """A new task's batch committed: it is enqueued."""
-        key = (task.queue, task.name)
-        try:
-            self.enqueued[key] += 1
-        except KeyError:
-            self._count(self.enqueued, key, (OTHER, OTHER))
+    def committed(self, tasks: list[Task]) -> None:
+        """The batch of these new tasks committed: they are enqueued."""
+        enqueued = self.enqueued
+        for task in tasks:
+            key = (task.queue, task.name)
+            try:
+                enqueued[key] += 1
+            except KeyError:
+                self._count(enqueued, key, (OTHER, OTHER))
 
     def queued(self, task: Task) -> None:
         """``task`` became ``queued`` (new, due, retried, re-queued)."""

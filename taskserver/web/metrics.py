@@ -14,6 +14,7 @@ Every metric is listed, with its meaning, in ``METRICS`` and in the README.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
@@ -84,12 +85,13 @@ class ServerCollector(Collector):
         return []  # names are fixed and ours: no clash check at register time
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._tasks()
-        yield from self._queues()
+        stats = self.server.stats()  # from memory: O(queues)
+        yield from self._tasks(stats)
+        yield from self._queues(stats)
         yield from self._streams()
         yield from self._store()
 
-    def _tasks(self) -> Iterator[Metric]:
+    def _tasks(self, stats: dict[str, Any]) -> Iterator[Metric]:
         tally = self.server.tally
         enqueued = CounterMetricFamily(
             PREFIX + "tasks_enqueued", METRICS["tasks_enqueued"], labels=["queue", "name"]
@@ -109,13 +111,7 @@ class ServerCollector(Collector):
             PREFIX + "task_retries", METRICS["task_retries"], labels=["queue", "name"]
         )
         for (queue, name), n in tally.retries.items():
-            retries.add_metric(
-                [
-                    queue,
-                    name or "",
-                ],
-                n,
-            )
+            retries.add_metric([queue, name or ""], n)
         yield retries
         for name, table in (
             ("task_run_seconds", tally.run_seconds),
@@ -126,14 +122,14 @@ class ServerCollector(Collector):
                 _histogram(family, [queue], histogram)
             yield family
         states = GaugeMetricFamily(PREFIX + "tasks", METRICS["tasks"], labels=["state"])
-        for state, n in self.server.stats()["tasks"].items():
+        for state, n in stats["tasks"].items():
             states.add_metric([state], n)
         yield states
 
-    def _queues(self) -> Iterator[Metric]:
+    def _queues(self, stats: dict[str, Any]) -> Iterator[Metric]:
         server = self.server
         depths = server.tally.depths
-        held = server.stats()["queues"]  # in memory: O(queues)
+        held = stats["queues"]
         now = server.now()
         depth = GaugeMetricFamily(PREFIX + "queue_depth", METRICS["queue_depth"], labels=["queue"])
         age = GaugeMetricFamily(
@@ -155,7 +151,7 @@ class ServerCollector(Collector):
         yield depth
         yield age
         yield running
-        workers = server.stats()["workers"]
+        workers = stats["workers"]
         yield _gauge("workers", workers["total"])
         yield _gauge("workers_busy", workers["busy"])
 
