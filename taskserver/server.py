@@ -255,7 +255,10 @@ class TaskServer:
         self._tuning.apply()
         shared.counts = opened.counts
         shared.tally.depths.clear()  # a restart in the same process counts from the disk
-        shared.tally.seed(opened.queued_seconds)
+        if store.shared:
+            shared.tally.untracked_depths()  # other servers enqueue and claim too
+        else:
+            shared.tally.seed(opened.queued_seconds)
         shared.unique.restore(opened.unique_keys)
         for group, head, state in opened.group_heads:
             shared.ready.restore_group(group, head, state)

@@ -14,6 +14,7 @@ from taskserver.errors import PermanentError
 from taskserver.web.metrics import METRICS
 
 from .conftest import ClientFactory, noop_finish, wait_for
+from .pg_server import PostgresServer
 
 Client = TestClient[web.Request, web.Application]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -199,3 +200,23 @@ async def test_openmetrics_when_asked(make_client: ClientFactory) -> None:
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("application/openmetrics-text")
     assert (await response.text()).endswith("# EOF\n")
+
+
+async def test_queue_depth_on_a_shared_database(
+    postgres: PostgresServer, aiohttp_client: Any
+) -> None:
+    # Two servers on one PostgreSQL database: what one enqueues, the other's scrape counts.
+    dsn = await postgres.create_database_async()
+    clients = []
+    for name in ("a", "b"):
+        server = TaskServer(Settings(db=dsn, node_name=name, task_workers=0, port=0))
+        app = web.Application()
+        attach(app, server)
+        clients.append(await aiohttp_client(app))
+    first: TaskServer = clients[0].app[TASKSERVER]
+    for _ in range(3):
+        await first.task("x", queue="mail")
+    samples = await scrape(clients[1])
+    assert value(samples, "taskserver_queue_depth", queue="mail") == 3
+    assert ("taskserver_queue_oldest_age_seconds", (("queue", "mail"),)) not in samples
+    assert first.tally.depths == {}  # nothing tracked in memory: it could only drift

@@ -11,8 +11,9 @@ operations on the loop, no lock and no store read. The contract:
 * Per queue, the queued tasks (in memory and on disk) and the oldest one's
   ``available_at``, to the second: counts per second of ``available_at`` plus a heap
   of those seconds, so the oldest is found in O(1) amortised, never by a scan.
-  Seeded at start from ``Opened.queued_seconds``. On a database several processes
-  share, it counts what this process saw.
+  Seeded at start from ``Opened.queued_seconds``. On a database several servers share
+  (``untracked_depths``) others enqueue and claim too: nothing is kept, and ``/metrics``
+  asks the store for the depths at scrape time instead.
 * Label sets are bounded: past ``MAX_SERIES`` distinct ``(queue, name)`` pairs (or
   queues) new ones are counted under ``OTHER``, so a caller naming a fresh queue per
   task cannot grow memory or the scrape without end.
@@ -72,6 +73,10 @@ class Depth:
         while heap and heap[0] not in seconds:
             heapq.heappop(heap)
         return heap[0] if heap else None
+
+
+def _ignore(task: Task) -> None:
+    return None
 
 
 class Tally:
@@ -189,6 +194,11 @@ class Tally:
             self.finished[key] += 1
         except KeyError:
             self._count(self.finished, key, (OTHER, OTHER, task.state))
+
+    def untracked_depths(self) -> None:
+        """Keep no queue depths (a shared database): ``queued`` and ``unqueued`` do nothing."""
+        self.depths.clear()
+        self.queued = self.unqueued = _ignore  # type: ignore[method-assign]
 
     def seed(self, queued_seconds: list[tuple[str, int, int]]) -> None:
         """At start: ``(queue, second of available_at, tasks)`` queued on disk."""

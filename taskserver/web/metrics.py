@@ -5,7 +5,9 @@ this server's own (several servers may share a process, as tests do) holding one
 custom collector that reads, at scrape time, what the server already counts
 (``runtime/tally.py``, ``measure.py``, the worker pool, the fan-out, the hub): the
 hot path pays nothing for a scrape, and a scrape costs O(series), never a read of
-the store. The process collectors (CPU, memory, open files, GC) are added too.
+the store (except on a database several servers share: one count of the queued tasks
+per queue, since others enqueue and claim too; the oldest age is then not reported).
+The process collectors (CPU, memory, open files, GC) are added too.
 OpenMetrics is answered when the scraper asks for it (``Accept``).
 
 Every metric is listed, with its meaning, in ``METRICS`` and in the README.
@@ -27,6 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from ..lifecycle import QUEUED
 from ..measure import Histogram
 from ..push.mercure import MercureHub
 from ..server import TaskServer
@@ -80,6 +83,8 @@ class ServerCollector(Collector):
     def __init__(self, server: TaskServer, hub: MercureHub | None) -> None:
         self.server = server
         self.hub = hub
+        #: queued tasks per queue read from a shared database for this scrape, else None
+        self.shared_depths: dict[str, int] | None = None
 
     def describe(self) -> list[Metric]:
         return []  # names are fixed and ours: no clash check at register time
@@ -142,14 +147,19 @@ class ServerCollector(Collector):
         )
         # Declared queues and the default one always: a series that vanishes when idle
         # would read as missing data, not as zero.
-        for queue in sorted({"default", *depths, *held}):
+        shared = self.shared_depths
+        for queue in sorted({"default", *depths, *held, *(shared or ())}):
+            running.add_metric([queue], int(held.get(queue, {}).get("running") or 0))
+            if shared is not None:  # a shared database: its counts, no age known here
+                depth.add_metric([queue], shared.get(queue, 0))
+                continue
             tasks = depths.get(queue)
             oldest = tasks.oldest() if tasks is not None else None
             depth.add_metric([queue], tasks.count if tasks is not None else 0)
             age.add_metric([queue], max(0.0, now - oldest) if oldest is not None else 0.0)
-            running.add_metric([queue], int(held.get(queue, {}).get("running") or 0))
         yield depth
-        yield age
+        if shared is None:
+            yield age
         yield running
         workers = stats["workers"]
         yield _gauge("workers", workers["total"])
@@ -183,8 +193,10 @@ class Metrics:
     """One server's registry and the ``/metrics`` handler that serves it."""
 
     def __init__(self, server: TaskServer, hub: MercureHub | None) -> None:
+        self.server = server
+        self.collector = ServerCollector(server, hub)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ServerCollector(server, hub))
+        self.registry.register(self.collector)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -192,4 +204,11 @@ class Metrics:
     async def handle(self, request: web.Request) -> web.Response:
         """``GET /metrics`` → the exposition, text or OpenMetrics as ``Accept`` asks."""
         encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encode(self.registry), headers={"Content-Type": content_type})
+        store = self.server.opened_store
+        if store is not None and store.shared:
+            # Other servers enqueue and claim: only the database knows the depths.
+            counts = await store.count_by_queue()
+            depths = {queue: by_state.get(QUEUED, 0) for queue, by_state in counts.items()}
+            self.collector.shared_depths = depths
+        body = encode(self.registry)  # no await since the read: this scrape's depths
+        return web.Response(body=body, headers={"Content-Type": content_type})
