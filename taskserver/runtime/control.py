@@ -91,6 +91,7 @@ class Control:
         task = self._s.ready.remove(task_id)
         if task is not None:
             lifecycle.end(task, lifecycle.CANCELLED, self._s.clock())
+            self._s.tally.ended(task)
             self._s.store.update_task(task, EventType.CANCELLED)
 
     async def retry(self, task_id: int) -> Task:
