@@ -149,9 +149,9 @@ class Settings:
         _node_name,
     )
     prefetch: int = _setting(
-        0,
-        "PostgreSQL: tasks a server claims beyond its idle workers; more makes short tasks"
-        " faster, but a claimed task waits for a worker here (counted as running)",
+        64,
+        "PostgreSQL: tasks a server claims beyond its idle workers while its tasks are short"
+        " (under 50 ms lately): each claim costs a commit; 0: only for idle workers",
         _range(0, 10_000),
     )
     lease: float = _setting(

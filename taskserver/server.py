@@ -46,7 +46,7 @@ from .runtime.tally import Tally
 from .runtime.tuning import RuntimeTuning
 from .runtime.waiting import Waiters
 from .runtime.workers import Callback, Limits, WorkerPool
-from .storage import Store, is_postgres, redact
+from .storage import Signals, Store, is_postgres, redact
 
 __all__ = ["Submitted", "TaskServer"]
 
@@ -79,16 +79,15 @@ class TaskServer:
         shared.topic_prefix = f"{self.settings.public_url}/tasks/"
         self._outcomes = Outcomes(shared, self.fanout)
         # On a database shared by several servers a task is ours once claimed; a server
-        # claims for its idle workers and ``prefetch`` more.
+        # claims for its idle workers, and ``prefetch`` more while tasks are short.
         claiming = is_postgres(self.settings.db)
         shared.ready = ReadyQueue(
-            self.settings.task_workers + self.settings.prefetch
-            if claiming
-            else self.settings.ready_window,
+            self.settings.task_workers if claiming else self.settings.ready_window,
             self._outcomes.page_in,
             self._outcomes.group_head,
             shared.is_running,
             claiming=claiming,
+            prefetch=self.settings.prefetch,
         )
         self._enqueue = Enqueue(shared)
         self._control = Control(shared)
@@ -245,7 +244,11 @@ class TaskServer:
             on_commit=outcomes.committed,
             on_ready=outcomes.feed,
             on_failed=outcomes.not_stored,
-            on_cancel=self._control.cancel_requested,
+            signals=Signals(
+                cancel=self._control.cancel_requested,
+                work=self._claim_from,
+                listening=lambda: bool(len(self.fanout) or len(shared.waiters)),
+            ),
             node=self.node_name,
             lease=self.settings.lease,
             clock=self._clock,
@@ -324,6 +327,11 @@ class TaskServer:
         await self.store.close()
         self._tuning.undo()
         shared.started = False
+
+    def _claim_from(self, queues: list[str] | None) -> None:
+        # Other servers made work in these queues (None: maybe in any we know).
+        ready = self._shared.ready
+        ready.start_from_disk(list(ready.snapshot()) if queues is None else queues)
 
     @property
     def node_name(self) -> str:

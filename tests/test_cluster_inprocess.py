@@ -307,3 +307,23 @@ async def test_dead_letters_retried_and_purged_from_any_node(node: Node) -> None
     purged = await asyncio.gather(a.purge(0), b.purge(0))
     assert sum(purged) == 10
     assert await a.store.list_tasks(state=None, after=0, limit=100) == []
+
+
+async def test_long_tasks_are_not_claimed_ahead_of_a_busy_node(node: Node) -> None:
+    ran: list[str] = []
+
+    def runs_on(name: str) -> Callable[[TaskContext], Any]:
+        async def task(ctx: TaskContext) -> Any:
+            ran.append(name)
+            await asyncio.sleep(0.2)  # long: past SHORT_TASK, so nothing is claimed ahead
+
+        return task
+
+    a = await node("a", runs_on("a"), workers=1)
+    ids = [await a.task(i) for i in range(6)]
+    await wait_for(lambda: ran, timeout=10)
+    b = await node("b", runs_on("b"), workers=1)  # comes late: a must not hold the rest
+    for task_id in ids:
+        await b.wait_terminal(task_id, timeout=20)
+    assert ran.count("b") >= 2
+    assert a.stats()["ready"] == 0

@@ -50,7 +50,7 @@ class Outcomes:
                 publish((f"{prefix}{event.task_id}",), event)
             if event.type in TERMINAL_EVENTS:
                 self.ended(event.task_id)
-        if durable.queues:  # other servers made tasks ready there: claim some
+        if durable.queues:  # the batch's chores made tasks ready there (rescued): claim
             self._s.ready.start_from_disk(durable.queues)
 
     def feed(self, tasks: list[Task]) -> None:

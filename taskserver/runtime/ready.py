@@ -22,8 +22,10 @@ this server's to run only once a page *claimed* it in the database, which also
 decides serial groups' turns and counts queue concurrency over every server. So
 ``offer`` takes nothing in: it notes that the queue has work and asks for a page
 at once; a page is taken in whole (every task in it was claimed for us); the
-``capacity`` is the number of workers plus the prefetch: a page claims for idle
-workers only, and that many more.
+``capacity`` is the number of workers: a page claims for the idle ones, and
+``prefetch`` more while tasks are short (their recent average run under
+``SHORT_TASK``): a claim costs a commit, which short tasks would wait on, while a
+long task claimed ahead would wait here when another server could run it.
 """
 
 from __future__ import annotations
@@ -31,11 +33,16 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .. import lifecycle
 from ..models import Task, TaskState
+
+#: Seconds: tasks whose recent average run is shorter are claimed ahead (``prefetch``).
+SHORT_TASK = 0.05
 
 
 @dataclass(slots=True)
@@ -80,10 +87,16 @@ class ReadyQueue:
         skip: Callable[[int], bool] = lambda task_id: False,
         *,
         claiming: bool = False,
+        prefetch: int = 0,
     ) -> None:
         self.capacity = capacity
         #: tasks are claimed from a shared database (see the module docstring)
         self.claiming = claiming
+        #: tasks claimed beyond the idle workers while tasks are short
+        self.prefetch = prefetch
+        #: claiming: recent average run (s) of the tasks taken, and when each was taken
+        self.run_average = math.inf
+        self._taken_at: dict[int, float] = {}
         self._page_in = page_in
         self._group_head = group_head
         self._skip = skip
@@ -253,7 +266,8 @@ class ReadyQueue:
         if self.claiming:
             # Claim for idle workers (and the prefetch, in ``capacity``): a claimed task
             # counts as running in the cluster, so few wait here that another could run.
-            room = self.capacity - sum(len(q.present) + q.running for q in self._order)
+            ahead = self.prefetch if self.run_average < SHORT_TASK else 0
+            room = self.capacity + ahead - sum(len(q.present) + q.running for q in self._order)
         else:
             room = self.capacity - len(queue.present)
         if (
@@ -381,6 +395,8 @@ class ReadyQueue:
                     # under a newer entry: only the entry of the task held now counts.
                     continue
                 del queue.present[task_id]
+                if self.claiming:
+                    self._taken_at[task_id] = time.monotonic()
                 if queue.paging:
                     queue.taken.add(task_id)
                 queue.running += 1
@@ -393,6 +409,11 @@ class ReadyQueue:
         queue = self._queue(task.queue)
         queue.running = max(0, queue.running - 1)
         if self.claiming:  # a worker is free: claim for it
+            taken = self._taken_at.pop(task.id, None)
+            if taken is not None:
+                ran = time.monotonic() - taken
+                previous = self.run_average
+                self.run_average = ran if previous == math.inf else 0.8 * previous + 0.2 * ran
             for other in self._order:
                 self._maybe_page(other)
         if queue.heap:

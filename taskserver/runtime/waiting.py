@@ -21,6 +21,10 @@ class Waiters:
         self._by_task: dict[int, list[asyncio.Future[None]]] = {}
         self._count = 0
 
+    def __len__(self) -> int:
+        """Callers waiting now."""
+        return self._count
+
     async def wait_terminal(
         self, task_id: int, get: Callable[[int], Awaitable[Task]], timeout: float | None
     ) -> Task:

@@ -4,7 +4,7 @@ backend-neutral group-commit ``Engine`` (``engine.py``), the intents a batch car
 
 from .backend import Backend, Opened
 from .engine import Engine
-from .intents import CommitFuture, Durable, NewTask
+from .intents import CommitFuture, Durable, NewTask, Signals
 from .postgres import redact
 from .sqlite import Snapshot, SnapshotError
 from .store import Store, is_postgres
@@ -16,6 +16,7 @@ __all__ = [
     "Engine",
     "NewTask",
     "Opened",
+    "Signals",
     "Snapshot",
     "SnapshotError",
     "Store",

@@ -21,12 +21,12 @@ Orders every backend keeps:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..models import Event, Task, TaskState
-from .intents import Applied, Batch
+from .intents import Applied, Batch, Signals
 
 
 @dataclass(slots=True)
@@ -81,10 +81,9 @@ class Backend(Protocol):
         """Close connections and threads. The engine has applied every batch before."""
         ...
 
-    def bind(self, poke: Callable[[], None], on_cancel: Callable[[int], None]) -> None:
-        """*Loop.* A shared backend calls ``poke`` when other servers committed events
-        (the engine then runs a batch, which delivers them) and ``on_cancel`` with a
-        task some server was asked to cancel (``request_cancel``). Before ``open``."""
+    def bind(self, signals: Signals) -> None:
+        """*Loop.* Where a shared backend sends what the other servers say (``Signals``);
+        given before ``open``."""
         ...
 
     def request_cancel(self, task_id: int) -> Awaitable[None]:

@@ -39,6 +39,7 @@ from .intents import (
     Batch,
     Durable,
     ProbeWrite,
+    Signals,
 )
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,13 @@ class Engine(Batching):
         on_commit: Callable[[Durable], None] | None = None,
         on_ready: Callable[[list[Task]], None] | None = None,
         on_failed: Callable[[list[Task]], None] | None = None,
-        on_cancel: Callable[[int], None] | None = None,
+        signals: Signals | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
-        backend.bind(self.poke, on_cancel or (lambda task_id: None))
+        self.signals = signals or Signals()
+        self.signals.poke = self.poke
+        backend.bind(self.signals)
         self._max_pending = max_pending_writes
         self._on_commit = on_commit or (lambda durable: None)
         self._on_ready = on_ready or (lambda tasks: None)

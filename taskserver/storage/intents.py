@@ -186,6 +186,26 @@ class Batch:
         )
 
 
+def _nothing(*args: Any) -> None:
+    return None
+
+
+@dataclass(slots=True)
+class Signals:
+    """What a backend shared by several servers tells this one about the others
+    (``Backend.bind``); the engine sets ``poke``, the server the rest. On the loop."""
+
+    #: other servers committed events: run a batch soon, which delivers them
+    poke: Callable[[], None] = _nothing
+    #: some server was asked to cancel this task: stop it if it runs here
+    cancel: Callable[[int], None] = _nothing
+    #: other servers made tasks ready in these queues (``None``: maybe in any)
+    work: Callable[[list[str] | None], None] = _nothing
+    #: whether anyone here takes other servers' events (subscribers, waiters); when
+    #: nobody does, a backend may skip reading them
+    listening: Callable[[], bool] = lambda: True
+
+
 @dataclass(slots=True)
 class Durable:
     """What one batch made durable, handed to ``on_commit`` in commit order."""
@@ -196,7 +216,8 @@ class Durable:
     events: list[Event]
     #: new tasks that are not ready yet (delayed): the scheduler may need to wake.
     delayed: bool
-    #: queues where other servers made tasks ready (a shared backend): claim from them.
+    #: queues where the batch's chores made tasks ready (a shared backend rescued them
+    #: from a server whose lease ran out): claim from them.
     queues: list[str] = field(default_factory=list)
     #: the new tasks the batch stored (the engine sets it: backends need not)
     inserted: list[Task] = field(default_factory=list)

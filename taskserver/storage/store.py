@@ -12,7 +12,7 @@ from collections.abc import Callable
 from ..models import Event, Task, TaskState
 from .backend import Backend, Opened
 from .engine import Engine
-from .intents import Durable
+from .intents import Durable, Signals
 from .postgres import PostgresBackend
 from .sqlite import SqliteBackend
 from .sqlite.attempts import SEGMENT_RECORDS, AttemptJournal
@@ -42,7 +42,7 @@ class Store(Engine):
         on_commit: Callable[[Durable], None] | None = None,
         on_ready: Callable[[list[Task]], None] | None = None,
         on_failed: Callable[[list[Task]], None] | None = None,
-        on_cancel: Callable[[int], None] | None = None,
+        signals: Signals | None = None,
         node: str | None = None,
         lease: float = 30.0,
         clock: Callable[[], float] = time.time,
@@ -67,7 +67,7 @@ class Store(Engine):
             on_commit=on_commit,
             on_ready=on_ready,
             on_failed=on_failed,
-            on_cancel=on_cancel,
+            signals=signals,
             clock=clock,
         )
         self.opened: Opened | None = None

@@ -41,7 +41,7 @@ import orjson
 from ...errors import ConfigError, ServerBusy
 from ...models import Event, EventType, Task, TaskState
 from ..backend import Opened
-from ..intents import Applied, Batch, Lease, Move, ProbeWrite, Purge
+from ..intents import Applied, Batch, Lease, Move, ProbeWrite, Purge, Signals
 from ..payload import event_json
 from ..rows import MOVES
 from . import schema as sql
@@ -59,6 +59,9 @@ CATCHUP_LIMIT = 20_000
 EVENTS_CHANNEL = "taskserver_events"
 CANCEL_CHANNEL = "taskserver_cancel"
 STORE_EVENTS = sql.STORE_EVENTS.format(channel=EVENTS_CHANNEL)
+#: Queue names a notification carries at most (its payload must stay under 8,000 bytes);
+#: past it, it says "*": maybe any queue.
+NOTIFY_QUEUES_BYTES = 7_000
 
 #: Per conditional move: its statement (what it leads to: ``rows.MOVES``).
 _MOVES = {"cancel": sql.CANCEL_PENDING, "retry": sql.RETRY_ENDED}
@@ -95,9 +98,8 @@ class PostgresBackend(PostgresReads):
         self._delivered = 0
         #: the highest event id another node said it committed (``NOTIFY``)
         self._seen = 0
-        self._poke: Callable[[], None] = lambda: None
+        self._signals = Signals()
         self._writer_pid = 0  # the server process of our writer connection
-        self._on_cancel: Callable[[int], None] = lambda task_id: None
         self.commits = 0
 
     def __repr__(self) -> str:
@@ -105,11 +107,9 @@ class PostgresBackend(PostgresReads):
 
     # --- open and close ----------------------------------------------------------
 
-    def bind(self, poke: Callable[[], None], on_cancel: Callable[[int], None]) -> None:
-        """Wire the signals other nodes send: ``poke`` when events were committed
-        elsewhere (the engine then runs a batch that reads them), ``on_cancel`` with
-        the id of a task some node was asked to cancel."""
-        self._poke, self._on_cancel = poke, on_cancel
+    def bind(self, signals: Signals) -> None:
+        """``Backend.bind``: where what the other nodes say goes."""
+        self._signals = signals
 
     async def open(self) -> Opened:
         """``Backend.open``: connect, migrate (one node at a time), take this node's
@@ -192,13 +192,20 @@ class PostgresBackend(PostgresReads):
             return  # our own commit: its events are delivered with it
         if channel == CANCEL_CHANNEL:
             with contextlib.suppress(ValueError):
-                self._on_cancel(int(payload))
+                self._signals.cancel(int(payload))
+            return
+        # "<last id> <queue> ...": the queues where that commit made tasks ready ("*":
+        # maybe any). An unreadable payload (or a lost connection, "") means: look anyway.
+        last, *queues = payload.split(" ")
+        if last.isdigit():
+            seen = int(last)
         else:
-            # An unreadable payload (or a lost connection, "") means: look anyway.
-            seen = int(payload) if payload.isdigit() else self._delivered + 1
-            if seen > self._delivered:
-                self._seen = max(self._seen, seen)
-                self._poke()
+            seen, queues = self._delivered + 1, ["*"]
+        if queues:
+            self._signals.work(None if "*" in queues else queues)
+        if seen > self._delivered:
+            self._seen = max(self._seen, seen)
+            self._signals.poke()
 
     # --- ids and rows (on the loop) ------------------------------------------------------
 
@@ -293,7 +300,7 @@ class PostgresBackend(PostgresReads):
                 applied.wrote = writes
                 self.commits += 1
             durable = applied.durable
-            durable.events = await self._catch_up(conn, mine, durable.queues)
+            durable.events = await self._catch_up(conn, mine)
             refused = applied.conflicts
             durable.ready = (
                 [t for t in batch.ready if t.id not in refused] if refused else batch.ready
@@ -364,23 +371,28 @@ class PostgresBackend(PostgresReads):
         """Give ``events`` their final ids (taken last: see the module docstring), insert
         them and notify the other nodes; inside the caller's transaction."""
         columns = sql.columns([sql.event_row(e) for e in events], 7)
-        last = int(await conn.fetchval(STORE_EVENTS, *columns, now))
+        queues = " ".join(q for q in dict.fromkeys(_queued_queues(events)) if q is not None)
+        if len(queues) > NOTIFY_QUEUES_BYTES:
+            queues = "*"
+        last = int(await conn.fetchval(STORE_EVENTS, *columns, now, f" {queues}" if queues else ""))
         first = last - len(events) + 1
         return [
             Event(first + i, e.task_id, e.type, e.json, e.topics, e.private, e.uid, e.retry)
             for i, e in enumerate(events)
         ]
 
-    async def _catch_up(
-        self, conn: asyncpg.Connection, mine: list[Event], queues: list[str]
-    ) -> list[Event]:
+    async def _catch_up(self, conn: asyncpg.Connection, mine: list[Event]) -> list[Event]:
         """Events other nodes committed since the last delivered, then ``mine``, in id
-        order; the queues where they made tasks ready go to ``queues``."""
+        order. Read only when someone here takes them (``Signals.listening``): the
+        work they made is announced with their notifications anyway."""
         upto = mine[0].id - 1 if mine else None
         if upto is not None and upto <= self._delivered:
             return mine  # nobody committed in between
         if upto is None and self._seen <= self._delivered:
             return []  # nobody said they committed
+        if not self._signals.listening():
+            self._delivered = max(self._delivered, self._seen, upto or 0)
+            return mine
         rows = await conn.fetch(sql.SELECT_EVENTS_AFTER, self._delivered, CATCHUP_LIMIT + 1)
         theirs = [sql.event_from_row(r) for r in rows]
         if upto is not None:
@@ -391,7 +403,6 @@ class PostgresBackend(PostgresReads):
                 CATCHUP_LIMIT,
             )
             theirs = theirs[-CATCHUP_LIMIT:]
-        queues.extend(q for q in dict.fromkeys(_queued_queues(theirs)) if q is not None)
         return theirs + mine
 
     async def _chore(

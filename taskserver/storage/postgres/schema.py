@@ -215,7 +215,8 @@ UPDATE_TASKS = (
 )
 #: Stores a batch's events, in one round trip: takes their ids from the counter (whose
 #: row stays locked until the transaction ends), inserts them in order, and notifies
-#: the other nodes of the new last id. ``$1``..``$7``: one array per column, ``$8``: time.
+#: the other nodes of the new last id and (``$9``: `` q1 q2``) the queues with new work.
+#: ``$1``..``$7``: one array per column, ``$8``: time.
 STORE_EVENTS = (
     "WITH counter AS (UPDATE taskserver_event_counter"
     " SET last = last + cardinality($1::bigint[]) RETURNING last),"
@@ -225,7 +226,7 @@ STORE_EVENTS = (
     " e.topics, e.private, e.uid, e.retry, $8 FROM counter, unnest($1::bigint[], $2::text[],"
     " $3::text[], $4::text[], $5::bool[], $6::text[], $7::int[]) WITH ORDINALITY"
     " AS e(task_id, type, data, topics, private, uid, retry, n))"
-    " SELECT last, pg_notify('{channel}', last::text) FROM counter"
+    " SELECT last, pg_notify('{channel}', last::text || $9) FROM counter"
 )
 SELECT_LAST_EVENT = "SELECT last FROM taskserver_event_counter"
 NOTIFY = "SELECT pg_notify($1, $2)"

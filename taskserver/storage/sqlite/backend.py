@@ -40,6 +40,7 @@ from ..intents import (
     ProbeWrite,
     Purge,
     Read,
+    Signals,
 )
 from ..payload import dumps, event_json
 from ..rows import MOVES
@@ -160,7 +161,7 @@ class SqliteBackend(SqliteReads):
         self._conn = conn
         return recovered
 
-    def bind(self, poke: Callable[[], None], on_cancel: Callable[[int], None]) -> None:
+    def bind(self, signals: Signals) -> None:
         """``Backend.bind``: no other server writes here."""
 
     def request_cancel(self, task_id: int) -> asyncio.Future[None]:
