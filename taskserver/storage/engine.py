@@ -216,6 +216,7 @@ class Engine(Batching):
         durable.inserted = batch.inserted
         if durable.events:
             self.committed_event_id = max(self.committed_event_id, durable.events[-1].id)
+        self.committed_event_id = max(self.committed_event_id, applied.committed_event_id)
         # Order matters, for speed and for correctness:
         # 1. the server's bookkeeping and the events, at once, so nothing can see
         #    this commit in the database before the server has taken it in;

@@ -238,3 +238,6 @@ class Applied:
     wrote: bool = False
     #: new tasks the database kept out (see ``CommitFuture.conflicts``)
     conflicts: dict[int, int | None] = field(default_factory=dict)
+    #: a shared backend that skipped other servers' events (nobody here listened): the
+    #: highest event id committed so far all the same
+    committed_event_id: int = 0

@@ -308,6 +308,7 @@ class PostgresBackend(PostgresReads):
             durable.delayed = batch.delayed
             if durable.events:
                 self._delivered = max(self._delivered, durable.events[-1].id)
+            applied.committed_event_id = self._delivered
         except UNREACHABLE:
             with contextlib.suppress(Exception):
                 await conn.close()
