@@ -31,6 +31,7 @@ LAYERS: list[set[str]] = [
         "web.jsonints",
         "client",
         "storage.sqlite.attempts",
+        "storage.sqlite.writer",
     },
     {"lifecycle", "storage.intents", "storage.payload", "web.connbound"},
     {"storage.rows"},

@@ -212,7 +212,8 @@ class Access:
             return handler
 
         async def protected(request: web.Request) -> web.StreamResponse:
-            await self.check(request, need)
+            if not self._open_passes(request):  # the open case without a coroutine for it
+                await self._check(request, need)
             return await handler(request)
 
         protected.__name__ = getattr(handler, "__name__", "handler")
@@ -221,13 +222,25 @@ class Access:
 
     async def check(self, request: web.Request, need: Need) -> Principal:
         """Who may do what ``need`` says, or ``AccessDenied`` (401 or 403)."""
-        unsafe = request.method not in SAFE_METHODS
-        if not (self._tokens or self._jwt or self.private or self.server.authorizer):
-            # Open (loopback, nothing configured), the hot path: only other sites' writes.
-            check_host(request, self._base_host)
-            if unsafe and "Origin" in request.headers:
-                self._same_origin(request, required=False)
+        if self._open_passes(request):
             return OPEN
+        return await self._check(request, need)
+
+    def _open_passes(self, request: web.Request) -> bool:
+        """True when nothing is configured (open, loopback) and ``request`` passes the
+        Host and Origin checks; ``AccessDenied`` when it fails them; False when a
+        credential or an authorizer is configured (``_check`` decides)."""
+        if self._tokens or self._jwt or self.private or self.server.authorizer:
+            return False
+        # Open, the hot path: only rebinding Hosts and other sites' writes are refused.
+        check_host(request, self._base_host)
+        if "Origin" in request.headers and request.method not in SAFE_METHODS:
+            self._same_origin(request, required=False)
+        return True
+
+    async def _check(self, request: web.Request, need: Need) -> Principal:
+        """``check`` when a credential or an authorizer is configured."""
+        unsafe = request.method not in SAFE_METHODS
         token, via_cookie = self._credential(request)
         error: AccessDenied | None = None
         if token is not None:

@@ -40,8 +40,10 @@ class Guarded(Protocol):
     def enforced(self) -> bool: ...
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine."""
+    # Cached: check_host asks it of the listening address on every request.
     if host.lower() in LOOPBACK_NAMES:
         return True
     try:

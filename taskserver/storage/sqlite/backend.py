@@ -22,7 +22,6 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiosqlite
@@ -48,6 +47,7 @@ from . import schema as sql
 from .attempts import SEGMENT_RECORDS, AttemptJournal
 from .reads import SqliteReads
 from .recovery import migrate, recover
+from .writer import WriterThread
 
 log = logging.getLogger(__name__)
 #: Seconds between WAL checkpoints while there are commits.
@@ -92,7 +92,7 @@ class SqliteBackend(SqliteReads):
             None if path == ":memory:" else AttemptJournal(path, segment_records=journal_segment)
         )
         self._conn: sqlite3.Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._thread: WriterThread | None = None
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
@@ -110,7 +110,7 @@ class SqliteBackend(SqliteReads):
 
     async def open(self) -> Opened:
         """``Backend.open``: also starts the reader and the checkpoint loop."""
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="taskserver-writer")
+        self._thread = WriterThread("taskserver-writer")
         queued, failed = await self._in_writer(self._open_sync)
         if self.path != ":memory:":  # a second connection to :memory: is another database
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
@@ -191,7 +191,7 @@ class SqliteBackend(SqliteReads):
         if self.journal is not None:
             self.journal.close()  # the writer committed everything: no start is left uncounted
         if self._thread is not None:
-            self._thread.shutdown()
+            self._thread.close()
             self._thread = None
 
     async def _checkpoint_loop(self) -> None:

@@ -7,10 +7,8 @@ its reads run on the writer's thread.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiosqlite
@@ -18,6 +16,7 @@ import aiosqlite
 from ...models import Event, Task, TaskState
 from ..rows import queue_counts, state_counts
 from . import schema as sql
+from .writer import WriterThread
 
 
 class SqliteReads:
@@ -25,10 +24,11 @@ class SqliteReads:
 
     _conn: sqlite3.Connection | None
     _reader: aiosqlite.Connection | None
-    _thread: ThreadPoolExecutor | None
+    _thread: WriterThread | None
 
     async def _in_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        assert self._thread is not None
+        return await self._thread.run(fn, *args)
 
     async def _fetch(self, query: str, params: tuple[Any, ...] = ()) -> list[Any]:
         if self._reader is None:  # :memory: — the writer's connection is the only one
