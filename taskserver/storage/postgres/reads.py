@@ -18,8 +18,7 @@ UNREACHABLE = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
+    asyncpg.OperatorInterventionError,  # shut down, starting up, our session terminated
     asyncpg.TooManyConnectionsError,
     asyncpg.InvalidCatalogNameError,  # the database was dropped
     asyncpg.ObjectNotInPrerequisiteStateError,  # it does not accept connections now
