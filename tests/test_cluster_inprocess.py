@@ -234,9 +234,10 @@ async def test_a_node_without_a_lease_loses_its_running_tasks_to_the_others(
     await ghost.open()
     try:
         (stuck,), committed = ghost.insert_tasks([NewTask("1", 1, 3, None, queue="ghostly")])
-        await committed
+        # Claimed in the insert's own transaction: a would claim it first otherwise.
         claimed: asyncio.Future[list[Task]] = asyncio.get_running_loop().create_future()
         ghost.page_queued("ghostly", 1, [], claimed.set_result)
+        await committed
         (mine,) = await claimed
         conn = await asyncpg.connect(dsn)
         await conn.execute(
