@@ -60,9 +60,9 @@ def test_the_options_schema_names_every_option() -> None:
 def test_the_documents_limits_are_the_apis() -> None:
     import inspect
 
-    from taskserver.web import api
+    from taskserver.web import api, http
 
     defaults = inspect.signature(operations).parameters
-    assert defaults["max_page"].default == api.MAX_PAGE
+    assert defaults["max_page"].default == http.MAX_PAGE
     assert defaults["max_wait"].default == api.MAX_WAIT
     assert defaults["max_batch"].default == api.MAX_BATCH

@@ -10,9 +10,10 @@ import contextlib
 from collections.abc import Iterable
 
 from .. import lifecycle
-from ..errors import Conflict, TaskNotFound
+from ..errors import Conflict, TaskNotFound, ValidationError
 from ..lifecycle import RETRYABLE, TERMINAL, TERMINAL_ORDER
 from ..models import EventType, Task, TaskState
+from .options import LABEL
 from .shared import Shared
 
 #: Ended tasks deleted per writer round when purging.
@@ -151,3 +152,24 @@ class Control:
                 if deleted < PURGE_CHUNK:
                     break
         return total
+
+    async def pause_queue(self, name: str, paused: bool) -> None:
+        """Pause (``paused``) or resume queue ``name``, durably: once this returns, a
+        restart finds it so. Pausing takes effect at once (no new start meanwhile);
+        a write that fails undoes it and raises (``ServerBusy``)."""
+        if not isinstance(name, str) or not LABEL.match(name):
+            raise ValidationError(
+                f"a queue name is 1-200 letters, digits or ._:/@- ; got {name!r}", field="name"
+            )
+        ready = self._s.ready
+        was = name in ready.paused()
+        if paused:
+            ready.pause(name)
+        try:
+            await self._s.store.pause_queue(name, paused)
+        except BaseException:
+            if paused and not was:
+                ready.resume(name)
+            raise
+        if not paused:
+            ready.resume(name)

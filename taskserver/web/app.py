@@ -22,14 +22,14 @@ from ..config import Settings
 from ..errors import ConfigError
 from ..push import mercure
 from ..server import TaskServer
-from . import api
+from . import api, http
 from .access import Authorizer
 from .forwarded import TrustedProxies
 
 #: Where an application finds its TaskServer: ``request.app[TASKSERVER]``.
-TASKSERVER = api.SERVER
+TASKSERVER = http.SERVER
 #: Who may use the routes: ``app[ACCESS]`` (``access.Access``).
-ACCESS = api.ACCESS
+ACCESS = http.ACCESS
 
 Setup = Callable[..., Any]
 
