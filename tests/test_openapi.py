@@ -34,7 +34,9 @@ def test_every_route_is_documented_and_nothing_else(
         for path, item in document(s, prefix)["paths"].items()
         for method in item
     }
-    assert documented == _routes(app)
+    # The dashboard's page and files are HTML, not API: the document leaves them out.
+    api_routes = {r for r in _routes(app) if not r[1].startswith(s.dashboard_path)}
+    assert documented == api_routes
     assert len(operations(s)) == len(documented)
 
 
