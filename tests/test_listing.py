@@ -62,7 +62,7 @@ async def test_search_by_unique_key(make_client: ClientFactory) -> None:
     ("query", "field"),
     [
         ("state=sleeping", "state"),
-        ("queue=a%20b", "queue"),
+        ("queue=" + "q" * 201, "queue"),
         ("name=" + "n" * 201, "name"),
         ("unique_key=", "unique_key"),
         ("limit=0", "limit"),

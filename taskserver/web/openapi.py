@@ -216,7 +216,9 @@ PAGE = {
         "next": _nullable({"type": "string", "description": "the next page's URL"}),
     },
 }
-QUEUE_NAME = {"name": "name", "in": "path", "required": True, "schema": LABEL_SCHEMA}
+#: A queue, name or unique key to match exactly (``operate.py``): any 1-200 characters.
+NAME_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 200}
+QUEUE_NAME = {"name": "name", "in": "path", "required": True, "schema": NAME_SCHEMA}
 COUNT = {"type": "integer", "minimum": 0}
 QUEUE = {
     "type": "object",
@@ -246,14 +248,20 @@ BULK = {
         "filter": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {
-                "state": _ref("TaskState"),
-                "queue": LABEL_SCHEMA,
-                "name": LABEL_SCHEMA,
-            },
+            "properties": {"state": _ref("TaskState"), "queue": NAME_SCHEMA, "name": NAME_SCHEMA},
         },
         "limit": {"type": "integer", "minimum": 1, "maximum": 100_000},
         "after": {"type": "integer", "minimum": 0, "maximum": 2**62},
+    },
+    # A purge deletes ended tasks only: a filter's state must be one of them.
+    "if": {
+        "required": ["action", "filter"],
+        "properties": {"action": {"const": "purge"}, "filter": {"required": ["state"]}},
+    },
+    "then": {
+        "properties": {
+            "filter": {"properties": {"state": {"enum": ["succeeded", "failed", "cancelled"]}}}
+        }
     },
     # ids, or a filter (with limit and after); not both.
     "oneOf": [
@@ -409,9 +417,9 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
             {"200": _json(PAGE), **_problems(422)},
             parameters=[
                 _query("state", _ref("TaskState")),
-                _query("queue", LABEL_SCHEMA, "only tasks of this queue"),
-                _query("name", LABEL_SCHEMA, "only tasks with this name"),
-                _query("unique_key", LABEL_SCHEMA, "only tasks with this unique_key"),
+                _query("queue", NAME_SCHEMA, "only tasks of this queue"),
+                _query("name", NAME_SCHEMA, "only tasks with this name"),
+                _query("unique_key", NAME_SCHEMA, "only tasks with this unique_key"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": max_page}),
                 _query("order", {"enum": ["asc", "desc"]}),
                 _query("after", {"type": "integer", "minimum": 0, "maximum": 2**62}),
