@@ -1,8 +1,9 @@
 """The last hour, a minute at a time: throughput, failures and queue wait.
 
 A ring of ``MINUTES`` buckets kept in memory from the server's own counters (what
-workers report), for the dashboard's charts; it costs one clock read and a few
-additions per task start and end, and is empty again after a restart.
+workers report), for the dashboard's charts; it costs a comparison and an addition
+or two per task start and end (the time comes with the report, no clock read), and
+is empty again after a restart.
 """
 
 from __future__ import annotations
@@ -35,35 +36,42 @@ class History:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._ring = [_Minute() for _ in range(MINUTES)]
+        #: the bucket of the minute last counted in, and that minute's start and end
+        self._current = self._ring[0]
+        self._from = self._until = 0.0
 
     def __repr__(self) -> str:
         used = sum(1 for m in self._ring if m.at >= 0)
         return f"<History {used}/{MINUTES} minutes>"
 
-    def _bucket(self) -> _Minute:
-        minute = int(self._clock() // 60)
+    def _bucket(self, at: float) -> _Minute:
+        if self._from <= at < self._until:  # nearly always: the minute of the last count
+            return self._current
+        minute = int(at // 60)
         bucket = self._ring[minute % MINUTES]
         if bucket.at != minute:
             bucket.reset(minute)
+        if at >= self._until:  # a late report (an older minute) does not move the cache back
+            self._current, self._from, self._until = bucket, minute * 60.0, minute * 60.0 + 60
         return bucket
 
-    def started(self, waited: float) -> None:
-        """A task started after waiting ``waited`` seconds since it was due."""
-        bucket = self._bucket()
+    def started(self, at: float, waited: float) -> None:
+        """A task started at ``at`` after waiting ``waited`` seconds since it was due."""
+        bucket = self._bucket(at)
         bucket.started += 1
-        waited = max(0.0, waited)
-        bucket.wait_total += waited
-        if waited > bucket.wait_max:
-            bucket.wait_max = waited
+        if waited > 0:
+            bucket.wait_total += waited
+            if waited > bucket.wait_max:
+                bucket.wait_max = waited
 
-    def succeeded(self) -> None:
-        self._bucket().succeeded += 1
+    def succeeded(self, at: float) -> None:
+        self._bucket(at).succeeded += 1
 
-    def failed(self) -> None:
-        self._bucket().failed += 1
+    def failed(self, at: float) -> None:
+        self._bucket(at).failed += 1
 
-    def retried(self) -> None:
-        self._bucket().retried += 1
+    def retried(self, at: float) -> None:
+        self._bucket(at).retried += 1
 
     def to_json(self) -> dict[str, object]:
         """The last ``MINUTES`` minutes, oldest first: ``start`` (epoch s of the first),
