@@ -127,3 +127,14 @@ async def test_pause_survives_a_restart_and_the_cli_resumes_it(
     code, out, err = await cli("queues", "pause", "q" * 201, "--url", server.url)
     assert (code, out) == (2, ""), err
     assert "(name)" in err, err
+
+
+async def test_stats_can_leave_out_the_per_queue_count(make_client: ClientFactory) -> None:
+    client = await make_client(task_workers=0)
+    full = await (await client.get("/stats")).json()
+    assert full["queues"]["default"]["paused"] is False
+    light = await (await client.get("/stats?queues=false")).json()
+    assert "queued" not in light["queues"].get("default", {})  # memory only: no store count
+    assert light["tasks"] == full["tasks"]
+    assert len(light["history"]["started"]) == 60
+    await refused(await client.get("/stats?queues=maybe"), 422, "queues")

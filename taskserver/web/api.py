@@ -283,11 +283,17 @@ async def all_events(request: web.Request) -> web.StreamResponse:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """``GET /stats`` → worker and task counters, and active tasks per queue."""
+    """``GET /stats[?queues=false]`` → worker and task counters, the hour's history, and
+    active tasks per queue (a count over the store: ``queues=false`` leaves it out, and
+    ``queues`` is what memory holds per queue, as ``TaskServer.stats``)."""
     server = request.app[SERVER]
-    return json_response(
-        {**server.stats(), "queues": await server.queue_stats(), "history": server.history()}
-    )
+    raw = request.query.get("queues", "true")
+    if raw not in ("true", "false"):
+        raise ValidationError(f"queues must be true or false, got {raw!r}", field="queues")
+    body = {**server.stats(), "history": server.history()}
+    if raw == "true":
+        body["queues"] = await server.queue_stats()
+    return json_response(body)
 
 
 async def healthz(request: web.Request) -> web.Response:

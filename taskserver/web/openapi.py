@@ -453,7 +453,16 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
             parameters=LAST_EVENT_ID,
         ),
         ("GET", "/stats"): _op(
-            "Worker and task counters", "read", {"200": _json({"type": "object"})}
+            "Worker and task counters, the hour's history, tasks per queue",
+            "read",
+            {"200": _json({"type": "object"}), **_problems(422)},
+            parameters=[
+                _query(
+                    "queues",
+                    {"enum": ["true", "false"]},
+                    "false: per-queue counts from memory only, no count over the store",
+                )
+            ],
         ),
         ("POST", "/tasks:bulk"): _op(
             "Retry, cancel or purge a selection (ids) or what a filter matches, in pages",

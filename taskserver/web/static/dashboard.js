@@ -26,6 +26,8 @@ const SCHEDULED_LIMIT = 20;
 const PAGE = 1000;
 /** At most one /stats request per this many ms, however fast events come. */
 const STATS_THROTTLE_MS = 500;
+/** The queues table's counts are re-read at most this often, in ms. */
+const QUEUES_EVERY_MS = 2000;
 /** At most one re-read of the shown page per this many ms (filters events cannot decide). */
 const REFETCH_MS = 1000;
 /** Back-off before re-opening a stream the browser gave up on. */
@@ -181,11 +183,14 @@ function hydrateSoon(id, whole = false) {
 
 async function hydrate() {
   const shown = views();
-  const visible = new Set(Object.values(shown).flat().map((t) => t.id));
-  const ids = [...unread].filter((id) => visible.has(id));
+  // Only the table shows data and names, only failures show tracebacks: nothing
+  // else is read (a busy server starts thousands of tasks a second).
+  const rows = new Set(shown.page.map((t) => t.id));
+  const failures = new Set(shown.failures.map((t) => t.id));
+  const ids = [...unread];
   unread.clear();
-  const stale = ids.filter((id) => tasks.get(id)?.needsRead);
-  const fresh = ids.filter((id) => !tasks.get(id)?.needsRead && tasks.get(id)?.max_attempts === undefined);
+  const stale = ids.filter((id) => failures.has(id) && tasks.get(id)?.needsRead);
+  const fresh = ids.filter((id) => rows.has(id) && tasks.get(id)?.max_attempts === undefined);
   try {
     if (fresh.length) {
       // New tasks have the newest ids: one range read covers them.
@@ -328,14 +333,14 @@ function renderCounts() {
   }
 }
 
-function renderStats(stats) {
+function renderStats(stats, withQueues = true) {
   counts = { ...(stats.tasks ?? {}) };
   renderCounts();
   if (stats.workers) {
     setText($("workers-busy"), String(stats.workers.busy));
     setText($("workers-total"), String(stats.workers.total));
   }
-  renderQueues(stats.queues ?? {});
+  if (withQueues && stats.queues) renderQueues(stats.queues);
   renderCharts(stats.history);
 }
 
@@ -366,6 +371,8 @@ function updateQueue(tr, q) {
 
 let statsTimer = 0;
 let statsInFlight = false;
+let queuesReadAt = 0;
+let queuesTimer = 0;
 let statsWanted = false;
 
 /** Re-fetch /stats soon: trailing-edge throttle, one request in flight at most. */
@@ -377,7 +384,20 @@ function refreshStats() {
     statsWanted = false;
     statsInFlight = true;
     try {
-      renderStats(await getJSON("/stats"));
+      // The per-queue counts cost the server a count over the store: fetched less often.
+      const since = Date.now() - queuesReadAt;
+      const withQueues = since >= QUEUES_EVERY_MS;
+      const stats = await getJSON(withQueues ? "/stats" : "/stats?queues=false");
+      if (withQueues) {
+        queuesReadAt = Date.now();
+      } else if (!queuesTimer) {
+        // The last change must reach the queues table too, if a little later.
+        queuesTimer = setTimeout(() => {
+          queuesTimer = 0;
+          refreshStats();
+        }, QUEUES_EVERY_MS - since);
+      }
+      renderStats(stats, withQueues);
     } catch {
       // Leave the last counts up; the next event tries again.
     } finally {
@@ -655,6 +675,7 @@ async function steerQueue(name, action) {
     return;
   }
   notify(`Queue ${name} ${answer.body.paused ? "paused: its tasks wait" : "resumed"}.`);
+  queuesReadAt = 0;
   refreshStats();
 }
 
