@@ -58,7 +58,7 @@ async def test_a_bad_queue_name_is_refused_naming_it(make_client: ClientFactory)
     # Any other name may be paused: one no task uses starts nothing anyway.
     assert (await (await client.post("/queues/a%20b/pause")).json())["paused"] is True
     # A queue name may hold slashes (labels do), sent as they are or encoded.
-    for path in ("/queues/mail/eu/pause", "/queues/mail%2Fus/pause"):
+    for path in ("/queues/mail/eu/pause", "/queues/mail%2Fus/pause", "/queues/a%0Ab/pause"):
         answer = await (await client.post(path)).json()
         assert answer["paused"] is True, answer
     names = {q["name"] for q in (await (await client.get("/queues")).json())["queues"]}
