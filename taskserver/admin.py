@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from . import add_command
+from . import add_command, queues_command
 from .config import URL_ENV
 from .models import TaskState
 from .storage import Snapshot, SnapshotError, is_postgres
@@ -104,6 +104,7 @@ def add_commands(commands: Any, parser_class: type[argparse.ArgumentParser]) -> 
     which.add_argument("--cancelled", action="store_true")
     purge.set_defaults(action="purge")
     add_command.add_parser(verbs, common)
+    queues_command.add_parser(commands, common, parser_class)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         return _usage("give task ids or --failed, not both")
     if args.action == "add":
         return add_command.run(args)
+    if args.action == "queues":
+        return queues_command.run(args)
     if getattr(args, "db", None):
         return _offline(args)
     try:

@@ -17,6 +17,7 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -171,6 +172,21 @@ class Client:
         task: dict[str, Any] = await self._call("POST", f"/tasks/{int(task_id)}/retry")
         return task
 
+    async def queues(self) -> list[dict[str, Any]]:
+        """Every queue as ``GET /queues`` lists it: counts, concurrency, paused."""
+        answer: dict[str, Any] = await self._call("GET", "/queues")
+        return list(answer["queues"])
+
+    async def pause_queue(self, name: str) -> dict[str, Any]:
+        """Pause queue ``name`` (it takes tasks and starts none, across restarts)."""
+        queue: dict[str, Any] = await self._call("POST", f"/queues/{quote(name, safe='')}/pause")
+        return queue
+
+    async def resume_queue(self, name: str) -> dict[str, Any]:
+        """Resume queue ``name``."""
+        queue: dict[str, Any] = await self._call("POST", f"/queues/{quote(name, safe='')}/resume")
+        return queue
+
     async def events(self, task_id: int, after: int = 0) -> AsyncGenerator[ServerEvent, None]:
         """The task's events (SSE), stored then live, until its last one ends the stream."""
         headers = {"Last-Event-ID": str(after)} if after else None
@@ -285,6 +301,18 @@ class SyncClient:
     def retry(self, task_id: int) -> dict[str, Any]:
         """As ``Client.retry``."""
         return self._run(self._client.retry(task_id))
+
+    def queues(self) -> list[dict[str, Any]]:
+        """As ``Client.queues``."""
+        return self._run(self._client.queues())
+
+    def pause_queue(self, name: str) -> dict[str, Any]:
+        """As ``Client.pause_queue``."""
+        return self._run(self._client.pause_queue(name))
+
+    def resume_queue(self, name: str) -> dict[str, Any]:
+        """As ``Client.resume_queue``."""
+        return self._run(self._client.resume_queue(name))
 
     def events(self, task_id: int, after: int = 0) -> Iterator[ServerEvent]:
         """As ``Client.events``, one event per ``next()``; closing it ends the stream."""

@@ -108,6 +108,16 @@ def _node_name(value: Any) -> str | None:
     return None
 
 
+#: A dashboard path: empty (none), or absolute without a trailing slash.
+_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+
+
+def _dashboard_path(value: Any) -> str | None:
+    if value == "" or (isinstance(value, str) and _PATH.match(value)):
+        return None
+    return "must be an absolute path like /dashboard (letters, digits, ._~-), or '' for none"
+
+
 def _setting(
     default: Any,
     help: str,
@@ -290,6 +300,11 @@ class Settings:
         " believed (client address, scheme, host)",
         _networks,
         separated=True,
+    )
+    dashboard_path: str = _setting(
+        "/dashboard",
+        "where the live dashboard is served, behind the API's authentication ('': none)",
+        _dashboard_path,
     )
     log_level: str = _setting(
         "INFO", "logging level", _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

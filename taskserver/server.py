@@ -34,6 +34,7 @@ from .errors import ConfigError, TaskCancelled, TaskFailed, ValidationError
 from .lifecycle import ACTIVE_ORDER, TERMINAL_ORDER
 from .models import Event, EventType, RetryPolicy, Task, TaskState
 from .push.fanout import Fanout, Subscription
+from .runtime.bulk import Action, Bulk, BulkResult, Where
 from .runtime.control import Control
 from .runtime.enqueue import Enqueue, Submitted
 from .runtime.maintenance import Maintenance
@@ -91,6 +92,7 @@ class TaskServer:
         )
         self._enqueue = Enqueue(shared)
         self._control = Control(shared)
+        self._bulk = Bulk(shared, self._control)
         self._maintenance = Maintenance(shared, self._enqueue, self._control)
         self._background: list[asyncio.Task[None]] = []
         self._retry = RetryPolicy(
@@ -265,6 +267,8 @@ class TaskServer:
         shared.unique.restore(opened.unique_keys)
         for group, head, state in opened.group_heads:
             shared.ready.restore_group(group, head, state)
+        for name in opened.paused_queues:
+            shared.ready.pause(name)
         if self.settings.task_workers > 0:
             s = self.settings
             shared.pool = WorkerPool(
@@ -416,9 +420,21 @@ class TaskServer:
         after: int = 0,
         limit: int = 100,
         before: int | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        unique_key: str | None = None,
     ) -> list[Task]:
-        """One page of tasks: ids above ``after`` in id order, or below ``before`` newest first."""
-        return await self.store.list_tasks(state=state, after=after, limit=limit, before=before)
+        """One page of tasks: ids above ``after`` in id order, or below ``before`` newest
+        first; only those in ``state``, of ``queue``, with ``name`` / ``unique_key``."""
+        return await self.store.list_tasks(
+            state=state,
+            after=after,
+            limit=limit,
+            before=before,
+            queue=queue,
+            name=name,
+            unique_key=unique_key,
+        )
 
     async def cancel(self, task_id: int) -> Task:
         """Cancel a task that has not ended and return it, cancelled.
@@ -438,6 +454,30 @@ class TaskServer:
     async def purge(self, older_than: float, states: Iterable[TaskState] = TERMINAL_ORDER) -> int:
         """Delete ended tasks (and their events) that finished over ``older_than`` s ago."""
         return await self._control.purge(older_than, states)
+
+    async def bulk(self, action: Action, ids: list[int]) -> BulkResult:
+        """Retry, cancel or purge each of ``ids``; what could not be done is in ``errors``."""
+        return await self._bulk.by_ids(action, ids)
+
+    async def bulk_where(
+        self, action: Action, where: Where, *, limit: int = 10_000, after: int = 0
+    ) -> BulkResult:
+        """``bulk`` on up to ``limit`` tasks ``where`` matches (ids above ``after``), read
+        and acted on a page at a time; ``next_after`` says where to go on."""
+        return await self._bulk.by_filter(action, where, limit=limit, after=after)
+
+    async def pause_queue(self, name: str) -> None:
+        """Start no more tasks of queue ``name`` (it still takes new ones), across
+        restarts; running tasks go on. ``ValidationError`` for a bad name."""
+        await self._control.pause_queue(name, True)
+
+    async def resume_queue(self, name: str) -> None:
+        """Undo ``pause_queue``: its tasks start again."""
+        await self._control.pause_queue(name, False)
+
+    def paused_queues(self) -> list[str]:
+        """Names of the paused queues, sorted."""
+        return self._shared.ready.paused()
 
     async def wait_terminal(self, task_id: int, timeout: float | None = None) -> Task:
         """Wait until the task has ended (its terminal event is committed); return it.
@@ -499,15 +539,22 @@ class TaskServer:
             ),
         }
 
+    def history(self) -> dict[str, Any]:
+        """The last hour per minute: tasks started, succeeded, failed, retried, and the
+        mean and longest queue wait (``runtime/history.py``); from memory."""
+        return self._shared.history.to_json()
+
     async def queue_stats(self) -> dict[str, dict[str, Any]]:
         """Per queue: tasks that have not ended, by state (from the store; zeros included),
-        and the queue's priority, concurrency limit and what it holds in memory."""
+        whether it is paused, and the queue's priority, concurrency limit and what it
+        holds in memory. The ``default`` queue is always there, idle or not."""
         counts = await self.store.count_by_queue()
         memory = self._shared.ready.snapshot()
         out: dict[str, dict[str, Any]] = {}
-        for name in sorted(set(counts) | set(memory)):
+        for name in sorted(set(counts) | set(memory) | {"default"}):
             by_state = counts.get(name, {})
             row: dict[str, Any] = {state.value: by_state.get(state, 0) for state in ACTIVE_ORDER}
+            row.update(paused=False, concurrency=None, priority=0)
             held = memory.get(name)
             if held is not None:
                 if not self.store.shared:  # live, where the store lags a commit

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from taskserver import ProcessTaskContext, SyncTaskContext, TaskContext, TaskServer
+from taskserver import PermanentError, ProcessTaskContext, SyncTaskContext, TaskContext, TaskServer
 
 
 def stored_progress_events(db: str, task_id: int) -> list[tuple[int, str]]:
@@ -153,3 +153,22 @@ def setup_failing_finish(server: TaskServer) -> None:
     """Echo tasks whose ``finish`` callback raises: the server logs it, about the task."""
     server.on("task", _echo)
     server.on("finish", _failing_finish)
+
+
+async def flaky_task(ctx: TaskContext) -> dict[str, Any]:
+    """Fail (permanently) while ``data["fail_until"]`` names a file that does not exist;
+    sleep ``data["sleep"]`` first. The dashboard tests retry the failures once it exists."""
+    data = ctx.data if isinstance(ctx.data, dict) else {}
+    await asyncio.sleep(float(data.get("sleep", 0.0)))
+    gate = data.get("fail_until")
+    if gate is not None and not await asyncio.to_thread(os.path.exists, gate):
+        raise PermanentError(f"{gate} does not exist yet")
+    return {"ok": True, "attempt": ctx.attempt}
+
+
+def setup_flaky(server: TaskServer) -> None:
+    """An application of its own (not the demo): ``flaky_task`` in queues mail and pdf."""
+    server.on("task", flaky_task)
+    server.on("finish", _finish)
+    server.queue("mail", concurrency=2)
+    server.queue("pdf")

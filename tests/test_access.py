@@ -101,6 +101,10 @@ ROUTES = [
     ("POST", "/tasks:retry", {"ids": [1]}, "admin"),
     ("POST", "/tasks:purge", {"older_than": 3600}, "admin"),
     ("DELETE", "/tasks/1", None, "admin"),
+    ("GET", "/queues", None, "read"),
+    ("POST", "/queues/default/pause", None, "admin"),
+    ("POST", "/queues/default/resume", None, "admin"),
+    ("POST", "/tasks:bulk", {"action": "retry", "ids": [1]}, "admin"),
 ]
 
 

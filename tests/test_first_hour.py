@@ -190,7 +190,7 @@ def test_serving_static_files_leaves_no_task_thread_behind(
     import urllib.request
 
     server = start(cwd=tmp_path)
-    for path in ("/", "/static/dashboard.js", "/static/dashboard.css"):
+    for path in ("/", "/dashboard", "/dashboard/static/dashboard.js", "/dashboard/static/api.js"):
         with urllib.request.urlopen(server.url + path, timeout=10) as response:
             assert response.status == 200
     code, log = server.terminate()

@@ -55,15 +55,17 @@ LAYERS: list[set[str]] = [
     {"storage.sqlite", "storage.postgres"},
     {"storage.store"},
     {"storage"},
-    {"runtime.ready", "runtime.waiting", "runtime.tally", "push.fanout"},
+    {"runtime.ready", "runtime.waiting", "runtime.tally", "runtime.history", "push.fanout"},
     {"runtime.workers", "runtime.options", "push.sse"},
     {"runtime.shared"},
     {"runtime.enqueue", "runtime.outcomes", "runtime.control"},
-    {"runtime.maintenance"},
+    {"runtime.maintenance", "runtime.bulk"},
     {"server", "push.mercure"},
     {"web.exposure"},
     {"web.access", "web.openapi", "web.metrics", "web.forwarded"},
-    {"web.api", "web.demo", "web.logs", "add_command"},
+    {"web.http"},
+    {"web.operate", "web.dashboard"},
+    {"web.api", "web.demo", "web.logs", "add_command", "queues_command"},
     {"web.app", "admin"},
     {"cli", "__init__", "__main__", "netguard"},  # netguard: the old path, re-exported
 ]
@@ -85,7 +87,9 @@ TOP = {
         0,
     ),
     "server": 4,
-    **dict.fromkeys(("cli", "admin", "add_command", "__init__", "__main__", "netguard"), 6),
+    **dict.fromkeys(
+        ("cli", "admin", "add_command", "queues_command", "__init__", "__main__", "netguard"), 6
+    ),
 }
 #: Database drivers: only storage/ may import them.
 DRIVERS = {"sqlite3", "aiosqlite", "asyncpg"}

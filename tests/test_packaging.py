@@ -193,7 +193,7 @@ def test_installed_wheel_serves_the_demo_and_its_static_files(installed_server: 
     assert (status, kind.split(";")[0]) == (200, "text/html")
     assert "<html" in page.lower()
     # Every asset the page links to is served from the installed package.
-    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page)
+    assets = re.findall(r'(?:src|href)="(/dashboard/static/[^"]+)"', page)
     assert assets, page[:500]
     for asset in assets:
         status, _, body = _get(installed_server + asset.split("?")[0])

@@ -172,6 +172,61 @@ async def test_list_tasks_pages_both_ways_and_by_state(store: Store) -> None:
     assert (counts[TaskState.QUEUED], counts[TaskState.CANCELLED]) == (24, 1)
 
 
+async def test_list_tasks_filters_by_queue_name_and_unique_key(store: Store) -> None:
+    a, b, c, d = await insert(
+        store,
+        new(1, queue="mail", name="send"),
+        new(2, queue="mail", name="bounce", unique_key="k-2"),
+        new(3, queue="pdf", name="send"),
+        new(4, queue="mail", name="send"),
+    )
+    await store.cancel_pending(d.id)
+
+    async def ids(**filters: object) -> list[int]:
+        page = await store.list_tasks(after=0, limit=10, **filters)  # type: ignore[arg-type]
+        return [t.id for t in page]
+
+    assert await ids(state=None, queue="mail") == [a.id, b.id, d.id]
+    assert await ids(state=None, queue="mail", name="send") == [a.id, d.id]
+    assert await ids(state=TaskState.QUEUED, queue="mail", name="send") == [a.id]
+    assert await ids(state=None, unique_key="k-2") == [b.id]
+    assert await ids(state=None, name="send", before=d.id) == [c.id, a.id]
+    first = await store.list_tasks(state=None, after=0, limit=1, queue="mail")
+    rest = await store.list_tasks(state=None, after=first[0].id, limit=10, queue="mail")
+    assert [t.id for t in first + rest] == [a.id, b.id, d.id]
+
+
+async def test_purge_of_a_selection_deletes_only_those_ids(store: Store, clock: Clock) -> None:
+    one, two, three = await insert(store, new(1), new(2), new(3))
+    for task in (one, two, three):
+        await store.cancel_pending(task.id)
+    clock.now += 1
+    assert await store.purge((TaskState.CANCELLED,), clock.now, ids=[one.id, three.id]) == 2
+    assert await store.get_task(one.id) is None
+    assert await store.get_task(two.id) is not None
+    assert await all_events(store, task_id=three.id) == []
+
+
+@pytest.mark.parametrize("durable", DURABLE)
+async def test_paused_queues_are_kept_until_resumed(
+    durable: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    address = BACKENDS[durable](tmp_path, request)
+    first = Store(address)
+    assert (await first.open()).paused_queues == []
+    await first.pause_queue("mail", True)
+    await first.pause_queue("mail", True)  # idempotent
+    await first.pause_queue("pdf", True)
+    await first.pause_queue("pdf", False)
+    await first.pause_queue("never-paused", False)
+    await first.close()
+    second = Store(address)
+    try:
+        assert (await second.open()).paused_queues == ["mail"]
+    finally:
+        await second.close()
+
+
 async def test_purge_deletes_ended_tasks_before_the_cutoff_with_their_events(
     store: Store, clock: Clock
 ) -> None:

@@ -10,11 +10,13 @@ import contextlib
 from collections.abc import Iterable
 
 from .. import lifecycle
-from ..errors import Conflict, TaskNotFound
+from ..errors import Conflict, TaskNotFound, ValidationError
 from ..lifecycle import RETRYABLE, TERMINAL, TERMINAL_ORDER
 from ..models import EventType, Task, TaskState
 from .shared import Shared
 
+#: Longest queue name (as ``options.LABEL``).
+MAX_LABEL = 200
 #: Ended tasks deleted per writer round when purging.
 PURGE_CHUNK = 5_000
 
@@ -151,3 +153,22 @@ class Control:
                 if deleted < PURGE_CHUNK:
                     break
         return total
+
+    async def pause_queue(self, name: str, paused: bool) -> None:
+        """Pause (``paused``) or resume queue ``name``, durably: once this returns, a
+        restart finds it so. Pausing takes effect at once (no new start meanwhile);
+        a write that fails undoes it and raises (``ServerBusy``)."""
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_LABEL:
+            raise ValidationError(f"a queue name is 1-{MAX_LABEL} characters", field="name")
+        ready = self._s.ready
+        was = name in ready.paused()
+        if paused:
+            ready.pause(name)
+        try:
+            await self._s.store.pause_queue(name, paused)
+        except BaseException:
+            if paused and not was:
+                ready.resume(name)
+            raise
+        if not paused:
+            ready.resume(name)

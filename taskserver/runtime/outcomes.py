@@ -100,10 +100,18 @@ class Outcomes:
             counts[lifecycle.QUEUED] -= 1
             counts[lifecycle.RUNNING] += 1
             tally.started(task)
+            at = task.updated_at  # now: update_task set it
+            self._s.history.started(at, at - task.available_at)
         elif type_ is not EventType.PROGRESS:
             counts[lifecycle.RUNNING] -= 1
             counts[task.state] += 1
             tally.attempt_ended(task, task.finished_at or self._s.clock())
+            if type_ is EventType.FINISHED:
+                self._s.history.succeeded(task.updated_at)
+            elif type_ is EventType.FAILED:
+                self._s.history.failed(task.updated_at)
+            elif type_ is EventType.RETRYING:
+                self._s.history.retried(task.updated_at)
 
     def progress(self, task: Task, fraction: float, message: str | None) -> Any:
         """A running task's progress: stored with its event; the batch's future."""

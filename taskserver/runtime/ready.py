@@ -63,6 +63,8 @@ class _Queue:
     taken: set[int] = field(default_factory=set)
     #: set up by configure(); an undeclared queue is dropped when idle
     declared: bool = False
+    #: a paused queue keeps its window but hands out no task (``pause``)
+    paused: bool = False
 
     def has_room_to_run(self) -> bool:
         return self.concurrency is None or self.running < self.concurrency
@@ -143,13 +145,14 @@ class ReadyQueue:
         return queue
 
     def snapshot(self) -> dict[str, dict[str, int | bool | None]]:
-        """Per queue: tasks in memory, running, limit, priority and backlog flag."""
+        """Per queue: tasks in memory, running, limit, priority, paused and backlog flag."""
         return {
             q.name: {
                 "in_memory": len(q.present),
                 "running": q.running,
                 "concurrency": q.concurrency,
                 "priority": q.priority,
+                "paused": q.paused,
                 "backlog_on_disk": q.backlog,
             }
             for q in self._order
@@ -159,6 +162,27 @@ class ReadyQueue:
         """Queue ``name``'s concurrency limit (``None``: none)."""
         queue = self._queues.get(name)
         return None if queue is None else queue.concurrency
+
+    def pause(self, name: str) -> None:
+        """Hand out no task of queue ``name`` until ``resume``; it still takes tasks in.
+
+        Tasks already running go on; a paused queue is kept while idle."""
+        self._queue(name).paused = True
+
+    def resume(self, name: str) -> None:
+        """Undo ``pause``: wake a worker per task the queue holds."""
+        queue = self._queues.get(name)
+        if queue is None or not queue.paused:
+            return
+        queue.paused = False
+        for _ in range(min(len(queue.heap), len(self._getters))):
+            self._wake_one()
+        if self.claiming:
+            self._maybe_page(queue, eager=True)
+
+    def paused(self) -> list[str]:
+        """Names of the paused queues, sorted."""
+        return sorted(q.name for q in self._order if q.paused)
 
     @property
     def has_backlog(self) -> bool:
@@ -263,6 +287,8 @@ class ReadyQueue:
         self._wake_one()
 
     def _maybe_page(self, queue: _Queue, *, eager: bool = False) -> None:
+        if self.claiming and queue.paused:
+            return  # a claim would start its tasks: a paused queue claims none
         if self.claiming:
             # Claim for idle workers (and the prefetch, in ``capacity``): a claimed task
             # counts as running in the cluster, so few wait here that another could run.
@@ -385,7 +411,7 @@ class ReadyQueue:
     def get_nowait(self) -> Task | None:
         """The best eligible task (counted as running in its queue), or ``None``."""
         for queue in self._order:
-            if not queue.has_room_to_run():
+            if queue.paused or not queue.has_room_to_run():
                 continue
             heap = queue.heap
             while heap:
@@ -416,10 +442,11 @@ class ReadyQueue:
                 self.run_average = ran if previous == math.inf else 0.8 * previous + 0.2 * ran
             for other in self._order:
                 self._maybe_page(other)
-        if queue.heap:
+        if queue.heap and not queue.paused:
             self._wake_one()
         elif (
             not queue.declared
+            and not queue.paused
             and not queue.present
             and not queue.running
             and not queue.backlog

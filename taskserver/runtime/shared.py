@@ -15,6 +15,7 @@ from ..config import Settings
 from ..errors import ServerClosed
 from ..models import TaskState
 from ..storage import Store
+from .history import History
 from .ready import ReadyQueue
 from .tally import Tally
 from .waiting import Waiters
@@ -72,6 +73,11 @@ class Shared:
     nodes: list[dict[str, object]] = field(default_factory=list)
     #: set right after construction (its callbacks read from the store through us)
     ready: ReadyQueue = field(init=False)
+    #: the last hour, per minute, for the dashboard's charts
+    history: History = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.history = History(self.clock)
 
     @property
     def store(self) -> Store:

@@ -49,6 +49,8 @@ class Opened:
     recovered_failed: int = 0
     #: the highest event id committed (a stream starting now replays nothing below it)
     committed_event_id: int = 0
+    #: names of the queues a ``QueuePause`` left paused, sorted: they start no task
+    paused_queues: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -138,8 +140,10 @@ class Backend(Protocol):
 
         Within the transaction, in order: the new rows, the row updates, the
         schedule runs, the conditional ``moves`` (each decided on the state it
-        finds, with its event if it moved), the chores, then every event in id
-        order. ``Applied.durable.events`` is every stored event in id order;
+        finds, with its event if it moved), the chores (``Purge``, ``TrimEvents``,
+        ``ProbeWrite``, ``QueuePause``: a paused queue's name kept until it is
+        resumed, read back by ``open`` as ``Opened.paused_queues``), then every
+        event in id order. ``Applied.durable.events`` is every stored event in id order;
         ``moved``, ``counts`` and ``pages`` answer ``moves``, ``chores`` and
         ``reads`` one for one. A batch with no writes needs no transaction.
         """
@@ -152,10 +156,20 @@ class Backend(Protocol):
         ...
 
     async def list_tasks(
-        self, *, state: TaskState | None, after: int, limit: int, before: int | None = None
+        self,
+        *,
+        state: TaskState | None,
+        after: int,
+        limit: int,
+        before: int | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        unique_key: str | None = None,
     ) -> list[Task]:
         """Up to ``limit`` tasks: ids above ``after`` in id order, or, with ``before``,
-        ids below it newest first; only those in ``state`` if given."""
+        ids below it newest first; only those in ``state``, of ``queue``, with
+        ``name`` and with ``unique_key`` when given (each an exact match, all of them
+        together)."""
         ...
 
     async def ids_in_state(self, state: TaskState, limit: int) -> list[int]:

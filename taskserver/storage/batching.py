@@ -28,6 +28,7 @@ from .intents import (
     NewTask,
     PageQueued,
     Purge,
+    QueuePause,
     TrimEvents,
 )
 from .payload import dumps, event_json
@@ -231,9 +232,15 @@ class Batching:
         return self._move("retry", task_id)
 
     def purge(
-        self, states: Iterable[TaskState], before: float, *, chunk: int = 5_000
+        self,
+        states: Iterable[TaskState],
+        before: float,
+        *,
+        chunk: int = 5_000,
+        ids: Iterable[int] | None = None,
     ) -> asyncio.Future[int]:
-        """Delete up to ``chunk`` ended tasks in ``states`` finished before ``before``.
+        """Delete up to ``chunk`` ended tasks in ``states`` finished before ``before``
+        (with ``ids``: only among those).
 
         Their events go too. Resolves to the number of tasks deleted; call again
         until it is below ``chunk``.
@@ -241,7 +248,11 @@ class Batching:
         names = tuple(TaskState(s) for s in states)
         if not names or any(s not in TERMINAL for s in names):
             raise ValueError("purge only deletes ended tasks (succeeded, failed, cancelled)")
-        return self._chore(Purge(names, before, chunk))
+        return self._chore(Purge(names, before, chunk, None if ids is None else tuple(ids)))
+
+    def pause_queue(self, name: str, paused: bool) -> asyncio.Future[int]:
+        """Record that queue ``name`` is paused or not (``QueuePause``); done at commit."""
+        return self._chore(QueuePause(name, paused))
 
     def trim_events(
         self, *, before: float | None, keep: int | None, chunk: int = 20_000

@@ -81,11 +81,13 @@ class Move:
 @dataclass(frozen=True, slots=True)
 class Purge:
     """Delete up to ``chunk`` ended tasks in ``states`` finished before ``before``, and
-    their events; resolves to the number of tasks deleted."""
+    their events; resolves to the number of tasks deleted. With ``ids``, only tasks
+    among those ids (a selection: the dashboard's bulk purge)."""
 
     states: tuple[TaskState, ...]
     before: float
     chunk: int
+    ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +114,19 @@ class Lease:
     info: str
 
 
-Chore = Purge | TrimEvents | ProbeWrite | Lease
+@dataclass(frozen=True, slots=True)
+class QueuePause:
+    """Record that queue ``name`` is paused (``paused``) or no longer (``not paused``).
+
+    Idempotent; the last write for a name wins; resolves once committed. The
+    queue need not exist or hold tasks. ``Opened.paused_queues`` lists what is paused.
+    """
+
+    name: str
+    paused: bool
+
+
+Chore = Purge | TrimEvents | ProbeWrite | Lease | QueuePause
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,9 +107,25 @@ class Store(Engine):
         return await self.backend.get_task(task_id)
 
     async def list_tasks(
-        self, *, state: TaskState | None, after: int, limit: int, before: int | None = None
+        self,
+        *,
+        state: TaskState | None,
+        after: int,
+        limit: int,
+        before: int | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        unique_key: str | None = None,
     ) -> list[Task]:
-        return await self.backend.list_tasks(state=state, after=after, limit=limit, before=before)
+        return await self.backend.list_tasks(
+            state=state,
+            after=after,
+            limit=limit,
+            before=before,
+            queue=queue,
+            name=name,
+            unique_key=unique_key,
+        )
 
     async def ids_in_state(self, state: TaskState, limit: int) -> list[int]:
         return await self.backend.ids_in_state(state, limit)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from .. import lifecycle
@@ -25,24 +23,27 @@ from ..push.mercure import MercureHub, discovery_link
 from ..push.sse import stream_events
 from ..runtime.options import OPTIONS, TaskSpec
 from ..server import TaskServer
+from . import operate
 from .access import ADMIN, ENQUEUE, METRICS, READ, READ_TASK, Access, Need
-from .jsonints import refuse_wide_integers
+from .http import (
+    ACCESS,
+    MAX_PAGE,
+    PREFIX,
+    SERVER,
+    Handler,
+    int_param,
+    is_id,
+    json_response,
+    read_json_object,
+)
 from .metrics import Metrics
 from .openapi import document
 
 log = logging.getLogger(__name__)
 
-SERVER: web.AppKey[TaskServer] = web.AppKey("taskserver", TaskServer)
-#: The prefix the API routes were mounted under (``add_routes``).
-PREFIX: web.AppKey[str] = web.AppKey("taskserver_prefix", str)
-#: Who may use the routes (``access.py``).
-ACCESS: web.AppKey[Access] = web.AppKey("taskserver_access", Access)
 #: The server's Prometheus registry (``metrics.py``).
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("taskserver_metrics", Metrics)
 
-JSON = "application/json"
-MAX_PAGE = 1000
-DEFAULT_PAGE = 100
 TASK_FIELDS = frozenset({"data"}) | OPTIONS
 #: Most tasks one ``POST /tasks:batch`` may carry.
 MAX_BATCH = 10_000
@@ -53,46 +54,6 @@ READY_PROBE_TIMEOUT = 2.0
 #: ``Retry-After`` of a 503 from ``/readyz``, in seconds.
 READY_RETRY_AFTER = 5
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_response(
-    body: Any, *, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    """A JSON response encoded with orjson."""
-    # The header given as is: aiohttp's content_type argument parses and rebuilds it.
-    if headers is None:
-        headers = {"Content-Type": JSON}
-    else:
-        headers["Content-Type"] = JSON
-    return web.Response(body=orjson.dumps(body), status=status, headers=headers)
-
-
-# --- parsing helpers ------------------------------------------------------------
-
-
-async def read_json_object(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
-    """The request body as a JSON object with only ``allowed`` keys, or a 4xx."""
-    # The exact header first: parsing it (content_type) costs more than the comparison.
-    if request.headers.get("Content-Type") != JSON and request.content_type != JSON:
-        raise web.HTTPUnsupportedMediaType(
-            text=f"Content-Type must be {JSON}, got {request.content_type or 'none'}"
-        )
-    raw = await request.read()  # client_max_size bounds it (413 past the limit)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationError(f"the body is not valid JSON: {exc}") from None
-    refuse_wide_integers(raw)
-    if not isinstance(body, dict):
-        raise ValidationError("the body must be a JSON object", field="body")
-    for key in body:
-        if key not in allowed:
-            raise ValidationError(
-                f"unknown field {key!r}; allowed: {', '.join(sorted(allowed))}", field=key
-            )
-    return body
-
 
 def task_id_of(request: web.Request) -> int:
     """The ``{id}`` path part as a positive integer, or a 404 naming it."""
@@ -100,20 +61,6 @@ def task_id_of(request: web.Request) -> int:
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < 1:
         raise web.HTTPNotFound(text=f"task id must be a positive integer, got {raw!r}")
     return int(raw)
-
-
-def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    """An integer query parameter within [lo, hi], or 422 naming it."""
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValidationError(f"{name} must be an integer, got {raw!r}", field=name) from None
-    if not lo <= value <= hi:
-        raise ValidationError(f"{name} must be from {lo} to {hi}, got {value}", field=name)
-    return value
 
 
 def last_event_id(request: web.Request) -> int:
@@ -236,7 +183,7 @@ async def admin_retry(request: web.Request) -> web.Response:
     if failed:
         return json_response({"retried": await server.retry_failed(), "errors": {}})
     ids = body.get("ids")
-    if not isinstance(ids, list) or not all(_is_id(i) for i in ids):
+    if not isinstance(ids, list) or not all(is_id(i) for i in ids):
         raise ValidationError('give "ids": [positive integers] or "failed": true', field="ids")
     retried: list[int] = []
     errors: dict[str, str] = {}
@@ -247,12 +194,6 @@ async def admin_retry(request: web.Request) -> web.Response:
         except (TaskNotFound, Conflict) as exc:
             errors[str(task_id)] = str(exc)
     return json_response({"retried": retried, "errors": errors})
-
-
-def _is_id(value: Any) -> bool:
-    """A task id in JSON: a positive integer."""
-    # type() and not isinstance(): JSON true is a bool, and bool is an int in Python.
-    return type(value) is int and 0 < value < 2**62
 
 
 async def admin_purge(request: web.Request) -> web.Response:
@@ -274,42 +215,6 @@ async def admin_purge(request: web.Request) -> web.Response:
         )
     purged = await server.purge(float(older_than), [TaskState(s) for s in raw_states])
     return json_response({"purged": purged})
-
-
-async def list_tasks(request: web.Request) -> web.Response:
-    """``GET /tasks?state=&limit=&after=`` (or ``order=desc&before=``) → one page and the
-    cursor to the next."""
-    server = request.app[SERVER]
-    state_raw = request.query.get("state")
-    state = None
-    if state_raw is not None:
-        try:
-            state = TaskState(state_raw)
-        except ValueError:
-            raise ValidationError(
-                f"state must be one of {', '.join(s.value for s in TaskState)}, got {state_raw!r}",
-                field="state",
-            ) from None
-    limit = int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    order = request.query.get("order", "asc")
-    if order not in ("asc", "desc"):
-        raise ValidationError(f"order must be asc or desc, got {order!r}", field="order")
-    cursor = "after" if order == "asc" else "before"
-    # Both checked whatever the order: a bad value is refused, not silently ignored.
-    after = int_param(request, "after", 0, 0, 2**62)
-    before: int | None = int_param(request, "before", 2**62, 1, 2**62)
-    if order == "asc":
-        before = None
-    else:
-        after = 0
-    tasks = await server.list_tasks(state=state, after=after, limit=limit, before=before)
-    next_cursor = tasks[-1].id if len(tasks) == limit else None
-    next_url = None
-    if next_cursor is not None:
-        next_url = str(request.rel_url.update_query({cursor: str(next_cursor)}))
-    return json_response(
-        {"tasks": [t.to_json() for t in tasks], f"next_{cursor}": next_cursor, "next": next_url}
-    )
 
 
 async def cancel_task(request: web.Request) -> web.Response:
@@ -378,9 +283,17 @@ async def all_events(request: web.Request) -> web.StreamResponse:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """``GET /stats`` → worker and task counters, and active tasks per queue."""
+    """``GET /stats[?queues=false]`` → worker and task counters, the hour's history, and
+    active tasks per queue (a count over the store: ``queues=false`` leaves it out, and
+    ``queues`` is what memory holds per queue, as ``TaskServer.stats``)."""
     server = request.app[SERVER]
-    return json_response({**server.stats(), "queues": await server.queue_stats()})
+    raw = request.query.get("queues", "true")
+    if raw not in ("true", "false"):
+        raise ValidationError(f"queues must be true or false, got {raw!r}", field="queues")
+    body = {**server.stats(), "history": server.history()}
+    if raw == "true":
+        body["queues"] = await server.queue_stats()
+    return json_response(body)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -435,7 +348,11 @@ ROUTES: tuple[tuple[str, str, Handler, str | None, Need | None], ...] = (
     ("POST", "/tasks:retry", admin_retry, None, ADMIN),
     ("POST", "/tasks:purge", admin_purge, None, ADMIN),
     ("POST", "/tasks/{id}/retry", retry_task, None, ADMIN),
-    ("GET", "/tasks", list_tasks, None, READ),
+    ("GET", "/tasks", operate.list_tasks, None, READ),
+    ("POST", "/tasks:bulk", operate.bulk, None, ADMIN),
+    ("GET", "/queues", operate.list_queues, "queues", READ),
+    ("POST", r"/queues/{name:[\s\S]+}/pause", operate.pause_queue, None, ADMIN),
+    ("POST", r"/queues/{name:[\s\S]+}/resume", operate.resume_queue, None, ADMIN),
     ("GET", "/tasks/{id}", get_task, "task", READ_TASK),
     ("DELETE", "/tasks/{id}", cancel_task, None, ADMIN),
     ("GET", "/tasks/{id}/events", task_events, "task_events", READ_TASK),

@@ -22,14 +22,15 @@ from ..config import Settings
 from ..errors import ConfigError
 from ..push import mercure
 from ..server import TaskServer
-from . import api
+from . import api, dashboard, http
 from .access import Authorizer
+from .demo import DEMO
 from .forwarded import TrustedProxies
 
 #: Where an application finds its TaskServer: ``request.app[TASKSERVER]``.
-TASKSERVER = api.SERVER
+TASKSERVER = http.SERVER
 #: Who may use the routes: ``app[ACCESS]`` (``access.Access``).
-ACCESS = api.ACCESS
+ACCESS = http.ACCESS
 
 Setup = Callable[..., Any]
 
@@ -41,7 +42,8 @@ def attach(
     prefix: str = "",
     authorize: Authorizer | None = None,
 ) -> None:
-    """Mount taskserver on ``app``: API routes under ``prefix``, lifecycle, problem+json errors.
+    """Mount taskserver on ``app``: API routes under ``prefix``, the dashboard at the
+    ``dashboard_path`` setting, lifecycle, problem+json errors.
 
     ``authorize(request, scope)`` (as ``server.authorize``) lets the application decide
     who may use the routes, e.g. from its own session. The server starts when the
@@ -57,6 +59,7 @@ def attach(
         app.middlewares.insert(0, TrustedProxies(server.settings.trusted_proxies).middleware)
     hub = mercure.add_routes(app, server)  # at /.well-known/mercure, whatever the prefix
     api.add_routes(app, server, prefix, hub)
+    _mount_dashboard(app, server.settings.dashboard_path, prefix)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await server.start()
@@ -69,6 +72,16 @@ def attach(
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(close_streams)
+
+
+def _mount_dashboard(app: web.Application, path: str, prefix: str) -> None:
+    """The dashboard at ``path`` (and at ``/`` for the demo), its files under it."""
+    demo = app.get(DEMO, False)
+    paths = [path] if path else []
+    if demo:
+        paths.append("/")
+    if paths:
+        dashboard.mount(app, paths, assets=f"{path or ''}/static", api=prefix, demo=demo)
 
 
 def load_setup(ref: str) -> Setup:

@@ -1,17 +1,13 @@
 """The built-in demo, served when ``taskserver run`` is given no ``--app``.
 
-A live dashboard at ``/`` (``static/dashboard.*``): counts, running tasks,
-recent tasks and failures, updated over ``EventSource``, and a button that
-starts a task: a few seconds of work that reports progress.
+The live dashboard (``dashboard.py``) answers ``/`` as well as ``dashboard_path``,
+with a button that starts a demo task: a few seconds of work that reports progress.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -22,8 +18,8 @@ from ..server import TaskServer
 
 log = logging.getLogger(__name__)
 
-#: The dashboard's HTML, CSS and JS, served under ``/static/``.
-STATIC = Path(__file__).with_name("static")
+#: Set on the application by the demo's setup: ``attach`` serves the dashboard at ``/``.
+DEMO: web.AppKey[bool] = web.AppKey("taskserver_demo", bool)
 #: Steps a demo task takes; each reports progress.
 STEPS = 10
 
@@ -45,31 +41,12 @@ async def demo_finish(ctx: TaskContext, result: Any) -> None:
     log.debug("demo task %d finished: %r", ctx.id, result, extra={"task_id": ctx.id})
 
 
-#: No other site may frame the dashboard (clickjacking its Cancel and Retry buttons).
-FRAMING = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}
-
-
-async def index(request: web.Request) -> web.Response:
-    page = resources.files("taskserver.web").joinpath("static/dashboard.html").read_text("utf-8")
-    return web.Response(text=page, content_type="text/html", headers=FRAMING)
-
-
-def _static_file(path: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
-    async def send(request: web.Request) -> web.FileResponse:
-        return web.FileResponse(path, headers=FRAMING)
-
-    return send
-
-
 def setup(server: TaskServer, app: web.Application) -> None:
-    """Register the demo callbacks, the dashboard at ``/`` and its files under ``/static/``.
+    """Register the demo callbacks; ``attach`` then serves the dashboard at ``/`` too.
 
-    Each file has a route of its own (not ``add_static``) so that every response of
-    the dashboard, ``/static/dashboard.html`` too, carries ``FRAMING``.
+    The dashboard is mounted by ``attach`` (at ``dashboard_path``); the demo asks it
+    to answer ``/`` as well, with its Request form.
     """
     server.on("task", demo_task)
     server.on("finish", demo_finish)
-    app.router.add_get("/", index)
-    for path in sorted(STATIC.iterdir()):
-        if path.is_file():
-            app.router.add_get(f"/static/{path.name}", _static_file(path))
+    app[DEMO] = True

@@ -206,6 +206,89 @@ LAST_EVENT_ID = [
 ]
 STREAM = {"description": "an event stream", "content": {SSE: {"schema": {"type": "string"}}}}
 JSON_BODY = (400, 413, 415, 422)
+PAGE = {
+    "type": "object",
+    "required": ["tasks", "next"],
+    "properties": {
+        "tasks": {"type": "array", "items": _ref("Task")},
+        "next_after": _nullable({"type": "integer"}),
+        "next_before": _nullable({"type": "integer"}),
+        "next": _nullable({"type": "string", "description": "the next page's URL"}),
+    },
+}
+#: A queue, name or unique key to match exactly (``operate.py``): any 1-200 characters.
+NAME_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 200}
+QUEUE_NAME = {"name": "name", "in": "path", "required": True, "schema": NAME_SCHEMA}
+COUNT = {"type": "integer", "minimum": 0}
+QUEUE = {
+    "type": "object",
+    "required": ["name", "queued", "waiting", "running", "retrying", "paused"],
+    "properties": {
+        "name": {"type": "string"},
+        "queued": COUNT,
+        "waiting": COUNT,
+        "running": COUNT,
+        "retrying": COUNT,
+        "paused": {"type": "boolean"},
+        "concurrency": _nullable({"type": "integer"}),
+        "priority": {"type": "integer"},
+    },
+}
+BULK = {
+    "type": "object",
+    "required": ["action"],
+    "additionalProperties": False,
+    "properties": {
+        "action": {"enum": ["retry", "cancel", "purge"]},
+        "ids": {
+            "type": "array",
+            "maxItems": 10_000,
+            "items": {"type": "integer", "minimum": 1, "maximum": 2**62 - 1},
+        },
+        "filter": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"state": _ref("TaskState"), "queue": NAME_SCHEMA, "name": NAME_SCHEMA},
+        },
+        "limit": {"type": "integer", "minimum": 1, "maximum": 100_000},
+        "after": {"type": "integer", "minimum": 0, "maximum": 2**62},
+    },
+    # A purge deletes ended tasks only: a filter's state must be one of them.
+    "if": {
+        "required": ["action", "filter"],
+        "properties": {"action": {"const": "purge"}, "filter": {"required": ["state"]}},
+    },
+    "then": {
+        "properties": {
+            "filter": {"properties": {"state": {"enum": ["succeeded", "failed", "cancelled"]}}}
+        }
+    },
+    # ids, or a filter (with limit and after); not both.
+    "oneOf": [
+        {
+            "required": ["ids"],
+            "not": {
+                "anyOf": [
+                    {"required": ["filter"]},
+                    {"required": ["limit"]},
+                    {"required": ["after"]},
+                ]
+            },
+        },
+        {"required": ["filter"], "not": {"required": ["ids"]}},
+    ],
+}
+BULK_RESULT = {
+    "type": "object",
+    "required": ["action", "matched", "done", "errors", "next_after"],
+    "properties": {
+        "action": {"type": "string"},
+        "matched": COUNT,
+        "done": COUNT,
+        "errors": {"type": "object", "additionalProperties": {"type": "string"}},
+        "next_after": _nullable({"type": "integer"}),
+    },
+}
 
 
 def _op(summary: str, scope: str | None, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
@@ -331,9 +414,12 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
         ("GET", "/tasks"): _op(
             "One page of tasks and the cursor to the next",
             "read",
-            {"200": _json({"type": "object", "properties": {"tasks": {}}}), **_problems(422)},
+            {"200": _json(PAGE), **_problems(422)},
             parameters=[
                 _query("state", _ref("TaskState")),
+                _query("queue", NAME_SCHEMA, "only tasks of this queue"),
+                _query("name", NAME_SCHEMA, "only tasks with this name"),
+                _query("unique_key", NAME_SCHEMA, "only tasks with this unique_key"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": max_page}),
                 _query("order", {"enum": ["asc", "desc"]}),
                 _query("after", {"type": "integer", "minimum": 0, "maximum": 2**62}),
@@ -367,7 +453,47 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
             parameters=LAST_EVENT_ID,
         ),
         ("GET", "/stats"): _op(
-            "Worker and task counters", "read", {"200": _json({"type": "object"})}
+            "Worker and task counters, the hour's history, tasks per queue",
+            "read",
+            {"200": _json({"type": "object"}), **_problems(422)},
+            parameters=[
+                _query(
+                    "queues",
+                    {"enum": ["true", "false"]},
+                    "false: per-queue counts from memory only, no count over the store",
+                )
+            ],
+        ),
+        ("POST", "/tasks:bulk"): _op(
+            "Retry, cancel or purge a selection (ids) or what a filter matches, in pages",
+            "admin",
+            {"200": _json(BULK_RESULT), **_problems(*JSON_BODY, 503)},
+            requestBody=_body(BULK),
+        ),
+        ("GET", "/queues"): _op(
+            "Every queue: counts, running, concurrency, priority, paused",
+            "read",
+            {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["queues"],
+                        "properties": {"queues": {"type": "array", "items": QUEUE}},
+                    }
+                )
+            },
+        ),
+        ("POST", "/queues/{name}/pause"): _op(
+            "Pause a queue: it takes tasks and starts none, across restarts",
+            "admin",
+            {"200": _json(QUEUE), **_problems(404, 422, 503)},
+            parameters=[QUEUE_NAME],
+        ),
+        ("POST", "/queues/{name}/resume"): _op(
+            "Resume a paused queue",
+            "admin",
+            {"200": _json(QUEUE), **_problems(404, 422, 503)},
+            parameters=[QUEUE_NAME],
         ),
         ("GET", "/healthz"): _op("Liveness", None, {"200": _json(_ref("Status"))}),
         ("GET", "/metrics"): _op(

@@ -41,7 +41,7 @@ import orjson
 from ...errors import ConfigError, ServerBusy
 from ...models import Event, EventType, Task, TaskState
 from ..backend import Opened
-from ..intents import Applied, Batch, Lease, Move, ProbeWrite, Purge, Signals
+from ..intents import Applied, Batch, Lease, Move, ProbeWrite, Purge, QueuePause, Signals
 from ..payload import event_json
 from ..rows import MOVES
 from . import schema as sql
@@ -138,6 +138,7 @@ class PostgresBackend(PostgresReads):
                 recovered_queued=queued,
                 recovered_failed=failed,
                 committed_event_id=self._delivered,
+                paused_queues=await self.paused_queues(),
             )
         except asyncpg.PostgresError as exc:  # e.g. no right to create tables
             await self.close()
@@ -414,10 +415,19 @@ class PostgresBackend(PostgresReads):
             return 0, []
         if isinstance(chore, Lease):
             return await self._claims.lease(conn, chore.info, self.lease, now)
+        if isinstance(chore, QueuePause):
+            await conn.execute(sql.PAUSE_QUEUE if chore.paused else sql.RESUME_QUEUE, chore.name)
+            return 0, []
         # Purges and trims: one node at a time (the others wait their turn).
         await conn.execute("SELECT pg_advisory_xact_lock($1)", sql.LOCK_PURGE)
         if isinstance(chore, Purge):
             states = [s.value for s in chore.states]
+            if chore.ids is not None:
+                among = list(chore.ids)
+                purged = await conn.fetchval(
+                    sql.PURGE_AMONG, states, chore.before, chore.chunk, among
+                )
+                return int(purged), []
             return int(await conn.fetchval(sql.PURGE, states, chore.before, chore.chunk)), []
         total = 0
         if chore.before is not None:

@@ -49,9 +49,25 @@ class PostgresReads:
         return sql.task_from_row(rows[0]) if rows else None
 
     async def list_tasks(
-        self, *, state: TaskState | None, after: int, limit: int, before: int | None = None
+        self,
+        *,
+        state: TaskState | None,
+        after: int,
+        limit: int,
+        before: int | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        unique_key: str | None = None,
     ) -> list[Task]:
         """``Backend.list_tasks``."""
+        given = {"queue": queue, "name": name, "unique_key": unique_key}
+        if any(v is not None for v in given.values()):
+            given = {"state": None if state is None else state.value, **given}
+            keys = tuple(k for k, v in given.items() if v is not None)
+            query = sql.select_tasks(keys, desc=before is not None)
+            cursor = before if before is not None else after
+            rows = await self._fetch(query, cursor, limit, *(given[k] for k in keys))
+            return [sql.task_from_row(r) for r in rows]
         if before is not None:
             query = sql.SELECT_TASKS_DESC if state is None else sql.SELECT_TASKS_BY_STATE_DESC
             params: tuple[Any, ...] = (before, limit)
@@ -90,6 +106,10 @@ class PostgresReads:
     async def count_by_queue(self) -> dict[str, dict[TaskState, int]]:
         """``Backend.count_by_queue``."""
         return queue_counts(await self._fetch(sql.COUNT_BY_QUEUE))
+
+    async def paused_queues(self) -> list[str]:
+        """Names of the paused queues, sorted."""
+        return [r[0] for r in await self._fetch(sql.SELECT_PAUSED)]
 
     async def queues_with_work(self) -> list[str]:
         """Queues with queued tasks."""

@@ -152,6 +152,12 @@ MIGRATIONS: tuple[str, ...] = (
         REFERENCING OLD TABLE AS old_rows
         FOR EACH STATEMENT EXECUTE FUNCTION taskserver_count_deleted();
     """,
+    # Paused queues start no task on any node, across restarts (QueuePause).
+    """
+    CREATE TABLE taskserver_paused_queues (
+        name  text PRIMARY KEY
+    );
+    """,
 )
 
 #: Advisory lock keys (``pg_advisory_*``): one 64-bit space per database.
@@ -263,8 +269,14 @@ _CLAIM = (
     " ORDER BY c.priority DESC, c.seq LIMIT $3 FOR UPDATE SKIP LOCKED) AS pick"
     f" WHERE t.id = pick.id RETURNING {_T}, t.seq"
 )
-CLAIM_QUEUE = _CLAIM.format(where=f"c.state = 'queued' AND c.queue = $4 AND {_GROUP_TURN}")
-CLAIM_GROUP = _CLAIM.format(where=f"c.state = 'queued' AND c.serial_group = $4 AND {_GROUP_TURN}")
+#: A paused queue's tasks are claimed by no node.
+_NOT_PAUSED = "NOT EXISTS (SELECT 1 FROM taskserver_paused_queues AS p WHERE p.name = c.queue)"
+CLAIM_QUEUE = _CLAIM.format(
+    where=f"c.state = 'queued' AND c.queue = $4 AND {_GROUP_TURN} AND {_NOT_PAUSED}"
+)
+CLAIM_GROUP = _CLAIM.format(
+    where=f"c.state = 'queued' AND c.serial_group = $4 AND {_GROUP_TURN} AND {_NOT_PAUSED}"
+)
 #: Queue concurrency over the whole cluster: claims of a limited queue take turns.
 LOCK_QUEUE = "SELECT pg_advisory_xact_lock(hashtextextended('taskserver:queue:' || $1, 0))"
 COUNT_RUNNING = "SELECT count(*) FROM taskserver_tasks WHERE state = 'running' AND queue = $1"
@@ -326,6 +338,22 @@ SELECT_TASKS_BY_STATE_DESC = (
     " ORDER BY id DESC LIMIT $2"
 )
 SELECT_IDS_BY_STATE = "SELECT id FROM taskserver_tasks WHERE state = $1 ORDER BY id LIMIT $2"
+#: The filters of ``list_tasks``, by keyword: each ANDed in when given.
+TASK_FILTERS = ("state", "queue", "name", "unique_key")
+
+
+def select_tasks(filters: tuple[str, ...], *, desc: bool) -> str:
+    """A page of tasks matching ``filters`` (of ``TASK_FILTERS``): bound as $1 the
+    cursor, $2 the limit, then the filters' values in that order."""
+    where = [f"{f} = ${i}" for i, f in enumerate(filters, start=3)]
+    where.append("id < $1" if desc else "id > $1")
+    order = "id DESC" if desc else "id"
+    return (
+        f"SELECT {TASK_COLUMNS} FROM taskserver_tasks WHERE {' AND '.join(where)}"
+        f" ORDER BY {order} LIMIT $2"
+    )
+
+
 SELECT_EVENTS_AFTER = (
     f"SELECT {EVENT_COLUMNS} FROM taskserver_events WHERE id > $1 ORDER BY id LIMIT $2"
 )
@@ -369,6 +397,16 @@ PURGE = (
     " events AS (DELETE FROM taskserver_events WHERE task_id IN (SELECT id FROM gone))"
     " SELECT count(*) FROM gone"
 )
+#: ``PURGE`` of a selection (``Purge.ids``): only tasks among ``$4``.
+PURGE_AMONG = (
+    "WITH gone AS (DELETE FROM taskserver_tasks WHERE id IN (SELECT id FROM taskserver_tasks"
+    " WHERE state = ANY($1::text[]) AND finished_at < $2 AND id = ANY($4::bigint[]) LIMIT $3)"
+    " RETURNING id), events AS (DELETE FROM taskserver_events WHERE task_id IN"
+    " (SELECT id FROM gone)) SELECT count(*) FROM gone"
+)
+PAUSE_QUEUE = "INSERT INTO taskserver_paused_queues (name) VALUES ($1) ON CONFLICT DO NOTHING"
+RESUME_QUEUE = "DELETE FROM taskserver_paused_queues WHERE name = $1"
+SELECT_PAUSED = "SELECT name FROM taskserver_paused_queues ORDER BY name"
 TRIM_EVENTS_BY_AGE = (
     "WITH gone AS (DELETE FROM taskserver_events WHERE id IN (SELECT id FROM taskserver_events"
     " WHERE at < $1 ORDER BY id LIMIT $2) RETURNING 1) SELECT count(*) FROM gone"

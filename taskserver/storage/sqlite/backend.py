@@ -38,6 +38,7 @@ from ..intents import (
     PageQueued,
     ProbeWrite,
     Purge,
+    QueuePause,
     Read,
     Signals,
 )
@@ -130,6 +131,7 @@ class SqliteBackend(SqliteReads):
             recovered_queued=queued,
             recovered_failed=failed,
             committed_event_id=self._next_event_id - 1,
+            paused_queues=await self.paused_queues(),
         )
 
     def _open_sync(self) -> tuple[int, int]:
@@ -366,12 +368,20 @@ def _chore_statements(chore: Chore) -> list[tuple[str, tuple[Any, ...]]]:
         return [(sql.PROBE_WRITE, ())]
     if isinstance(chore, Lease):
         return []  # one process owns the file: no other server's tasks to rescue
+    if isinstance(chore, QueuePause):
+        if chore.paused:
+            return [(sql.PAUSE_QUEUE, (chore.name,))]
+        return [(sql.RESUME_QUEUE, (chore.name,))]
     if isinstance(chore, Purge):
         marks = ", ".join("?" for _ in chore.states)
-        params = (*(s.value for s in chore.states), chore.before, chore.chunk)
+        among = "" if chore.ids is None else sql.AMONG_IDS
+        params: tuple[Any, ...] = (*(s.value for s in chore.states), chore.before)
+        if chore.ids is not None:
+            params += (dumps(list(chore.ids)),)
+        params += (chore.chunk,)
         return [
-            (sql.PURGE_TASK_EVENTS.format(states=marks), params),
-            (sql.PURGE_TASKS.format(states=marks), params),
+            (sql.PURGE_TASK_EVENTS.format(states=marks, among=among), params),
+            (sql.PURGE_TASKS.format(states=marks, among=among), params),
         ]
     statements: list[tuple[str, tuple[Any, ...]]] = []
     if chore.before is not None:

@@ -46,10 +46,25 @@ class SqliteReads:
         return sql.task_from_row(rows[0]) if rows else None
 
     async def list_tasks(
-        self, *, state: TaskState | None, after: int, limit: int, before: int | None = None
+        self,
+        *,
+        state: TaskState | None,
+        after: int,
+        limit: int,
+        before: int | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        unique_key: str | None = None,
     ) -> list[Task]:
         """Up to ``limit`` committed tasks: ids above ``after`` in id order, or, with
-        ``before``, ids below it newest first."""
+        ``before``, ids below it newest first; filtered as ``Backend.list_tasks`` says."""
+        given = {"queue": queue, "name": name, "unique_key": unique_key}
+        if any(v is not None for v in given.values()):
+            given = {"state": None if state is None else state.value, **given}
+            keys = tuple(k for k, v in given.items() if v is not None)
+            params = (*(given[k] for k in keys), before if before is not None else after, limit)
+            query = sql.select_tasks(keys, desc=before is not None)
+            return [sql.task_from_row(r) for r in await self._fetch(query, params)]
         if before is not None:
             if state is None:
                 rows = await self._fetch(sql.SELECT_TASKS_DESC, (before, limit))
@@ -115,6 +130,10 @@ class SqliteReads:
         """The newest task with ``key`` that succeeded at or after ``since``."""
         rows = await self._fetch(sql.SELECT_RECENT_UNIQUE, (key, since))
         return int(rows[0][0]) if rows else None
+
+    async def paused_queues(self) -> list[str]:
+        """Names of the paused queues, sorted."""
+        return [str(r[0]) for r in await self._fetch(sql.SELECT_PAUSED)]
 
     async def serial_heads(self) -> list[tuple[str, int, TaskState]]:
         """Per serial group with tasks that have not ended: its oldest one and that one's state."""

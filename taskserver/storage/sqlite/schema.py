@@ -76,6 +76,12 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX events_by_uid;
     CREATE INDEX events_by_uid ON events (uid, id) WHERE uid IS NOT NULL;
     """,
+    # Paused queues start no task, across restarts (QueuePause).
+    """
+    CREATE TABLE paused_queues (
+        name  TEXT PRIMARY KEY
+    );
+    """,
 )
 
 #: A write that changes nothing but does reach the disk: one page (the header) goes
@@ -173,6 +179,23 @@ SELECT_DUE = (
 )
 SELECT_NEXT_DUE = f"SELECT min(available_at) FROM tasks WHERE state IN {DELAYED}"
 SELECT_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id > ? ORDER BY id LIMIT ?"
+#: The filters of ``list_tasks``, by keyword: each ANDed in when given.
+TASK_FILTERS = {
+    "state": "state = ?",
+    "queue": "queue = ?",
+    "name": "name = ?",
+    "unique_key": "unique_key = ?",
+}
+
+
+def select_tasks(filters: tuple[str, ...], *, desc: bool) -> str:
+    """A page of tasks matching ``filters`` (keys of ``TASK_FILTERS``), bound in that
+    order, then the cursor and the limit."""
+    where = " AND ".join([*(TASK_FILTERS[f] for f in filters), "id < ?" if desc else "id > ?"])
+    order = "id DESC" if desc else "id"
+    return f"SELECT {TASK_COLUMNS} FROM tasks WHERE {where} ORDER BY {order} LIMIT ?"
+
+
 SELECT_TASKS_DESC = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id < ? ORDER BY id DESC LIMIT ?"
 SELECT_TASKS_BY_STATE_DESC = (
     f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? AND id < ? ORDER BY id DESC LIMIT ?"
@@ -223,12 +246,17 @@ RECOVER_QUEUED = (
 # Purging works in chunks so one call never holds the writer for long.
 PURGE_TASK_EVENTS = (
     "DELETE FROM events WHERE task_id IN (SELECT id FROM tasks WHERE state IN ({states})"
-    " AND finished_at < ? LIMIT ?)"
+    " AND finished_at < ?{among} LIMIT ?)"
 )
 PURGE_TASKS = (
     "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE state IN ({states})"
-    " AND finished_at < ? LIMIT ?)"
+    " AND finished_at < ?{among} LIMIT ?)"
 )
+#: A purge of a selection: ``{among}`` above, bound to a JSON array of ids.
+AMONG_IDS = " AND id IN (SELECT value FROM json_each(?))"
+PAUSE_QUEUE = "INSERT OR IGNORE INTO paused_queues (name) VALUES (?)"
+RESUME_QUEUE = "DELETE FROM paused_queues WHERE name = ?"
+SELECT_PAUSED = "SELECT name FROM paused_queues ORDER BY name"
 TRIM_EVENTS_BY_AGE = (
     "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ? ORDER BY id LIMIT ?)"
 )
