@@ -328,3 +328,26 @@ async def test_long_tasks_are_not_claimed_ahead_of_a_busy_node(node: Node) -> No
         await b.wait_terminal(task_id, timeout=20)
     assert ran.count("b") >= 2
     assert a.stats()["ready"] == 0
+
+
+async def test_a_queue_paused_on_one_node_starts_nothing_anywhere(node: Node) -> None:
+    ran: list[int] = []
+
+    async def task(ctx: TaskContext) -> Any:
+        ran.append(ctx.id)
+
+    a = await node("a", task)
+    b = await node("b", task)
+    await a.pause_queue("mail")
+    await wait_for(lambda: "mail" in b.stats()["queues"] and b.stats()["queues"]["mail"]["paused"])
+    ids = [await server.task(i, queue="mail") for i in range(4) for server in (a, b)]
+    # Work enqueued after them in another queue runs on both nodes; the paused ones do not.
+    others = [await server.task("other") for server in (a, b, a, b)]
+    for task_id in others:
+        await a.wait_terminal(task_id, timeout=10)
+    assert sorted(ran) == sorted(others)
+    assert {(await b.get(i)).state for i in ids} == {TaskState.QUEUED}
+    await b.resume_queue("mail")  # resumed elsewhere: every node starts them again
+    for task_id in ids:
+        assert (await a.wait_terminal(task_id, timeout=10)).state is TaskState.SUCCEEDED
+    assert sorted(ran) == sorted(others + ids)

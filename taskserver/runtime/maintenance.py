@@ -62,6 +62,11 @@ class Maintenance:
                 await s.store.lease(dumps(info))
                 s.counts = await s.store.count_by_state()
                 s.nodes = await s.store.backend.nodes()
+                paused = set(await s.store.backend.paused_queues())  # by any server
+                for name in paused - set(s.ready.paused()):
+                    s.ready.pause(name)
+                for name in set(s.ready.paused()) - paused:
+                    s.ready.resume(name)
                 s.ready.start_from_disk(list(s.ready.snapshot()))
             except ServerClosed:
                 return

@@ -92,6 +92,10 @@ class Backend(Protocol):
         """Tell every server sharing the database to cancel ``task_id`` if it runs it."""
         ...
 
+    async def paused_queues(self) -> list[str]:
+        """Names of the paused queues (``QueuePause``), sorted."""
+        ...
+
     async def nodes(self) -> list[dict[str, Any]]:
         """The servers sharing the database and what each reported (``Lease``)."""
         ...
