@@ -351,3 +351,25 @@ async def test_a_queue_paused_on_one_node_starts_nothing_anywhere(node: Node) ->
     for task_id in ids:
         assert (await a.wait_terminal(task_id, timeout=10)).state is TaskState.SUCCEEDED
     assert sorted(ran) == sorted(others + ids)
+
+
+async def test_a_freed_slot_of_a_limited_queue_is_taken_at_once(node: Node) -> None:
+    spans: list[tuple[float, float]] = []
+    loop = asyncio.get_running_loop()
+
+    async def task(ctx: TaskContext) -> Any:
+        start = loop.time()
+        await asyncio.sleep(0.1)
+        spans.append((start, loop.time()))
+
+    def limited(server: TaskServer) -> None:
+        server.queue("limited", concurrency=2)
+
+    a = await node("a", task, workers=3, setup=limited)
+    await node("b", task, workers=3, setup=limited)
+    await a.task_many(list(range(8)), queue="limited")  # one commit: one notification
+    await wait_for(lambda: len(spans) == 8, timeout=30)
+    spans.sort()
+    # Task k + 2 waits for a slot: k's or k + 1's. Not for the once-a-second safety net.
+    waits = [later[0] - min(e for _, e in spans[k : k + 2]) for k, later in enumerate(spans[2:])]
+    assert max(waits) < 0.5, waits

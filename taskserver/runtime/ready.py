@@ -435,6 +435,10 @@ class ReadyQueue:
         queue = self._queue(task.queue)
         queue.running = max(0, queue.running - 1)
         if self.claiming:  # a worker is free: claim for it
+            if queue.concurrency is not None:
+                # A slot of a limited queue is free: tasks may wait for it there even
+                # though the last claim found none (the queue was full then).
+                queue.backlog = True
             taken = self._taken_at.pop(task.id, None)
             if taken is not None:
                 ran = time.monotonic() - taken
