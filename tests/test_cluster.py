@@ -302,7 +302,8 @@ async def test_kill_9_of_a_node_mid_work_loses_no_acknowledged_task_and_replay_m
         types = [r.event.event for r in resumed if r.task_id == task_id]
         assert types[0] == "queued", (task_id, types)
         assert types[-1] == "finished", (task_id, types)
-        assert types.count("started") == ended[task_id]["attempts"], (task_id, types)
+        # A start the killed node had not yet stored may be missing, never an extra one.
+        assert 1 <= types.count("started") <= ended[task_id]["attempts"], (task_id, types)
 
     # The killed node comes back on its port and takes work again.
     restarted = await cluster.restart("a")
@@ -372,8 +373,8 @@ async def test_queue_concurrency_is_counted_over_all_nodes(make_cluster: Cluster
 async def test_a_cron_due_time_runs_once_across_the_cluster(make_cluster: ClusterFactory) -> None:
     """Three nodes with the same schedule: each due time enqueued once, none dropped."""
     cluster = await make_cluster(app="tests.cluster_app:setup_cron")
-    await cluster.start_many(["a", "b", "c"], workers=2)
     started = time.time()
+    await cluster.start_many(["a", "b", "c"], workers=2)
 
     def ticks() -> list[Execution]:
         return [r for r in cluster.executions() if r.tag == "tick"]
@@ -389,7 +390,7 @@ async def test_a_cron_due_time_runs_once_across_the_cluster(make_cluster: Cluste
     dues = Counter(math.floor(t["created_at"] / TICK_EVERY) * TICK_EVERY for t in tasks)
     assert max(dues.values()) == 1, f"due times enqueued more than once: {dues}"
     first, last = min(dues), max(dues)
-    assert first >= math.floor(started / TICK_EVERY) * TICK_EVERY - TICK_EVERY
+    assert first >= math.floor(started / TICK_EVERY) * TICK_EVERY
     assert last <= stopped
     expected = {first + k * TICK_EVERY for k in range(round((last - first) / TICK_EVERY) + 1)}
     assert set(dues) == expected, f"due times dropped: {sorted(expected - set(dues))}"
