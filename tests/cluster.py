@@ -226,12 +226,12 @@ class Cluster:
         for node in self._launched:
             if node.alive:
                 node.proc.send_signal(signal.SIGTERM)
-        for node in self._launched:
+        for node in self._launched:  # waited for in a thread: the loop must not block
             try:
-                node.proc.wait(STOP_TIMEOUT)
+                await asyncio.to_thread(node.proc.wait, STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 node.proc.kill()
-                node.proc.wait(STOP_TIMEOUT)
+                await asyncio.to_thread(node.proc.wait, STOP_TIMEOUT)
         if self._session is not None:
             await self._session.close()
 
