@@ -398,3 +398,16 @@ async def test_a_cron_due_time_runs_once_across_the_cluster(make_cluster: Cluste
     assert_each_attempt_ran_once(runs)
     assert {r.id for r in runs} <= {t["id"] for t in tasks}
     assert len(runs) >= 5
+
+
+async def test_a_node_does_not_log_the_database_password(
+    make_cluster: ClusterFactory, postgres: PostgresServer
+) -> None:
+    """The ``--db`` URL carries a password: what a node logs must not."""
+    cluster = await make_cluster()
+    node = await cluster.start("a", workers=1)
+    task_id = await cluster.enqueue("a", {"tag": "logged"})
+    await cluster.wait_terminal([task_id], via="a")
+    assert cluster.terminate("a") == 0
+    assert postgres.password in cluster.db
+    assert postgres.password not in node.output()
