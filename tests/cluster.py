@@ -179,19 +179,41 @@ class Cluster:
 
         ``app`` replaces the cluster's ``--app`` for this node; ``args`` are more options.
         """
-        assert name not in self.nodes, f"node {name} exists"
-        for _ in range(3):  # a port taken between free_port() and the bind: another one
-            node = self._launch(name, free_port(), workers, app or self.app, tuple(args))
-            if await self._ready(node, timeout):
-                self.nodes[name] = node
-                return node
-            if "address already in use" not in node.output().lower():
-                break
-        raise AssertionError(f"{node!r} exited at start:\n{node.output()}")
+        (node,) = await self.start_many(
+            [name], workers=workers, app=app, args=args, timeout=timeout
+        )
+        return node
 
-    async def start_many(self, names: Iterable[str], **options: Any) -> list[Node]:
-        """Start several nodes at the same moment (migrations race, as in production)."""
-        return list(await asyncio.gather(*(self.start(name, **options) for name in names)))
+    async def start_many(
+        self,
+        names: Iterable[str],
+        *,
+        workers: int = 2,
+        app: str | None = None,
+        args: Sequence[str] = (),
+        timeout: float = START_TIMEOUT,
+    ) -> list[Node]:
+        """Start several nodes at the same moment (migrations race, as in production).
+
+        Everything runs in the caller's task, no task of its own: three interpreters
+        starting on two cores starve this process, and a step of another task would then
+        count as blocking the loop (the tests' ``loop_never_blocks``).
+        """
+        wanted = list(names)
+        assert not set(wanted) & set(self.nodes), f"nodes exist: {set(wanted) & set(self.nodes)}"
+        options = (workers, app or self.app, tuple(args))
+        started = [self._launch(name, free_port(), *options) for name in wanted]
+        for i, node in enumerate(started):
+            for _ in range(3):  # a port taken between free_port() and the bind: another one
+                if await self._ready(node, timeout):
+                    break
+                if "address already in use" not in node.output().lower():
+                    raise AssertionError(f"{node!r} exited at start:\n{node.output()}")
+                node = started[i] = self._launch(node.name, free_port(), *options)
+            else:
+                raise AssertionError(f"{node!r} found no free port:\n{node.output()}")
+            self.nodes[node.name] = node
+        return started
 
     def kill(self, name: str) -> None:
         """``kill -9`` the node: its running tasks are left as they are."""

@@ -8,8 +8,9 @@ cache keeps what was written when the node is killed with ``kill -9``. The test 
 the file back (``tests/cluster.py``: ``read_executions``) to check that each attempt ran
 on exactly one node, and when.
 
-``data`` may hold ``sleep`` (seconds to take) and ``tag`` (any short string, copied to
-the record). Declared on every node: the queue ``limited`` (``concurrency=2``, counted
+``data`` may hold ``sleep`` (seconds to take), ``tag`` (any short string, copied to
+the record) and ``die`` (then, after its sleep, the task kills its own node with
+SIGKILL). Declared on every node: the queue ``limited`` (``concurrency=2``, counted
 over the cluster); ``setup_cron`` also schedules ``tick`` every two seconds.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import signal
 import time
 from typing import Any
 
@@ -65,6 +67,8 @@ async def recorded_task(ctx: TaskContext) -> dict[str, Any]:
     record("start", ctx)
     data = ctx.data if isinstance(ctx.data, dict) else {}
     await asyncio.sleep(float(data.get("sleep", 0.0)))
+    if data.get("die"):  # as a task that crashes the interpreter would
+        os.kill(os.getpid(), signal.SIGKILL)
     record("end", ctx)
     return {"pid": os.getpid(), "attempt": ctx.attempt}
 

@@ -219,7 +219,7 @@ async def test_an_sse_client_on_node_b_sees_a_task_run_on_node_a(
 async def test_kill_9_of_a_node_mid_work_loses_no_acknowledged_task_and_replay_misses_nothing(
     make_cluster: ClusterFactory,
 ) -> None:
-    cluster = await make_cluster()
+    cluster = await make_cluster(extra_args=["--lease", "3"])  # the survivors rescue soon
     a, b, c = await cluster.start_many(["a", "b", "c"], workers=2)
     options = {"max_attempts": 3}
 
@@ -310,6 +310,57 @@ async def test_kill_9_of_a_node_mid_work_loses_no_acknowledged_task_and_replay_m
     assert "Traceback" not in restarted.stderr(), restarted.stderr()
     task_id = await cluster.enqueue("a", {"tag": "after-restart"})
     assert (await cluster.wait_terminal([task_id], via="a"))[task_id]["state"] == "succeeded"
+
+
+async def test_a_restarted_node_rescues_its_own_running_tasks_at_once(
+    make_cluster: ClusterFactory,
+) -> None:
+    """Its old run is over once it is back, so it need not wait for the lease to expire."""
+    lease = 30.0
+    cluster = await make_cluster(extra_args=["--lease", str(lease)])
+    a, _ = [await cluster.start("a", workers=2), await cluster.start("b", workers=0)]
+    ids = await cluster.enqueue_batch(
+        "b", [{"data": {"tag": "long", "sleep": 1.0}, "max_attempts": 2}] * 4
+    )
+
+    def running_on_a() -> set[int]:
+        return {r.id for r in cluster.executions() if r.pid == a.pid and r.end is None}
+
+    await wait_for(lambda: len(running_on_a()) == 2, timeout=20, message="a busy")
+    interrupted = running_on_a()
+    cluster.kill("a")
+    killed = time.monotonic()
+    await cluster.restart("a")
+    ended = await cluster.wait_terminal(ids, via="b", timeout=lease)
+    took = time.monotonic() - killed
+    assert took < lease / 2, f"rescued after {took:.1f}s: the lease ran out, not the restart"
+    assert {t["state"] for t in ended.values()} == {"succeeded"}
+    assert {i for i in ids if ended[i]["attempts"] == 2} == interrupted
+    runs = cluster.executions()
+    assert_each_attempt_ran_once(runs)
+    assert {r.pid for r in runs if r.end is not None} == {cluster.nodes["a"].pid}
+
+
+async def test_a_task_that_keeps_killing_nodes_ends_failed_after_max_attempts(
+    make_cluster: ClusterFactory,
+) -> None:
+    cluster = await make_cluster(extra_args=["--lease", "2"])
+    await cluster.start_many(["a", "b", "c"], workers=1)
+    task_id = await cluster.enqueue("c", {"tag": "killer", "die": True}, max_attempts=2)
+    await wait_for(
+        lambda: sum(not n.alive for n in cluster.nodes.values()) == 2,
+        timeout=60,
+        message="two nodes killed by the task",
+    )
+    (survivor,) = [name for name, node in cluster.nodes.items() if node.alive]
+    ended = await cluster.wait_terminal([task_id], via=survivor, timeout=60)
+    assert ended[task_id]["state"] == "failed", ended[task_id]
+    assert ended[task_id]["attempts"] == 2
+    runs = cluster.executions()
+    assert [(r.attempt, r.end) for r in runs] == [(1, None), (2, None)]
+    assert len({r.pid for r in runs}) == 2
+    assert cluster.nodes[survivor].pid not in {r.pid for r in runs}
+    assert cluster.nodes[survivor].alive
 
 
 # --- cluster-wide rules ---------------------------------------------------------------
