@@ -343,7 +343,15 @@ def section(opts: PgOptions, tmp: Path) -> None:
             shift = round_ % len(configs)
             for index, config in enumerate(configs[shift:] + configs[:shift]):
                 tag = f"pg-{round_}-{index}"
-                config.runs.append(_measure_one(config, opts, tmp, tag, pg))
+                run = _measure_one(config, opts, tmp, tag, pg)
+                config.runs.append(run)
+                print(
+                    f"   round {round_ + 1}: {config.label:<28} {run.rate:>10,.0f} tasks/s "
+                    f"({run.tasks:,} in {run.seconds:.2f}s), CPU us/task "
+                    f"{_us(run.nodes_us)} + PostgreSQL {_us(run.us_per_task(run.pg_cpu))}",
+                    flush=True,
+                )
+        print("   medians (range, rounds):")
         for config in configs:
             _print(config)
         _print_ratios(configs, opts)

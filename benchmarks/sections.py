@@ -48,8 +48,8 @@ class Options:
     cpu_tasks: int
     only: tuple[str, ...]
     db: str | None = None
-    pg_tasks: int = 20_000
-    pg_peer_tasks: int = 3_000
+    pg_tasks: int = 5_000
+    pg_peer_tasks: int = 2_000
     pg_nodes: tuple[int, ...] = (1, 2, 3)
     pg_workers: int = 4
     pg_batch: int = 500
@@ -80,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             chunk=10_000,
             cpu_tasks=5,
             only=tuple(args.only or SECTIONS),
-            **{"pg_tasks": 2_000, "pg_peer_tasks": 500, **pg},
+            **{"pg_tasks": 1_000, "pg_peer_tasks": 300, **pg},
         )
     return Options(
         rounds=3,
