@@ -5,7 +5,8 @@ Each measurement gets a fresh database on one server (``benchmarks/pgdb.py``: a 
 one, or ``--db``). taskserver: ``N`` ``taskserver run --db DSN --task-workers W --app
 benchmarks.apps:noop_setup`` nodes; the tasks are enqueued over HTTP, ``POST
 /tasks:batch`` of ``batch`` tasks, spread round-robin over the nodes, two requests in
-flight per node, while the workers run them. procrastinate: ``N`` worker processes of
+flight per node, while the workers run them; with taskserver's defaults (a node claims
+only for its idle workers) and with ``--prefetch 64`` (tasks claimed ahead). procrastinate: ``N`` worker processes of
 concurrency ``W`` (``benchmarks/pgpeer.py``); the jobs are deferred by this process with
 ``batch_defer_async`` (one multi-row insert per batch of the same size, two in flight per
 worker process; fewer jobs than taskserver's tasks, as it runs them far slower, so that
@@ -29,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,6 +61,7 @@ class PgOptions(Protocol):
     pg_nodes: tuple[int, ...]
     pg_workers: int
     pg_batch: int
+    pg_prefetch: tuple[int, ...]
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Config:
     label: str
     kind: str  # "pg", "peer" or "sqlite"
     nodes: int
+    prefetch: int = 0  # taskserver's --prefetch on PostgreSQL
     runs: list[Measured] = field(default_factory=list)
 
 
@@ -158,13 +161,15 @@ async def _finishes(url: str, total: int, timeout: float) -> tuple[int, float]:
 
 
 @contextlib.contextmanager
-def _nodes(db: str, count: int, workers: int, tmp: Path, tag: str) -> Iterator[list[Server]]:
+def _nodes(
+    db: str, count: int, workers: int, tmp: Path, tag: str, extra: Sequence[str] = ()
+) -> Iterator[list[Server]]:
     with contextlib.ExitStack() as stack:
         servers = []
         for i in range(count):
             command = [sys.executable, "-m", "taskserver", "run", "--host=127.0.0.1"]
             command += ["--port=0", f"--db={db}", "--grace-period=1"]
-            command += [f"--task-workers={workers}", f"--app={APP}"]
+            command += [f"--task-workers={workers}", f"--app={APP}", *extra]
             log = tmp / f"{tag}-node{i}.log"
             servers.append(
                 stack.enter_context(serve(command, cwd=tmp, log=log, timeout=START_TIMEOUT))
@@ -173,10 +178,16 @@ def _nodes(db: str, count: int, workers: int, tmp: Path, tag: str) -> Iterator[l
 
 
 def measure_taskserver(
-    db: str, nodes: int, opts: PgOptions, tmp: Path, tag: str, pg: Postgres | None
+    db: str,
+    nodes: int,
+    opts: PgOptions,
+    tmp: Path,
+    tag: str,
+    pg: Postgres | None,
+    extra: Sequence[str] = (),
 ) -> Measured:
-    """Start ``nodes`` nodes on ``db``, load them, and read the outcome back."""
-    with _nodes(db, nodes, opts.pg_workers, tmp, tag) as servers:
+    """Start ``nodes`` nodes on ``db`` (``extra``: more options), load them, read back."""
+    with _nodes(db, nodes, opts.pg_workers, tmp, tag, extra) as servers:
         pids = [s.proc.pid for s in servers]
         cpu_before = [cpu_seconds_of(p) for p in pids]
         pg_before = pg.cpu() if pg else None
@@ -308,8 +319,8 @@ def _print(config: Config) -> None:
     ]
     total = spread([x for x in nodes_us if x is not None]) if None not in nodes_us else "n/a"
     pgs = spread([x for x in pg_us if x is not None]) if None not in pg_us else "n/a"
-    print(f"   {config.label:<28} {rates:>32} tasks/s")
-    print(f"{'':31}CPU us/task: per process {' + '.join(per_node)} = {total}; PostgreSQL {pgs}")
+    print(f"   {config.label:<36} {rates:>32} tasks/s")
+    print(f"{'':39}CPU us/task: per process {' + '.join(per_node)} = {total}; PostgreSQL {pgs}")
 
 
 def _median_rate(config: Config | None) -> float | None:
@@ -335,8 +346,9 @@ def section(opts: PgOptions, tmp: Path) -> None:
             print("   procrastinate: not installed (pip install -e '.[bench]')")
         configs: list[Config] = [Config("taskserver SQLite, 1 node", "sqlite", 1)]
         for n in opts.pg_nodes:
-            if not missing:
-                configs.append(Config(f"taskserver PG, {n} node{'s' * (n > 1)}", "pg", n))
+            for p in opts.pg_prefetch if not missing else ():
+                label = f"taskserver PG, {n} node{'s' * (n > 1)}" + (f", prefetch {p}" * bool(p))
+                configs.append(Config(label, "pg", n, p))
             if peer_version is not None:
                 configs.append(Config(f"procrastinate {peer_version}, {n} proc", "peer", n))
         for round_ in range(opts.rounds):
@@ -346,7 +358,7 @@ def section(opts: PgOptions, tmp: Path) -> None:
                 run = _measure_one(config, opts, tmp, tag, pg)
                 config.runs.append(run)
                 print(
-                    f"   round {round_ + 1}: {config.label:<28} {run.rate:>10,.0f} tasks/s "
+                    f"   round {round_ + 1}: {config.label:<36} {run.rate:>10,.0f} tasks/s "
                     f"({run.tasks:,} in {run.seconds:.2f}s), CPU us/task "
                     f"{_us(run.nodes_us)} + PostgreSQL {_us(run.us_per_task(run.pg_cpu))}",
                     flush=True,
@@ -361,29 +373,31 @@ def _measure_one(config: Config, opts: PgOptions, tmp: Path, tag: str, pg: Postg
     if config.kind == "sqlite":
         return measure_taskserver(str(tmp / f"{tag}.db"), 1, opts, tmp, tag, None)
     with pg.database() as dsn:
-        measure: Callable[..., Measured] = (
-            measure_taskserver if config.kind == "pg" else measure_peer
-        )
-        return measure(dsn, config.nodes, opts, tmp, tag, pg)
+        if config.kind == "pg":
+            extra = [f"--prefetch={config.prefetch}"] if config.prefetch else []
+            return measure_taskserver(dsn, config.nodes, opts, tmp, tag, pg, extra)
+        return measure_peer(dsn, config.nodes, opts, tmp, tag, pg)
 
 
 def _print_ratios(configs: list[Config], opts: PgOptions) -> None:
-    by = {(c.kind, c.nodes): c for c in configs}
-    ratios = []
-    for n in opts.pg_nodes:
-        ours, peer = _median_rate(by.get(("pg", n))), _median_rate(by.get(("peer", n)))
-        if ours is not None and peer:
-            ratios.append(f"{n}: {ours / peer:.2f}")
-    if ratios:
-        print(f"   taskserver / procrastinate tasks/s: {', '.join(ratios)} (goal >= 3)")
-    ours_cpu = [
-        statistics.median(r.nodes_us or 0.0 for r in by[("pg", n)].runs)
-        for n in opts.pg_nodes
-        if ("pg", n) in by and by[("pg", n)].runs
-    ]
-    if len(ours_cpu) > 1 and ours_cpu[0]:
-        steps = ", ".join(f"{c / ours_cpu[0]:.2f}" for c in ours_cpu)
-        print(
-            f"   taskserver CPU per task, {'/'.join(map(str, opts.pg_nodes))} nodes "
-            f"relative to 1: {steps} (goal: flat)"
-        )
+    by = {(c.kind, c.nodes, c.prefetch): c for c in configs}
+    for p in opts.pg_prefetch:
+        name = "taskserver" + (f" (prefetch {p})" if p else "")
+        ratios = []
+        for n in opts.pg_nodes:
+            ours, peer = _median_rate(by.get(("pg", n, p))), _median_rate(by.get(("peer", n, 0)))
+            if ours is not None and peer:
+                ratios.append(f"{n}: {ours / peer:.2f}")
+        if ratios:
+            print(f"   {name} / procrastinate tasks/s: {', '.join(ratios)} (goal >= 3)")
+        ours_cpu = [
+            statistics.median(r.nodes_us or 0.0 for r in by[("pg", n, p)].runs)
+            for n in opts.pg_nodes
+            if ("pg", n, p) in by and by[("pg", n, p)].runs
+        ]
+        if len(ours_cpu) > 1 and ours_cpu[0]:
+            steps = ", ".join(f"{c / ours_cpu[0]:.2f}" for c in ours_cpu)
+            print(
+                f"   {name} CPU per task in the nodes, {'/'.join(map(str, opts.pg_nodes))} "
+                f"nodes relative to 1: {steps} (goal: flat)"
+            )

@@ -53,6 +53,7 @@ class Options:
     pg_nodes: tuple[int, ...] = (1, 2, 3)
     pg_workers: int = 4
     pg_batch: int = 500
+    pg_prefetch: tuple[int, ...] = (0, 64)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
