@@ -6,13 +6,14 @@ one, or ``--db``). taskserver: ``N`` ``taskserver run --db DSN --task-workers W 
 benchmarks.apps:noop_setup`` nodes; the tasks are enqueued over HTTP, ``POST
 /tasks:batch`` of ``batch`` tasks, spread round-robin over the nodes, two requests in
 flight per node, while the workers run them; with taskserver's defaults (a node claims
-only for its idle workers) and with ``--prefetch 64`` (tasks claimed ahead). procrastinate: ``N`` worker processes of
-concurrency ``W`` (``benchmarks/pgpeer.py``); the jobs are deferred by this process with
-``batch_defer_async`` (one multi-row insert per batch of the same size, two in flight per
-worker process; fewer jobs than taskserver's tasks, as it runs them far slower, so that
-each run lasts seconds). The figure is completed tasks/s from the first to the last finish, read
-back from what each stored (taskserver: ``finished_at`` through ``GET /tasks``;
-procrastinate: its ``succeeded`` events).
+only for its idle workers) and with ``--prefetch 64`` (tasks claimed ahead).
+procrastinate: ``N`` worker processes of concurrency ``W`` (``benchmarks/pgpeer.py``);
+the jobs are deferred by this process with ``batch_defer_async`` (one multi-row insert
+per batch of the same size, two in flight per worker process; fewer jobs than
+taskserver's tasks, as it runs them far slower, so that each run lasts seconds). The
+figure is completed tasks/s from the first to the last finish, read back from what each
+stored (taskserver: ``finished_at`` through ``GET /tasks``; procrastinate: its
+``succeeded`` events).
 
 CPU time per task: each node's (or worker process's) user + system time over the load
 (``/proc/PID/stat``) divided by all tasks, their sum, and the PostgreSQL server's (the

@@ -8,7 +8,8 @@ By default a private server is started as the tests start theirs (``tests/pg_ser
 ``cpu()`` is the CPU time (user + system, seconds) the whole server has used so far:
 the postmaster's own, what its exited children used (``cutime`` + ``cstime``: the
 postmaster reaps its backends), and every live child's. For a server given with ``--db``
-that is known only when it runs on this machine (found from a backend's parent pid).
+that is known only when it runs on this machine, reached on loopback (its postmaster is
+found as the parent of our backend).
 """
 
 from __future__ import annotations
@@ -95,10 +96,22 @@ async def _postmaster_of(dsn: str) -> tuple[int | None, str]:
     try:
         backend = await connection.fetchval("SELECT pg_backend_pid()")
         version = await connection.fetchval("SHOW server_version")
+        found = _stat(int(backend))  # while connected: the backend ends with its session
     finally:
         await connection.close()
-    found = _stat(int(backend))
-    return (found[0] if found is not None else None), str(version)
+    host = urlsplit(dsn).hostname or ""
+    local = host in ("", "localhost", "127.0.0.1", "::1") or host.startswith("/")
+    if found is None or not local or _comm(found[0]) != "postgres":
+        return None, str(version)  # another machine's pid could name anything here
+    return found[0], str(version)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="ascii", errors="replace") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
 
 
 @contextlib.contextmanager
