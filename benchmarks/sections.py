@@ -1,6 +1,7 @@
-"""The issue-14 sections of ``scripts/bench``: wrk HTTP, fan-out, backlog, cpu_bound dispatch.
+"""The issue-14 sections of ``scripts/bench`` (wrk HTTP, fan-out, backlog, cpu_bound dispatch)
+and issue 12's ``pg`` (taskserver nodes on one PostgreSQL beside procrastinate).
 
-``python -m benchmarks.sections [--quick] [--only wrk|fanout|backlog|cpu ...]``
+``python -m benchmarks.sections [--quick] [--only wrk|fanout|backlog|cpu|pg ...] [--db DSN]``
 
 Each section starts its own servers (``taskserver run`` subprocesses on
 127.0.0.1, fresh databases under one temporary directory) and prints its
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import backlog, cpubench, fanload, httpwrk
+from . import backlog, cpubench, fanload, httpwrk, pgbench
 from .bench import BenchError, header
 
 SECTIONS: dict[str, Callable[[Any, Path], None]] = {
@@ -27,6 +28,7 @@ SECTIONS: dict[str, Callable[[Any, Path], None]] = {
     "fanout": fanload.section,
     "backlog": backlog.section,
     "cpu": cpubench.section,
+    "pg": pgbench.section,
 }
 
 
@@ -45,6 +47,13 @@ class Options:
     chunk: int
     cpu_tasks: int
     only: tuple[str, ...]
+    db: str | None = None
+    pg_tasks: int = 5_000
+    pg_peer_tasks: int = 2_000
+    pg_nodes: tuple[int, ...] = (1, 2, 3)
+    pg_workers: int = 4
+    pg_batch: int = 500
+    pg_prefetch: tuple[int, ...] = (0, 64)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -53,7 +62,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--only", action="append", choices=tuple(SECTIONS), help="run only these (repeatable)"
     )
+    parser.add_argument(
+        "--db", help="section pg: an existing PostgreSQL (postgresql://...; default: a private one)"
+    )
+    parser.add_argument("--pg-tasks", type=int, help="section pg: tasks per measurement")
     args = parser.parse_args(argv)
+    pg = {"db": args.db, **({"pg_tasks": args.pg_tasks} if args.pg_tasks else {})}
     if args.quick:
         return Options(
             rounds=1,
@@ -67,6 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             chunk=10_000,
             cpu_tasks=5,
             only=tuple(args.only or SECTIONS),
+            **{"pg_tasks": 1_000, "pg_peer_tasks": 300, **pg},
         )
     return Options(
         rounds=3,
@@ -80,6 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         chunk=100_000,
         cpu_tasks=40,
         only=tuple(args.only or SECTIONS),
+        **pg,
     )
 
 

@@ -1,0 +1,404 @@
+"""Section ``pg``: durable no-op tasks/s with 1, 2 and 3 taskserver nodes on one PostgreSQL,
+beside procrastinate (PostgreSQL, psycopg 3) with as many worker processes, alternated.
+
+Each measurement gets a fresh database on one server (``benchmarks/pgdb.py``: a private
+one, or ``--db``). taskserver: ``N`` ``taskserver run --db DSN --task-workers W --app
+benchmarks.apps:noop_setup`` nodes; the tasks are enqueued over HTTP, ``POST
+/tasks:batch`` of ``batch`` tasks, spread round-robin over the nodes, two requests in
+flight per node, while the workers run them; with taskserver's defaults (a node claims
+only for its idle workers) and with ``--prefetch 64`` (tasks claimed ahead).
+procrastinate: ``N`` worker processes of concurrency ``W`` (``benchmarks/pgpeer.py``);
+the jobs are deferred by this process with ``batch_defer_async`` (one multi-row insert
+per batch of the same size, two in flight per worker process; fewer jobs than
+taskserver's tasks, as it runs them far slower, so that each run lasts seconds). The
+figure is completed tasks/s from the first to the last finish, read back from what each
+stored (taskserver: ``finished_at`` through ``GET /tasks``; procrastinate: its
+``succeeded`` events).
+
+CPU time per task: each node's (or worker process's) user + system time over the load
+(``/proc/PID/stat``) divided by all tasks, their sum, and the PostgreSQL server's (the
+postmaster and every backend, exited ones included). The enqueuing client's CPU is not
+counted on either side. The same taskserver workload on SQLite, one node, is the
+single-machine baseline. Should ``taskserver run`` not take a ``postgresql://`` URL (the
+backend is not there), the section says so and measures the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import asyncpg
+import orjson
+
+from . import pgpeer
+from .bench import BenchError, Server, child_env, serve
+from .common import cpu_seconds_of
+from .pgdb import Postgres, postgres
+from .wrkdrive import spread
+
+#: Requests (or inserts) in flight per node (or worker process) while loading.
+IN_FLIGHT = 2
+#: Longest one measurement may take before it is declared broken.
+RUN_TIMEOUT = 600.0
+START_TIMEOUT = 30.0
+APP = "benchmarks.apps:noop_setup"
+
+
+class PgOptions(Protocol):
+    rounds: int
+    db: str | None
+    pg_tasks: int
+    pg_peer_tasks: int
+    pg_nodes: tuple[int, ...]
+    pg_workers: int
+    pg_batch: int
+    pg_prefetch: tuple[int, ...]
+
+
+@dataclass
+class Measured:
+    """One measurement: tasks/s and CPU seconds per process over the load."""
+
+    tasks: int
+    seconds: float
+    node_cpu: list[float | None]
+    pg_cpu: float | None
+
+    @property
+    def rate(self) -> float:
+        return (self.tasks - 1) / self.seconds if self.seconds > 0 else 0.0
+
+    def us_per_task(self, cpu: float | None) -> float | None:
+        return None if cpu is None else cpu / self.tasks * 1e6
+
+    @property
+    def nodes_us(self) -> float | None:
+        if any(c is None for c in self.node_cpu):
+            return None
+        return sum(c or 0.0 for c in self.node_cpu) / self.tasks * 1e6
+
+
+@dataclass
+class Config:
+    """One thing measured each round."""
+
+    label: str
+    kind: str  # "pg", "peer" or "sqlite"
+    nodes: int
+    prefetch: int = 0  # taskserver's --prefetch on PostgreSQL
+    runs: list[Measured] = field(default_factory=list)
+
+
+# --- taskserver ------------------------------------------------------------------------
+
+
+async def _post_all(urls: Sequence[str], total: int, batch: int) -> None:
+    """Enqueue ``total`` no-op tasks over HTTP, round-robin over ``urls`` (503: retry)."""
+    sizes = [min(batch, total - start) for start in range(0, total, batch)]
+    queues: list[asyncio.Queue[int]] = [asyncio.Queue() for _ in urls]
+    for i, size in enumerate(sizes):
+        queues[i % len(urls)].put_nowait(size)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def poster(url: str, queue: asyncio.Queue[int]) -> None:
+            while not queue.empty():
+                size = queue.get_nowait()
+                body = orjson.dumps({"tasks": [{"data": None}] * size})
+                while True:
+                    headers = {"Content-Type": "application/json"}
+                    async with session.post(url + "/tasks:batch", data=body, headers=headers) as r:
+                        if r.status == 202:
+                            break
+                        if r.status != 503:
+                            raise BenchError(f"POST /tasks:batch: {r.status} {await r.text()}")
+                    await asyncio.sleep(float(r.headers.get("Retry-After", "0.05")) / 10)
+
+        await asyncio.gather(
+            *(poster(u, q) for u, q in zip(urls, queues, strict=True) for _ in range(IN_FLIGHT))
+        )
+
+
+async def _finishes(url: str, total: int, timeout: float) -> tuple[int, float]:
+    """Wait until nothing is queued or running; (succeeded, last - first finish)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+        async def page(query: str) -> dict[str, Any]:
+            async with session.get(f"{url}/tasks?{query}") as response:
+                if response.status != 200:
+                    raise BenchError(f"GET /tasks?{query}: {response.status}")
+                result: dict[str, Any] = orjson.loads(await response.read())
+                return result
+
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = [(await page(f"state={s}&limit=1"))["tasks"] for s in ("queued", "running")]
+            if not any(busy):
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"tasks still queued or running after {timeout:g}s")
+            await asyncio.sleep(0.05)
+        finished: list[float] = []
+        after = 0
+        while True:
+            body = await page(f"state=succeeded&limit=1000&after={after}")
+            finished += [t["finished_at"] for t in body["tasks"]]
+            if body["next_after"] is None:
+                break
+            after = body["next_after"]
+    if len(finished) != total:
+        raise BenchError(f"{len(finished)} of {total} tasks succeeded")
+    return len(finished), max(finished) - min(finished)
+
+
+@contextlib.contextmanager
+def _nodes(
+    db: str, count: int, workers: int, tmp: Path, tag: str, extra: Sequence[str] = ()
+) -> Iterator[list[Server]]:
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for i in range(count):
+            command = [sys.executable, "-m", "taskserver", "run", "--host=127.0.0.1"]
+            command += ["--port=0", f"--db={db}", "--grace-period=1"]
+            command += [f"--task-workers={workers}", f"--app={APP}", *extra]
+            log = tmp / f"{tag}-node{i}.log"
+            servers.append(
+                stack.enter_context(serve(command, cwd=tmp, log=log, timeout=START_TIMEOUT))
+            )
+        yield servers
+
+
+def measure_taskserver(
+    db: str,
+    nodes: int,
+    opts: PgOptions,
+    tmp: Path,
+    tag: str,
+    pg: Postgres | None,
+    extra: Sequence[str] = (),
+) -> Measured:
+    """Start ``nodes`` nodes on ``db`` (``extra``: more options), load them, read back."""
+    with _nodes(db, nodes, opts.pg_workers, tmp, tag, extra) as servers:
+        pids = [s.proc.pid for s in servers]
+        cpu_before = [cpu_seconds_of(p) for p in pids]
+        pg_before = pg.cpu() if pg else None
+
+        async def load() -> tuple[int, float]:
+            await _post_all([s.url for s in servers], opts.pg_tasks, opts.pg_batch)
+            return await _finishes(servers[0].url, opts.pg_tasks, RUN_TIMEOUT)
+
+        done, seconds = asyncio.run(load())
+        cpu_after = [cpu_seconds_of(p) for p in pids]
+        pg_after = pg.cpu() if pg else None
+    return Measured(done, seconds, _deltas(cpu_before, cpu_after), _delta(pg_before, pg_after))
+
+
+def _delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
+def _deltas(before: list[float | None], after: list[float | None]) -> list[float | None]:
+    return [_delta(b, a) for b, a in zip(before, after, strict=True)]
+
+
+def pg_unavailable(db: str, tmp: Path) -> str | None:
+    """Why ``taskserver run --db postgresql://...`` does not start, or ``None`` if it does."""
+    try:
+        with _nodes(db, 1, 1, tmp, "probe"):
+            return None
+    except BenchError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        return lines[-1] if lines else str(exc)
+
+
+# --- the peer --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _peer_workers(dsn: str, count: int, workers: int, tmp: Path, tag: str) -> Iterator[list[int]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(count):
+            command = [sys.executable, "-m", "benchmarks.pgpeer", "worker", "--dsn", dsn]
+            command += ["--concurrency", str(workers)]
+            with (tmp / f"{tag}-peer{i}.log").open("wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        command, cwd=tmp, env=child_env(), stdout=out, stderr=subprocess.STDOUT
+                    )
+                )
+
+        async def registered() -> None:
+            connection = await asyncpg.connect(dsn)
+            try:
+                deadline = time.monotonic() + START_TIMEOUT
+                while await connection.fetchval(pgpeer.WORKERS) < count:
+                    if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                        log = (tmp / f"{tag}-peer0.log").read_text(errors="replace")
+                        raise BenchError(f"procrastinate workers did not start:\n{log[-2000:]}")
+                    await asyncio.sleep(0.05)
+            finally:
+                await connection.close()
+
+        asyncio.run(registered())
+        yield [p.pid for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+async def _peer_finishes(dsn: str, total: int, timeout: float) -> tuple[int, float]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            row = await connection.fetchrow(pgpeer.FINISHED)
+            assert row is not None  # an aggregate always returns its row
+            succeeded, count, first, last = row
+            if succeeded >= total:
+                return int(succeeded), float(last) - float(first)
+            if time.monotonic() > deadline:
+                raise BenchError(f"procrastinate: {succeeded} of {count} jobs succeeded")
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+
+
+def measure_peer(
+    dsn: str, nodes: int, opts: PgOptions, tmp: Path, tag: str, pg: Postgres
+) -> Measured:
+    """``nodes`` procrastinate worker processes on ``dsn``; defer, run, read back."""
+    asyncio.run(pgpeer.apply_schema(dsn))
+    with _peer_workers(dsn, nodes, opts.pg_workers, tmp, tag) as pids:
+        cpu_before = [cpu_seconds_of(p) for p in pids]
+        pg_before = pg.cpu()
+
+        async def load() -> tuple[int, float]:
+            await pgpeer.defer(dsn, opts.pg_peer_tasks, opts.pg_batch, IN_FLIGHT * nodes)
+            return await _peer_finishes(dsn, opts.pg_peer_tasks, RUN_TIMEOUT)
+
+        done, seconds = asyncio.run(load())
+        cpu_after = [cpu_seconds_of(p) for p in pids]
+        pg_after = pg.cpu()
+    return Measured(done, seconds, _deltas(cpu_before, cpu_after), _delta(pg_before, pg_after))
+
+
+# --- the section -----------------------------------------------------------------------
+
+
+def _us(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def _print(config: Config) -> None:
+    runs = config.runs
+    if not runs:
+        return
+    rates = spread([r.rate for r in runs])
+    nodes_us = [r.nodes_us for r in runs]
+    pg_us = [r.us_per_task(r.pg_cpu) for r in runs]
+    per_node = [
+        _us(statistics.median(r.us_per_task(r.node_cpu[i]) or 0.0 for r in runs))
+        for i in range(config.nodes)
+    ]
+    total = spread([x for x in nodes_us if x is not None]) if None not in nodes_us else "n/a"
+    pgs = spread([x for x in pg_us if x is not None]) if None not in pg_us else "n/a"
+    print(f"   {config.label:<36} {rates:>32} tasks/s")
+    print(f"{'':39}CPU us/task: per process {' + '.join(per_node)} = {total}; PostgreSQL {pgs}")
+
+
+def _median_rate(config: Config | None) -> float | None:
+    return statistics.median(r.rate for r in config.runs) if config and config.runs else None
+
+
+def section(opts: PgOptions, tmp: Path) -> None:
+    """Run and print the section (see the module docstring)."""
+    peer_version = pgpeer.available()
+    with postgres(opts.db) as pg:
+        print()
+        print(
+            f"P. PostgreSQL cluster: durable no-op tasks ({opts.pg_tasks:,} per taskserver "
+            f"run, {opts.pg_peer_tasks:,} per procrastinate run), {opts.pg_workers} workers "
+            f"per node or process, enqueued in batches of {opts.pg_batch}; {opts.rounds} "
+            f"rotated rounds; {pg.label}"
+        )
+        with pg.database() as probe_db:
+            missing = pg_unavailable(probe_db, tmp)
+        if missing:
+            print(f"   taskserver on PostgreSQL: not available ({missing})")
+        if peer_version is None:
+            print("   procrastinate: not installed (pip install -e '.[bench]')")
+        configs: list[Config] = [Config("taskserver SQLite, 1 node", "sqlite", 1)]
+        for n in opts.pg_nodes:
+            for p in opts.pg_prefetch if not missing else ():
+                label = f"taskserver PG, {n} node{'s' * (n > 1)}" + (f", prefetch {p}" * bool(p))
+                configs.append(Config(label, "pg", n, p))
+            if peer_version is not None:
+                configs.append(Config(f"procrastinate {peer_version}, {n} proc", "peer", n))
+        for round_ in range(opts.rounds):
+            shift = round_ % len(configs)
+            for index, config in enumerate(configs[shift:] + configs[:shift]):
+                tag = f"pg-{round_}-{index}"
+                run = _measure_one(config, opts, tmp, tag, pg)
+                config.runs.append(run)
+                print(
+                    f"   round {round_ + 1}: {config.label:<36} {run.rate:>10,.0f} tasks/s "
+                    f"({run.tasks:,} in {run.seconds:.2f}s), CPU us/task "
+                    f"{_us(run.nodes_us)} + PostgreSQL {_us(run.us_per_task(run.pg_cpu))}",
+                    flush=True,
+                )
+        print("   medians (range, rounds):")
+        for config in configs:
+            _print(config)
+        _print_ratios(configs, opts)
+
+
+def _measure_one(config: Config, opts: PgOptions, tmp: Path, tag: str, pg: Postgres) -> Measured:
+    if config.kind == "sqlite":
+        return measure_taskserver(str(tmp / f"{tag}.db"), 1, opts, tmp, tag, None)
+    with pg.database() as dsn:
+        if config.kind == "pg":
+            extra = [f"--prefetch={config.prefetch}"] if config.prefetch else []
+            return measure_taskserver(dsn, config.nodes, opts, tmp, tag, pg, extra)
+        return measure_peer(dsn, config.nodes, opts, tmp, tag, pg)
+
+
+def _print_ratios(configs: list[Config], opts: PgOptions) -> None:
+    by = {(c.kind, c.nodes, c.prefetch): c for c in configs}
+    for p in opts.pg_prefetch:
+        name = "taskserver" + (f" (prefetch {p})" if p else "")
+        ratios = []
+        for n in opts.pg_nodes:
+            ours, peer = _median_rate(by.get(("pg", n, p))), _median_rate(by.get(("peer", n, 0)))
+            if ours is not None and peer:
+                ratios.append(f"{n}: {ours / peer:.2f}")
+        if ratios:
+            print(f"   {name} / procrastinate tasks/s: {', '.join(ratios)} (goal >= 3)")
+        ours_cpu = [
+            statistics.median(r.nodes_us or 0.0 for r in by[("pg", n, p)].runs)
+            for n in opts.pg_nodes
+            if ("pg", n, p) in by and by[("pg", n, p)].runs
+        ]
+        if len(ours_cpu) > 1 and ours_cpu[0]:
+            steps = ", ".join(f"{c / ours_cpu[0]:.2f}" for c in ours_cpu)
+            print(
+                f"   {name} CPU per task in the nodes, {'/'.join(map(str, opts.pg_nodes))} "
+                f"nodes relative to 1: {steps} (goal: flat)"
+            )
