@@ -5,8 +5,9 @@ Each measurement gets a fresh database on one server (``benchmarks/pgdb.py``: a 
 one, or ``--db``). taskserver: ``N`` ``taskserver run --db DSN --task-workers W --app
 benchmarks.apps:noop_setup`` nodes; the tasks are enqueued over HTTP, ``POST
 /tasks:batch`` of ``batch`` tasks, spread round-robin over the nodes, two requests in
-flight per node, while the workers run them; with taskserver's defaults (a node claims
-only for its idle workers) and with ``--prefetch 64`` (tasks claimed ahead).
+flight per node, while the workers run them; with ``--prefetch 0`` (a node claims only
+for its idle workers) and ``--prefetch 64``, the default (tasks claimed ahead while they
+are short).
 procrastinate: ``N`` worker processes of concurrency ``W`` (``benchmarks/pgpeer.py``);
 the jobs are deferred by this process with ``batch_defer_async`` (one multi-row insert
 per batch of the same size, two in flight per worker process; fewer jobs than
@@ -348,7 +349,7 @@ def section(opts: PgOptions, tmp: Path) -> None:
         configs: list[Config] = [Config("taskserver SQLite, 1 node", "sqlite", 1)]
         for n in opts.pg_nodes:
             for p in opts.pg_prefetch if not missing else ():
-                label = f"taskserver PG, {n} node{'s' * (n > 1)}" + (f", prefetch {p}" * bool(p))
+                label = f"taskserver PG, {n} node{'s' * (n > 1)}, prefetch {p}"
                 configs.append(Config(label, "pg", n, p))
             if peer_version is not None:
                 configs.append(Config(f"procrastinate {peer_version}, {n} proc", "peer", n))
@@ -375,7 +376,7 @@ def _measure_one(config: Config, opts: PgOptions, tmp: Path, tag: str, pg: Postg
         return measure_taskserver(str(tmp / f"{tag}.db"), 1, opts, tmp, tag, None)
     with pg.database() as dsn:
         if config.kind == "pg":
-            extra = [f"--prefetch={config.prefetch}"] if config.prefetch else []
+            extra = [f"--prefetch={config.prefetch}"]
             return measure_taskserver(dsn, config.nodes, opts, tmp, tag, pg, extra)
         return measure_peer(dsn, config.nodes, opts, tmp, tag, pg)
 
@@ -383,7 +384,7 @@ def _measure_one(config: Config, opts: PgOptions, tmp: Path, tag: str, pg: Postg
 def _print_ratios(configs: list[Config], opts: PgOptions) -> None:
     by = {(c.kind, c.nodes, c.prefetch): c for c in configs}
     for p in opts.pg_prefetch:
-        name = "taskserver" + (f" (prefetch {p})" if p else "")
+        name = f"taskserver (prefetch {p})"
         ratios = []
         for n in opts.pg_nodes:
             ours, peer = _median_rate(by.get(("pg", n, p))), _median_rate(by.get(("peer", n, 0)))
