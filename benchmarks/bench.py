@@ -195,10 +195,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 # --- processes -------------------------------------------------------------------
 
 
-def child_env() -> dict[str, str]:
-    """The environment of every benchmark process: this repo first, no TASKSERVER_* settings."""
+def child_env(tree: Path | None = None) -> dict[str, str]:
+    """The environment of every benchmark process: this repo first, no TASKSERVER_* settings.
+
+    ``tree``, a directory holding another commit's ``taskserver`` package (an A/B
+    run, see ``benchmarks.sections --ab``), goes before this repo.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSERVER_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
+    paths = (str(tree) if tree else None, str(ROOT), env.get("PYTHONPATH"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -251,11 +256,16 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(command: Sequence[str], *, cwd: Path, log: Path, timeout: float) -> Iterator[Server]:
-    """Start a server that logs ``listening on http://…``; SIGTERM it (then SIGKILL) on exit."""
+def serve(
+    command: Sequence[str], *, cwd: Path, log: Path, timeout: float, tree: Path | None = None
+) -> Iterator[Server]:
+    """Start a server that logs ``listening on http://…``; SIGTERM it (then SIGKILL) on exit.
+
+    ``tree``: run another commit's ``taskserver`` (see ``child_env``).
+    """
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            command, cwd=cwd, env=child_env(), stdout=out, stderr=subprocess.STDOUT
+            command, cwd=cwd, env=child_env(tree), stdout=out, stderr=subprocess.STDOUT
         )
     try:
         deadline = time.monotonic() + timeout

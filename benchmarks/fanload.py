@@ -15,6 +15,10 @@ Latency: 10,000 Mercure streams (one client process, subscriber JWT) on one
 topic; ``events`` updates are published 0.25 s apart, each carrying its
 ``time.monotonic()``; p50/p99 over every (event, stream) delivery, and the
 server's RSS.
+
+With ``--ab REF`` every configuration and the latency run are measured for
+both servers (``A``: commit REF, ``B``: the working tree), alternated in the
+same rotation; each tree's ratios are against its own no-subscriber runs.
 """
 
 from __future__ import annotations
@@ -52,17 +56,20 @@ class FanoutOptions(Protocol):
     mercure_subscribers: int
     latency_subscribers: int
     events: int
+    trees: tuple[tuple[str, Path | None], ...]
 
 
 @dataclass(frozen=True)
 class Config:
     kind: str  # "events" or "mercure"
     count: int
+    tree: str = ""  # "" (no A/B), "A" or "B"
+    path: Path | None = None  # the A tree's package directory
 
     @property
     def label(self) -> str:
         where = "/events" if self.kind == "events" else "Mercure task topics"
-        return f"{self.count:>5,} {where}"
+        return f"{self.tree + ' ' if self.tree else ''}{self.count:>5,} {where}"
 
 
 @dataclass(frozen=True)
@@ -85,22 +92,26 @@ def section(opts: FanoutOptions, tmp: Path) -> None:
         f"-c{ENQUEUERS}), --task-workers 4, no-op app, while subscribers read; "
         f"{opts.seconds:g}s measured per run, {opts.rounds} rotated rounds"
     )
-    configs = [Config("events", n) for n in opts.subscribers]
-    configs.append(Config("mercure", opts.mercure_subscribers))
+    configs: list[Config] = []
+    for kind, count in [("events", n) for n in opts.subscribers] + [
+        ("mercure", opts.mercure_subscribers)
+    ]:
+        configs += [Config(kind, count, name, path) for name, path in opts.trees]
     results: dict[Config, list[Throughput]] = {c: [] for c in configs}
     for round_ in range(opts.rounds):
         shift = round_ % len(configs)
         for index, config in enumerate(configs[shift:] + configs[:shift]):
             db = tmp / f"fan-{round_}-{index}.db"
             results[config].append(_throughput(config, opts.seconds, db, tmp))
-    base = results[configs[0]]
     for config in configs:
         runs = results[config]
+        base_config = next(c for c in configs if c.tree == config.tree)
+        base = results[base_config]
         ratios = [r.tasks_per_second / b.tasks_per_second for r, b in zip(runs, base, strict=True)]
         dropped = sum(r.dropped for r in runs)
         print(
             f"   {config.label:<26} {spread([r.tasks_per_second for r in runs]):>28} tasks/s"
-            f"  vs {configs[0].label.strip()}: {spread(ratios, '.0%')}"
+            f"  vs {base_config.label.strip()}: {spread(ratios, '.0%')}"
         )
         print(
             f"{'':30}enqueue {spread([r.load.per_second for r in runs])} req/s; server CPU "
@@ -115,7 +126,8 @@ def section(opts: FanoutOptions, tmp: Path) -> None:
                 f"{dropped} streams dropped by the server; {connected:,} connected (fewest); "
                 f"subscriber process CPU {spread([r.client_cpu for r in runs], '.1f')} s"
             )
-    _latency(opts, tmp)
+    for name, path in opts.trees:
+        _latency(opts, tmp, name, path)
 
 
 def _cpu_percent(r: Throughput) -> float:
@@ -192,7 +204,7 @@ def _finish_subscribers(proc: subprocess.Popen[bytes], timeout: float) -> dict[s
 def _throughput(config: Config, seconds: float, db: Path, tmp: Path) -> Throughput:
     extra = ["--task-workers=4", "--app=benchmarks.apps:noop_setup"]
     command = _server(db, config.count, tmp, *extra)
-    with serve(command, cwd=tmp, log=tmp / "fan.log", timeout=30) as server:
+    with serve(command, cwd=tmp, log=tmp / "fan.log", timeout=30, tree=config.path) as server:
         subs = None
         if config.count:
             if config.kind == "events":
@@ -255,10 +267,11 @@ def _publish(url: str, events: int) -> None:
         time.sleep(PUBLISH_INTERVAL)
 
 
-def _latency(opts: FanoutOptions, tmp: Path) -> None:
+def _latency(opts: FanoutOptions, tmp: Path, tree: str, tree_path: Path | None) -> None:
     n = opts.latency_subscribers
-    command = _server(tmp / "latency.db", n, tmp, "--task-workers=0")
-    with serve(command, cwd=tmp, log=tmp / "latency.log", timeout=30) as server:
+    command = _server(tmp / f"latency{tree}.db", n, tmp, "--task-workers=0")
+    log = tmp / "latency.log"
+    with serve(command, cwd=tmp, log=log, timeout=30, tree=tree_path) as server:
         idle_rss = rss_of(server.proc.pid)
         token = jwt.encode({"mercure": {"subscribe": [LATENCY_TOPIC]}}, KEY, algorithm="HS256")
         path = f"{HUB}?topic={urllib.parse.quote(LATENCY_TOPIC, safe='')}"
@@ -272,7 +285,8 @@ def _latency(opts: FanoutOptions, tmp: Path) -> None:
     lat = got["latencies"]
     expected = got["connected"] * opts.events
     print(
-        f"   {n:,} Mercure subscribers (subscriber JWT, one client process), {opts.events} "
+        f"   {tree + ' ' if tree else ''}{n:,} Mercure subscribers (subscriber JWT, "
+        f"one client process), {opts.events} "
         f"events {PUBLISH_INTERVAL:g}s apart: delivery p50 {percentile(lat, 50) * 1000:.0f} ms, "
         f"p99 {percentile(lat, 99) * 1000:.0f} ms, max {max(lat, default=0) * 1000:.0f} ms "
         f"({len(lat):,} of {expected:,} deliveries; {got['closed_by_server']} dropped)"

@@ -1,27 +1,36 @@
 """The issue-14 sections of ``scripts/bench`` (wrk HTTP, fan-out, backlog, cpu_bound dispatch)
 and issue 12's ``pg`` (taskserver nodes on one PostgreSQL beside procrastinate).
 
-``python -m benchmarks.sections [--quick] [--only wrk|fanout|backlog|cpu|pg ...] [--db DSN]``
+``python -m benchmarks.sections [--quick] [--only wrk|fanout|backlog|cpu|pg ...] [--db DSN]
+[--ab REF]``
 
 Each section starts its own servers (``taskserver run`` subprocesses on
 127.0.0.1, fresh databases under one temporary directory) and prints its
 figures beside a baseline measured in the same run, alternated, with the
 median and range of the rounds. Every load is bounded in count and time.
+
+``--ab REF`` (the ``fanout`` section) measures the servers of two trees in the
+same run, alternated: ``A`` is commit ``REF``'s ``taskserver`` package (``git
+archive`` into the temporary directory, put first on the server's
+``PYTHONPATH``), ``B`` the working tree.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from . import backlog, cpubench, fanload, httpwrk, pgbench
-from .bench import BenchError, header
+from .bench import ROOT, BenchError, header
 
 SECTIONS: dict[str, Callable[[Any, Path], None]] = {
     "wrk": httpwrk.section,
@@ -54,6 +63,9 @@ class Options:
     pg_workers: int = 4
     pg_batch: int = 500
     pg_prefetch: tuple[int, ...] = (0, 64)
+    #: Commit to measure against (``--ab``), and where its package went (set by ``main``).
+    ab: str | None = None
+    trees: tuple[tuple[str, Path | None], ...] = (("", None),)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -66,6 +78,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--db", help="section pg: an existing PostgreSQL (postgresql://...; default: a private one)"
     )
     parser.add_argument("--pg-tasks", type=int, help="section pg: tasks per measurement")
+    parser.add_argument(
+        "--ab", metavar="REF", help="also run commit REF's server, alternated (A=REF, B=tree)"
+    )
     args = parser.parse_args(argv)
     pg = {"db": args.db, **({"pg_tasks": args.pg_tasks} if args.pg_tasks else {})}
     if args.quick:
@@ -82,6 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             cpu_tasks=5,
             only=tuple(args.only or SECTIONS),
             **{"pg_tasks": 1_000, "pg_peer_tasks": 300, **pg},
+            ab=args.ab,
         )
     return Options(
         rounds=3,
@@ -96,7 +112,25 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         cpu_tasks=40,
         only=tuple(args.only or SECTIONS),
         **pg,
+        ab=args.ab,
     )
+
+
+def _extract(ref: str, tmp: Path) -> Path:
+    """Commit ``ref``'s ``taskserver`` package under ``tmp``; the directory to put on the path."""
+    where = tmp / "ab-tree"
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "taskserver"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(where, filter="data")
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", ref], capture_output=True, text=True
+    ).stdout.strip()
+    print(f"A/B: A = {ref} ({commit}) in {where}, B = the working tree")
+    return where
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures = 0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="taskserver-bench14-") as tmp:
+        if opts.ab:
+            opts = replace(opts, trees=(("A", _extract(opts.ab, Path(tmp))), ("B", None)))
         for name in opts.only:
             t0 = time.monotonic()
             try:
