@@ -288,7 +288,9 @@ class Settings:
         75.0, "seconds an idle keep-alive connection stays open between requests", _range(0.01)
     )
     subscriber_queue: int = _setting(
-        1_000, "events buffered per SSE subscriber before a slow one is dropped", _range(1)
+        1_000,
+        "events held for an SSE subscriber whose connection takes no more before it is dropped",
+        _range(1),
     )
     max_subscribers: int = _setting(20_000, "open SSE streams allowed at once", _range(1))
     heartbeat: float = _setting(15.0, "seconds between SSE keep-alive comments", _range(0.05))

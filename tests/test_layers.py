@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
         "measure",
         "config",
         "push.topics",
+        "push.subscription",
         "runtime.periodic",
         "runtime.processes",
         "problems",

@@ -17,8 +17,10 @@ Platform) work against it unchanged:
   ``EventSource.onmessage`` handler sees them; the payload's ``type`` says what
   happened. ``mercure_private_tasks`` makes them private, and so does any API
   credential (``tasks_private_by_api``).
-* Fan-out never blocks: each subscriber has one bounded queue in the
-  ``Fanout``; a slow one is dropped and reconnects with ``Last-Event-ID``.
+* Fan-out never blocks: subscribers with the same selectors and rights share
+  one group in the ``Fanout`` (each update matched, checked and framed once for
+  them all, one write per subscriber per round); a slow one is dropped and
+  reconnects with ``Last-Event-ID``.
 * CORS allow-list and ``Link: <hub>; rel="mercure"`` discovery on the hub's
   responses (``decorate``; the API adds the same Link, and ``rel="self"`` on a
   task), heartbeats, and the subscriptions API. Subscription *events* are not
@@ -53,9 +55,10 @@ from ..config import Settings
 from ..errors import ConfigError, ServerBusy
 from ..models import Event
 from ..problems import PROBLEM, Handler, guard, problem_body
-from .fanout import Fanout, Subscription
+from .fanout import Fanout
 from .jws import AuthError, Claims, Verifier, load_key
-from .sse import open_stream
+from .sse import TransportSink, open_stream
+from .subscription import Subscription
 from .topics import Selectors, TemplateTooComplex
 
 HUB_PATH = "/.well-known/mercure"
@@ -350,11 +353,7 @@ class MercureHub:
         try:
             after, resumed_from = await self._resume_point(request)
             # Registered before the headers go out: a client publishing on `onopen` is heard.
-            subscription = self.server.fanout.subscribe(
-                selectors.exact,
-                match_all=selectors.match_all,
-                match=selectors.match_template if selectors.templates else None,
-            )
+            subscription = self._subscribe(selectors, claims)
         except ServerBusy as exc:
             _fail(503, str(exc), headers={"Retry-After": str(max(1, round(exc.retry_after)))})
         connection = Connection(f"urn:uuid:{uuid.uuid4()}", selectors, claims, subscription)
@@ -362,6 +361,19 @@ class MercureHub:
         if resumed_from is not None:
             headers["Last-Event-ID"] = resumed_from
         return await self._stream(request, connection, after, headers)
+
+    def _subscribe(self, selectors: Selectors, claims: Claims | None) -> Subscription[Event]:
+        """The fan-out subscription; streams with the same selectors and rights share a group."""
+        allowed = claims.subscribe if claims is not None else None
+        key = ("mercure", selectors.raw, allowed.raw if allowed is not None else None)
+        return self.server.fanout.subscribe(
+            selectors.exact,
+            match_all=selectors.match_all,
+            match=selectors.match_template if selectors.templates else None,
+            key=key,
+            accept=functools.partial(self._allowed, selectors, allowed),
+            encode=self._frame,
+        )
 
     async def _resume_point(self, request: web.Request) -> tuple[int | None, str | None]:
         """Where replay starts (a sequence number; ``None``: live only) and the response's
@@ -413,11 +425,9 @@ class MercureHub:
                 last = 0
                 if after is not None:
                     last = await self._replay(response, request.transport, connection, after)
-                while (live := await subscription.get()) is not None:
-                    if connection.expired:
-                        break
-                    if live.id > last and self._wants(connection, live):
-                        await self._send(response, request.transport, live)
+                if not connection.expired:
+                    subscription.stream(TransportSink(request), skip=lambda e: e.id <= last)
+                    await subscription.closed_wait()
         finally:
             self.connections.pop(connection.subscriber, None)
             if timer is not None:
@@ -439,12 +449,13 @@ class MercureHub:
         last = after
         while not connection.subscription.closed:
             page = await self.server.events_after(last, tasks_only=False, limit=REPLAY_PAGE)
-            for event in page:
-                if connection.expired:
-                    return last
-                last = event.id
-                if self._wants(connection, event):
-                    await self._send(response, writer, event)
+            if connection.expired:
+                return last
+            frames = [self._frame(e) for e in page if self._wants(connection, e)]
+            if page:
+                last = page[-1].id
+            if frames:
+                await self._send(response, writer, b"".join(frames))
             if len(page) < REPLAY_PAGE:
                 break
         return last
@@ -456,22 +467,25 @@ class MercureHub:
 
     def _wants(self, connection: Connection, event: Event) -> bool:
         """Whether ``event`` goes to ``connection``: a topic matches, and rights if private."""
+        claims = connection.claims
+        allowed = claims.subscribe if claims is not None else None
+        return self._allowed(connection.selectors, allowed, event)
+
+    def _allowed(self, selectors: Selectors, allowed: Selectors | None, event: Event) -> bool:
+        """Whether ``event`` goes to subscribers with these selectors and subscribe rights."""
         topics = self._topics(event)
-        if not connection.selectors.match_any(topics):
+        if not selectors.match_any(topics):
             return False
         if event.private or (
             event.task_id is not None and (self.private_tasks or self.tasks_private_by_api())
         ):
-            claims = connection.claims
-            allowed = claims.subscribe if claims is not None else None
             return allowed is not None and allowed.match_any(topics)
         return True
 
     async def _send(
-        self, response: EventSourceResponse, writer: asyncio.Transport | None, event: Event
+        self, response: EventSourceResponse, writer: asyncio.Transport | None, frame: bytes
     ) -> None:
-        """Write one event; a client that stops reading is cut off after ``SEND_TIMEOUT``."""
-        frame = self._frame(event)
+        """Write frames; a client that stops reading is cut off after ``SEND_TIMEOUT``."""
         if writer is not None and writer.get_write_buffer_size() == 0:
             # An empty buffer means the write cannot wait: skip the timer (the hot path).
             await response.write(frame)

@@ -2,8 +2,10 @@
 
 A stream subscribes to the hub *before* it reads the store, so nothing committed
 in between is missed; live events at or below the last replayed id are skipped,
-so nothing is sent twice. When the hub drops a slow subscriber the stream ends
-and the browser's ``EventSource`` reconnects with ``Last-Event-ID`` and replays.
+so nothing is sent twice. Replayed events go out a page per write; live ones are
+written by the hub's flush through a ``TransportSink``, one write per round. When
+the hub drops a slow subscriber its connection is cut and the browser's
+``EventSource`` reconnects with ``Last-Event-ID`` and replays.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from ..models import TERMINAL_EVENTS, Event
-from .fanout import Subscription
+from .fanout import Fanout
+from .subscription import Batch, Subscription
 
-#: Line breaks a ``data:`` field cannot hold (each line is a field of its own).
-LINE_SEP = re.compile(r"\r\n|\r|\n")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
 #: Events read from the store per query while replaying.
 REPLAY_PAGE = 500
 #: Tells browsers how long to wait before reconnecting, in milliseconds.
@@ -30,8 +34,9 @@ SEND_TIMEOUT = 10.0
 #: Sent with every stream: nginx (and proxies that follow it) then never buffers one,
 #: whatever its own proxy_buffering says.
 NO_PROXY_BUFFERING = {"X-Accel-Buffering": "no"}
-#: Most live events framed into one write: a burst costs one write, not one each.
-WRITE_BATCH = 256
+#: A connection holding this many unsent bytes takes no more until it drains (aiohttp's own
+#: drain threshold); meanwhile its frames wait in the hub, which drops it past its bound.
+HIGH_WATER = 64 * 1024
 
 
 @contextlib.asynccontextmanager
@@ -78,6 +83,66 @@ async def open_stream(
             response.stop_streaming()
 
 
+class TransportSink:
+    """Writes a streaming subscriber's batches straight to its connection, one write each.
+
+    The response's headers and first chunk are out (``open_stream``) before a sink
+    is made, so what follows is body: one HTTP/1.1 chunk per batch when the
+    response is chunked, the bytes as they are otherwise (HTTP/1.0). A write is a
+    whole chunk, so it never splits one the response writes (heartbeats).
+    """
+
+    __slots__ = ("_chunked", "_transport")
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self._transport = request.transport
+        self._chunked = bool(getattr(request.writer, "chunked", False))
+
+    def write(self, batch: Batch[Any]) -> bool:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the subscriber's connection is closed")
+        if transport.get_write_buffer_size() > HIGH_WATER:
+            return False
+        transport.write(batch.chunked if self._chunked else batch.data)
+        return True
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def sse_frame(event: Event) -> bytes:
+    """``event`` as an SSE message, as ``EventSourceResponse.send`` frames it."""
+    head = f"id: {event.sse_id}\r\n"
+    if event.type is not None:
+        head += f"event: {event.type}\r\n"
+    text = event.json
+    if "\n" in text or "\r" in text:
+        data = "".join(f"data: {line}\r\n" for line in _LINE_BREAK.split(text))
+    else:
+        data = f"data: {text}\r\n"
+    retry = f"retry: {event.retry}\r\n" if event.retry is not None else ""
+    return f"{head}{data}{retry}\r\n".encode()
+
+
+def _is_task_event(event: Event) -> bool:
+    return event.task_id is not None
+
+
+def subscribe_events(fanout: Fanout[Event], topic: str | None = None) -> Subscription[Event]:
+    """A stream's subscription to one task's topic, or to every task event (``None``).
+
+    Streams of the same topic share one group: each event is matched and framed
+    once for all of them. Raises ``ServerBusy`` as ``Fanout.subscribe`` does.
+    """
+    if topic is None:
+        return fanout.subscribe(
+            match_all=True, key=("sse", None), accept=_is_task_event, encode=sse_frame
+        )
+    return fanout.subscribe((topic,), key=("sse", topic), accept=_is_task_event, encode=sse_frame)
+
+
 async def stream_events(
     request: web.Request,
     subscription: Subscription[Event],
@@ -86,81 +151,55 @@ async def stream_events(
     after: int,
     heartbeat: float,
     until_terminal: bool = False,
-    tasks_only: bool = True,
     headers: dict[str, str] | None = None,
 ) -> EventSourceResponse:
     """Stream events with ids above ``after``: ``replay(after_id)`` pages, then the hub.
 
-    Closes ``subscription`` when done. With ``until_terminal`` the stream ends
-    after the first terminal event (a per-task stream); ``tasks_only`` skips live
-    updates that were published to the hub rather than made by a task.
+    ``subscription`` comes from ``subscribe_events`` (it frames the events) and is
+    closed when done. With ``until_terminal`` the stream ends after the first
+    terminal event (a per-task stream).
     """
     opening = f": connected\nretry: {RECONNECT_MS}\n\n".encode()
     async with open_stream(
         request, subscription, heartbeat=heartbeat, opening=opening, headers=headers
     ) as response:
         last = after
-        while True:
+        while not subscription.closed:
             page = await replay(last)
-            frames = []
+            frames: list[bytes] = []
             ended = False
             for event in page:
-                frames.append(frame(event))
+                frames.append(sse_frame(event))
                 last = event.id
                 if until_terminal and event.type in TERMINAL_EVENTS:
                     ended = True
                     break
             if frames:
-                await _write(request, response, "".join(frames))  # a page, one write
+                await _write(request, response, b"".join(frames))
             if ended:
                 return response
             if len(page) < REPLAY_PAGE:
                 break
-        while (live := await subscription.get()) is not None:
-            # What else is buffered goes in the same write (one syscall, one timeout).
-            batch = [live]
-            while len(batch) < WRITE_BATCH and (more := subscription.get_nowait()) is not None:
-                batch.append(more)
-            frames = []
-            ended = False
-            for event in batch:
-                if event.id <= last or (tasks_only and event.task_id is None):
-                    continue
-                frames.append(frame(event))
-                last = event.id
-                if until_terminal and event.type in TERMINAL_EVENTS:
-                    ended = True
-                    break
-            if frames:
-                await _write(request, response, "".join(frames))
-            if ended:
-                break
+        seen = last
+        subscription.stream(
+            TransportSink(request),
+            skip=lambda event: event.id <= seen,
+            until=_is_terminal if until_terminal else None,
+        )
+        await subscription.closed_wait()
     return response
 
 
-def frame(event: Event, sep: str = EventSourceResponse.DEFAULT_SEPARATOR) -> str:
-    """One event in the SSE wire format, as ``EventSourceResponse.send`` frames it."""
-    parts = [f"id: {event.sse_id}{sep}"]
-    if event.type is not None:
-        parts.append(f"event: {event.type}{sep}")
-    parts.extend(f"data: {line}{sep}" for line in LINE_SEP.split(event.json))
-    if event.retry is not None:
-        parts.append(f"retry: {event.retry}{sep}")
-    parts.append(sep)
-    return "".join(parts)
+def _is_terminal(event: Event) -> bool:
+    return event.type in TERMINAL_EVENTS
 
 
-async def _write(request: web.Request, response: EventSourceResponse, text: str) -> None:
-    """Write framed events, as ``send`` does: a stalled client is cut after SEND_TIMEOUT
-    (aborted: a graceful close would wait on the buffer it never drains)."""
+async def _write(request: web.Request, response: EventSourceResponse, data: bytes) -> None:
+    """Write replayed frames; a client that stops reading is cut off after ``SEND_TIMEOUT``."""
     try:
         async with asyncio.timeout(SEND_TIMEOUT):
-            await response.write(text.encode())
-    except ConnectionResetError:
-        response.stop_streaming()
-        raise
+            await response.write(data)
     except TimeoutError:
-        response.stop_streaming()
         if request.transport is not None:
             request.transport.abort()
         raise

@@ -20,7 +20,7 @@ from ..lifecycle import TERMINAL
 from ..models import Task, TaskState
 from ..problems import guard, problem
 from ..push.mercure import MercureHub, discovery_link
-from ..push.sse import stream_events
+from ..push.sse import stream_events, subscribe_events
 from ..runtime.options import OPTIONS, TaskSpec
 from ..server import TaskServer
 from . import operate
@@ -233,7 +233,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER]
     task_id = task_id_of(request)
     after = last_event_id(request)
-    subscription = server.subscribe(task_id)
+    subscription = subscribe_events(server.fanout, server.topic(task_id))
     try:
         task = await server.get(task_id)  # 404 before the stream starts
         # Committed state: an ended task's last event is stored by now.
@@ -272,7 +272,7 @@ async def all_events(request: web.Request) -> web.StreamResponse:
     # Without a cursor: from the last *committed* event. Ids handed out but not yet
     # committed must still come, live, once they are.
     after = last_event_id(request) if has_cursor else server.committed_event_id
-    subscription = server.subscribe()
+    subscription = subscribe_events(server.fanout)
 
     async def replay(after_id: int) -> list[Any]:
         return await server.events_after(after_id)
