@@ -152,8 +152,18 @@ class Subscription(Generic[T]):
         """Write ``batch`` to the sink, or keep it; past the bound, drop the subscriber."""
         if self.closed:
             return
-        if self._sink is not None and not self._backlog and self._write(batch):
-            return
+        sink = self._sink
+        if sink is not None and not self._backlog:
+            if self._skip is not None or self._until is not None:
+                if self._write(batch):
+                    return
+            else:  # the hot path: a live stream that keeps up
+                try:
+                    if sink.write(batch):
+                        return
+                except ConnectionError:
+                    self.close()
+                    return
         self._backlog.append(batch)
         self._held += len(batch.items)
         if self._held > self._limit:
