@@ -1,10 +1,11 @@
 """``Fanout``: fan-out of published items to subscribers, by topic, in coalesced rounds.
 
 ``publish`` never waits and does almost nothing: it appends the item to the
-round in the making. One *flush* per round (soon after the first item, and at
-most one per ``DUTY`` times the last flush's duration, so fan-out takes at most
-about a fifth of the loop however many subscribers read) hands the round to the
-subscribers:
+round in the making. One *flush* per round (soon after the first item, but no
+sooner than ``MIN_INTERVAL`` after the last one nor than ``DUTY`` times its
+duration, so fan-out takes at most about a ninth of the loop however many
+subscribers read, and never delays a round more than ``MAX_DELAY``) hands the
+round to the subscribers:
 
 * Subscribers that would receive the same bytes form one *group* (same key:
   same selectors, rights and format). Matching, the ``accept`` filter and the
@@ -40,7 +41,9 @@ __all__ = ["Batch", "Encoder", "Fanout", "Sink", "Subscription"]
 T = TypeVar("T")
 
 #: After a flush that took d seconds the next waits d * DUTY: fan-out ≤ ~1/(1+DUTY) of the loop.
-DUTY = 4.0
+DUTY = 8.0
+#: Rounds at most this often, in seconds: a busy stream gets fewer, larger writes.
+MIN_INTERVAL = 0.005
 #: The longest a round may wait for its flush, in seconds (bounds the delivery latency).
 MAX_DELAY = 0.05
 #: A round this large is flushed at once (bounds the items held between flushes).
@@ -207,7 +210,8 @@ class Fanout(Generic[T]):
         if round_:
             self.rounds += 1
         finished = time.monotonic()
-        self._flush_at = finished + min(MAX_DELAY, (finished - started) * DUTY)
+        wait = max(MIN_INTERVAL, (finished - started) * DUTY) if round_ else 0.0
+        self._flush_at = finished + min(MAX_DELAY, wait)
         if self._stalled:
             self._retry_soon()
 
