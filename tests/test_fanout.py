@@ -211,3 +211,23 @@ async def test_a_group_encodes_each_item_once_for_all_its_subscribers() -> None:
     assert [await odd.get() for _ in range(10)] == list(range(1, 20, 2))
     assert sorted(encoded) == list(range(20))  # once per item, not per subscriber
     assert hub.rounds == 1
+
+
+async def test_an_http_1_0_client_gets_the_frames_unchunked(make_client: ClientFactory) -> None:
+    client = await make_client(task_workers=0)
+    server = server_of(client)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(f"GET /events HTTP/1.0\r\nHost: {client.host}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower(), head
+        await wait_for(lambda: server.stats()["subscribers"] == 1, message="subscribed")
+        ids = list(await asyncio.gather(*(server.task(n) for n in range(5))))
+        body = b""
+        async with asyncio.timeout(10):
+            while body.count(b"event: queued") < len(ids):
+                body += await reader.read(1 << 16)
+    finally:
+        writer.close()
+    events = parse_sse(body)
+    assert [orjson.loads(e.data)["task_id"] for e in events] == ids
