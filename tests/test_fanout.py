@@ -220,7 +220,8 @@ async def test_an_http_1_0_client_gets_the_frames_unchunked(make_client: ClientF
     try:
         writer.write(f"GET /events HTTP/1.0\r\nHost: {client.host}\r\n\r\n".encode())
         head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower(), head
+        assert head.startswith(b"HTTP/1.0 200"), head
+        assert b"chunked" not in head.lower(), head
         await wait_for(lambda: server.stats()["subscribers"] == 1, message="subscribed")
         ids = list(await asyncio.gather(*(server.task(n) for n in range(5))))
         body = b""
