@@ -125,7 +125,10 @@ def _extract(ref: str, tmp: Path) -> Path:
         check=True,
     ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(where, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+            tar.extractall(where, filter="data")
+        else:
+            tar.extractall(where)  # our own repository's archive
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", ref], capture_output=True, text=True
     ).stdout.strip()
