@@ -15,6 +15,7 @@ from taskserver.web.metrics import METRICS
 
 from .conftest import ClientFactory, noop_finish, wait_for
 from .pg_server import PostgresServer
+from .test_fanout import TASKS, big_result, stalled
 
 Client = TestClient[web.Request, web.Application]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -138,26 +139,26 @@ async def test_queue_depth_and_oldest_age(settings: Settings, aiohttp_client: An
 
 async def test_streams_and_dropped_subscribers(make_client: ClientFactory) -> None:
     client = await make_client(
-        task_workers=0, subscriber_queue=2, mercure_anonymous=True, heartbeat=30.0
+        big_result, task_workers=2, subscriber_queue=50, mercure_anonymous=True, heartbeat=30.0
     )
     server: TaskServer = client.app[TASKSERVER]
-    events = await client.get("/events")
-    hub = await client.get("/.well-known/mercure", params={"topic": "*"})
-    assert events.status == hub.status == 200
-    await wait_for(lambda: len(server.fanout) == 2, message="both streams subscribed")
-    samples = await scrape(client)
-    assert value(samples, "taskserver_sse_subscribers") == 1
-    assert value(samples, "taskserver_mercure_subscribers") == 1
-    assert value(samples, "taskserver_subscribers_dropped_total") == 0
+    async with (
+        stalled(client, "/events"),
+        stalled(client, "/.well-known/mercure?topic=*"),
+    ):
+        await wait_for(lambda: len(server.fanout) == 2, message="both streams subscribed")
+        samples = await scrape(client)
+        assert value(samples, "taskserver_sse_subscribers") == 1
+        assert value(samples, "taskserver_mercure_subscribers") == 1
+        assert value(samples, "taskserver_subscribers_dropped_total") == 0
 
-    # Ten events in one commit: two-event buffers overflow before anyone reads them.
-    await server.task_many(list(range(10)))
-    await wait_for(lambda: server.fanout.dropped == 2, message="both streams dropped")
-    samples = await scrape(client)
-    assert value(samples, "taskserver_subscribers_dropped_total") == 2
-    assert value(samples, "taskserver_sse_subscribers") == 0
-    events.close()
-    hub.close()
+        # Neither reads: once their sockets are full, more events than they may hold.
+        for n in range(TASKS):
+            await server.task(n)
+        await wait_for(lambda: server.fanout.dropped == 2, message="both streams dropped")
+        samples = await scrape(client)
+        assert value(samples, "taskserver_subscribers_dropped_total") == 2
+        assert value(samples, "taskserver_sse_subscribers") == 0
 
 
 async def test_needs_the_metrics_scope(make_client: ClientFactory) -> None:
