@@ -98,6 +98,8 @@ class PostgresBackend(PostgresReads):
         self._delivered = 0
         #: the highest event id another node said it committed (``NOTIFY``)
         self._seen = 0
+        #: a batch is reading other nodes' events (``_delivered`` is its to move)
+        self._catching_up = False
         self._signals = Signals()
         self._writer_pid = 0  # the server process of our writer connection
         self.commits = 0
@@ -204,9 +206,13 @@ class PostgresBackend(PostgresReads):
             seen, queues = self._delivered + 1, ["*"]
         if queues:
             self._signals.work(None if "*" in queues else queues)
-        if seen > self._delivered:
-            self._seen = max(self._seen, seen)
-            self._signals.poke()
+        if seen <= self._delivered:
+            return
+        self._seen = max(self._seen, seen)
+        if self._signals.listening():
+            self._signals.poke()  # a batch delivers them
+        elif not self._catching_up:
+            self._delivered = seen  # nobody here takes them: passed over, not read
 
     # --- ids and rows (on the loop) ------------------------------------------------------
 
@@ -395,7 +401,11 @@ class PostgresBackend(PostgresReads):
         if not self._signals.listening():
             self._delivered = max(self._delivered, self._seen, upto or 0)
             return mine
-        rows = await conn.fetch(sql.SELECT_EVENTS_AFTER, self._delivered, CATCHUP_LIMIT + 1)
+        self._catching_up = True
+        try:
+            rows = await conn.fetch(sql.SELECT_EVENTS_AFTER, self._delivered, CATCHUP_LIMIT + 1)
+        finally:
+            self._catching_up = False
         theirs = [sql.event_from_row(r) for r in rows]
         if upto is not None:
             theirs = [e for e in theirs if e.id <= upto]
