@@ -1,17 +1,21 @@
 """The issue-14 sections of ``scripts/bench`` (wrk HTTP, fan-out, backlog, cpu_bound dispatch)
 and issue 12's ``pg`` (taskserver nodes on one PostgreSQL beside procrastinate).
 
-``python -m benchmarks.sections [--quick] [--only wrk|fanout|backlog|cpu|pg ...] [--db DSN]``
+``python -m benchmarks.sections [--quick] [--only wrk|fanout|backlog|cpu|pg ...] [--db DSN]
+[--ab REV]``
 
 Each section starts its own servers (``taskserver run`` subprocesses on
 127.0.0.1, fresh databases under one temporary directory) and prints its
 figures beside a baseline measured in the same run, alternated, with the
 median and range of the rounds. Every load is bounded in count and time.
+``--ab REV``: the ``backlog`` and ``cpu`` sections also run ``taskserver/`` as at
+``REV``, alternated with this checkout in the same run (``abtrees.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import backlog, cpubench, fanload, httpwrk, pgbench
+from . import abtrees, backlog, cpubench, fanload, httpwrk, pgbench
 from .bench import BenchError, header
 
 SECTIONS: dict[str, Callable[[Any, Path], None]] = {
@@ -54,6 +58,10 @@ class Options:
     pg_workers: int = 4
     pg_batch: int = 500
     pg_prefetch: tuple[int, ...] = (0, 64)
+    #: an older commit to run beside this checkout (``--ab``), alternated
+    ab: str | None = None
+    #: filled in by ``main``: the trees the A/B sections run
+    trees: tuple[abtrees.Tree, ...] = (abtrees.Tree("this tree"),)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -66,6 +74,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--db", help="section pg: an existing PostgreSQL (postgresql://...; default: a private one)"
     )
     parser.add_argument("--pg-tasks", type=int, help="section pg: tasks per measurement")
+    parser.add_argument(
+        "--ab", metavar="REV", help="also run taskserver/ as at REV, alternated (backlog, cpu)"
+    )
     args = parser.parse_args(argv)
     pg = {"db": args.db, **({"pg_tasks": args.pg_tasks} if args.pg_tasks else {})}
     if args.quick:
@@ -82,6 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             cpu_tasks=5,
             only=tuple(args.only or SECTIONS),
             **{"pg_tasks": 1_000, "pg_peer_tasks": 300, **pg},
+            ab=args.ab,
         )
     return Options(
         rounds=3,
@@ -96,6 +108,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         cpu_tasks=40,
         only=tuple(args.only or SECTIONS),
         **pg,
+        ab=args.ab,
     )
 
 
@@ -106,6 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures = 0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="taskserver-bench14-") as tmp:
+        try:
+            opts = dataclasses.replace(opts, trees=abtrees.trees(opts.ab, Path(tmp)))
+        except BenchError as exc:
+            print(f"   FAILED: --ab {opts.ab}: {exc}")
+            return 1
+        if opts.ab:
+            print("A/B, alternated: " + " vs ".join(t.label for t in opts.trees))
         for name in opts.only:
             t0 = time.monotonic()
             try:
