@@ -132,6 +132,7 @@ class SqliteBackend(SqliteReads):
             recovered_failed=failed,
             committed_event_id=self._next_event_id - 1,
             paused_queues=await self.paused_queues(),
+            active_by_queue=await self.count_by_queue(),
         )
 
     def _open_sync(self) -> tuple[int, int]:
