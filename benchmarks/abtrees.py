@@ -1,7 +1,8 @@
-"""A/B runs: the same section against this checkout and an older commit, alternated.
+"""A/B runs: the same section against ``HEAD`` and an older commit, alternated.
 
 ``scripts/bench --only backlog --ab HEAD~1`` exports ``taskserver/`` as it was at
-that commit (``git archive``) into the run's temporary directory; a section
+that commit and at ``HEAD`` (``git archive``: uncommitted changes are not
+measured) into the run's temporary directory; a section
 that takes ``opts.trees`` starts each of its servers with one tree's package
 first on ``PYTHONPATH`` (the benchmark code itself is always this checkout's),
 alternating the trees round by round, and prints each figure per tree.
@@ -40,11 +41,9 @@ def _git(*args: str) -> bytes:
     return done.stdout
 
 
-def here() -> Tree:
-    """This checkout, labelled with its commit (``+`` when the tree has changes)."""
-    sha = _git("rev-parse", "--short", "HEAD").decode().strip()
-    dirty = _git("status", "--porcelain", "--", "taskserver").strip()
-    return Tree(f"{sha}{'+' if dirty else ''} (this tree)")
+def dirty() -> bool:
+    """True when ``taskserver/`` has changes not committed (an A/B run measures ``HEAD``)."""
+    return bool(_git("status", "--porcelain", "--", "taskserver").strip())
 
 
 def export(rev: str, tmp: Path) -> Tree:
@@ -58,10 +57,11 @@ def export(rev: str, tmp: Path) -> Tree:
 
 
 def trees(ab: str | None, tmp: Path) -> tuple[Tree, ...]:
-    """This checkout alone, or (with ``ab``) the older commit first, then this checkout."""
+    """This checkout alone, or (with ``ab``) that commit's tree and ``HEAD``'s, both
+    exported at the start, so editing the checkout during the run changes nothing."""
     if ab is None:
         return (Tree("this tree"),)
-    return (export(ab, tmp), here())
+    return (export(ab, tmp), export("HEAD", tmp))
 
 
 def alternated(trees: tuple[Tree, ...], round_: int) -> tuple[Tree, ...]:

@@ -9,7 +9,7 @@ Each section starts its own servers (``taskserver run`` subprocesses on
 figures beside a baseline measured in the same run, alternated, with the
 median and range of the rounds. Every load is bounded in count and time.
 ``--ab REV``: the ``backlog`` and ``cpu`` sections also run ``taskserver/`` as at
-``REV``, alternated with this checkout in the same run (``abtrees.py``).
+``REV``, alternated with ``HEAD`` in the same run (``abtrees.py``).
 """
 
 from __future__ import annotations
@@ -125,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"   FAILED: --ab {opts.ab}: {exc}")
             return 1
         if opts.ab:
-            print("A/B, alternated: " + " vs ".join(t.label for t in opts.trees))
+            print("A/B, alternated: " + " vs ".join(t.label for t in opts.trees) + " (HEAD)")
+            if abtrees.dirty():
+                print("   NOTE: taskserver/ has uncommitted changes; they are not measured")
         for name in opts.only:
             t0 = time.monotonic()
             try:
