@@ -99,10 +99,13 @@ PRAGMAS = (
     "PRAGMA busy_timeout = 5000",
     "PRAGMA temp_store = MEMORY",
 )
-# 64 MiB of page cache: the hot part of the tasks table and its indexes.
-WRITER_CACHE = "PRAGMA cache_size = -65536"
-READER_CACHE = WRITER_CACHE
-CHECKPOINTER_CACHE = "PRAGMA cache_size = -2000"  # SQLite's default
+# Page cache per connection (KiB), sized for its job: the writer's working set is
+# the B-tree edges where rows are appended and the queue's head where they change;
+# the reader looks up single rows and recent pages; the checkpointer copies the WAL
+# through its own buffer. A miss costs a read from the OS page cache, not the disk.
+WRITER_CACHE = "PRAGMA cache_size = -16384"
+READER_CACHE = "PRAGMA cache_size = -4096"
+CHECKPOINTER_CACHE = "PRAGMA cache_size = -256"
 
 TASK_COLUMNS = (
     "id, state, name, queue, priority, serial_group, unique_key, data, attempts, max_attempts,"
