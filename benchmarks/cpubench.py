@@ -10,7 +10,9 @@ and ``2``. Each gets one warm-up task, then a batch of ``cpu_tasks``
 result is how long its ``spin`` took where it ran: with one worker, dispatch =
 per task - the mean of those (and per task - 19 ms, the nominal figure); with
 two threads sharing the GIL, the figure is per task against one thread's.
-Then ``SERIAL`` tasks one in flight (``POST /tasks``, ``GET /tasks/{id}?wait``,
+``cpu_bound no-op`` runs ``NOOP_TASKS`` tasks of no work on the cpu_bound
+server: per task is the dispatch alone, the figure least disturbed by other
+load on the machine. Then ``SERIAL`` tasks one in flight (``POST /tasks``, ``GET /tasks/{id}?wait``,
 the next): the client's time per task minus its spin, HTTP and commits included.
 With ``--ab`` every configuration runs once per tree each round, the trees'
 order flipped every round (``abtrees.py``); figures are printed per tree.
@@ -34,8 +36,12 @@ from .wrkdrive import spread, taskserver_command
 TASK_MS = 19.0
 #: Tasks run one in flight after the batch: POST, wait for it, then the next.
 SERIAL = 10
+#: The same cpu_bound server with tasks that do nothing: per task is the dispatch alone.
+NOOP = "cpu_bound no-op"
+NOOP_TASKS = 400
 CONFIGS = {
     "cpu_bound, 1 process": ("process_setup", "--task-workers=1", "--process-workers=1"),
+    NOOP: ("process_setup", "--task-workers=1", "--process-workers=1"),
     "thread, 1 worker": ("thread_setup", "--task-workers=1"),
     "thread, 2 workers": ("thread_setup", "--task-workers=2"),
 }
@@ -127,7 +133,9 @@ def section(opts: CpuOptions, tmp: Path) -> None:
         for index, name in enumerate(names[shift:] + names[:shift]):
             for tree in alternated(opts.trees, round_):
                 db = tmp / f"cpu-{round_}-{index}-{opts.trees.index(tree)}.db"
-                took, spun, serial = _measure(name, n, opts.cpu_tasks, db, tmp, tree)
+                noop = name == NOOP
+                count = max(opts.cpu_tasks, NOOP_TASKS if noop else 0)
+                took, spun, serial = _measure(name, 0 if noop else n, count, db, tmp, tree)
                 per_task[tree.label, name].append(took)
                 spins[tree.label, name].append(spun)
                 alone[tree.label, name] += serial
@@ -151,6 +159,9 @@ def _print_tree(
             f"{spread(spins[key], '.2f')} ms where it ran"
         )
         if name.endswith("workers"):
+            continue
+        if name == NOOP:
+            print(f"{'':26}(dispatch alone: {NOOP_TASKS} tasks that return at once)")
             continue
         over = [p - d for p, d in zip(per_task[key], spins[key], strict=True)]
         print(
