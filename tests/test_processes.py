@@ -9,9 +9,12 @@ next call. Crashes, recycling and timeouts through a server are in
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +22,7 @@ import pytest
 from taskserver.runtime.processes import ProcessSlots, RemoteTraceback
 from taskserver.runtime.workers import ProcessTaskContext, _run_in_process
 
-from .conftest import wait_for
+from .conftest import ROOT, wait_for
 from .jobs_helpers import cpu_echo, cpu_raise, process_alive
 
 
@@ -80,3 +83,35 @@ async def test_a_process_killed_while_idle_is_replaced_before_the_next_call(
     second = (await slots.run(_run_in_process, cpu_echo, _ctx({})))["pid"]
     assert second != first
     assert (slots.crashed, slots.recycled) == (0, 1)
+
+
+EXIT_SCRIPT = """
+import asyncio
+from taskserver.runtime.processes import ProcessSlots
+
+KEPT = []
+
+
+async def main():
+    KEPT.append(ProcessSlots(1))  # never shut down, still referenced at exit
+    await asyncio.sleep(0.5)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+async def test_a_pool_never_shut_down_does_not_hang_the_exit(tmp_path: Path) -> None:
+    # multiprocessing joins its children at exit; they waited for their pipe to close.
+    script = tmp_path / "never_shut_down.py"
+    script.write_text(EXIT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), env=env)
+    try:
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

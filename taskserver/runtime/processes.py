@@ -18,15 +18,18 @@ memory passes ``max_memory_mb`` (Swoole's ``task_max_request``, Messenger's
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import resource
 import signal
 import struct
 import traceback
+import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -253,6 +256,21 @@ class _Slot:
         self.process = self.calls = self._answer = None
 
 
+#: Pools whose processes outlive them unless shut down (see ``_shut_down_all``).
+_LIVE: weakref.WeakSet[ProcessSlots] = weakref.WeakSet()
+
+
+def _shut_down_all() -> None:
+    # multiprocessing's exit hook joins every child process, and ours wait for their
+    # pipe to close: a pool never shut down (a server not stopped) hung the exit.
+    # atexit runs the last registered first; multiprocessing.util registered at import.
+    for pool in list(_LIVE):
+        pool.shutdown()
+
+
+atexit.register(_shut_down_all)
+
+
 class ProcessSlots:
     """``size`` warm processes; ``run`` borrows one for one call."""
 
@@ -273,6 +291,7 @@ class ProcessSlots:
         # spawn, not fork: this process has threads (SQLite, executors) a fork would copy.
         self._context = multiprocessing.get_context("spawn")
         self._slots = [_Slot(i) for i in range(size)]
+        _LIVE.add(self)
         for slot in self._slots:
             self._start(slot)  # warm before the first task
         self._free: asyncio.Queue[_Slot] = asyncio.Queue()
