@@ -137,6 +137,10 @@ def _run(call: bytes, measure: bool) -> bytes:
         return _answer(False, (exc, text), measure)
 
 
+class _Gone(Exception):
+    """The slot's process had died before the call was sent (its pipe has no reader)."""
+
+
 class _Slot:
     """One process and the parent's ends of its two pipes; at most one call at a time."""
 
@@ -169,22 +173,26 @@ class _Slot:
         self.process, self.calls, self._answer = process, call_write, answer_read
         self.tasks = 0
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
-
     async def call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any, int]:
-        """Send one call and wait for its answer; ``WorkerCrashed`` if the process dies."""
+        """Send one call and wait for its answer; ``WorkerCrashed`` if the process dies,
+        ``_Gone`` if it had died before (nothing was sent: the call may go elsewhere)."""
         assert self.calls is not None
         assert self._answer is not None
         data = pickle.dumps((fn, args), pickle.HIGHEST_PROTOCOL)  # may raise: nothing sent
+        frame = _HEADER.pack(len(data)) + data
+        write, read = self.calls.fileno(), self._answer.fileno()
+        try:
+            sent = os.write(write, frame)
+        except BlockingIOError:
+            sent = 0
+        except BrokenPipeError:  # no reader: the process is gone
+            raise _Gone from None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[bool, Any, int]] = loop.create_future()
         self._future = future
         self._buffer.clear()
-        write, read = self.calls.fileno(), self._answer.fileno()
-        self._pending = memoryview(_HEADER.pack(len(data)) + data)
-        self._send()
-        if self._pending:
+        self._pending = memoryview(frame)[sent:]
+        if self._pending:  # the pipe is full (a large call): the rest as it drains
             loop.add_writer(write, self._send)
         loop.add_reader(read, self._receive)
         try:
@@ -320,10 +328,16 @@ class ProcessSlots:
         slot = await self._free.get()
         replace = retire = False
         try:
-            if not slot.alive():  # died while idle (killed from outside): not this task's fault
-                self._replace(slot)
             try:
-                ok, value, peak_kib = await slot.call(fn, args)
+                try:
+                    ok, value, peak_kib = await slot.call(fn, args)
+                except _Gone:  # died while idle (killed from outside): not this task's fault
+                    self._replace(slot)
+                    ok, value, peak_kib = await slot.call(fn, args)
+            except _Gone:  # and its replacement too, at once
+                self.crashed += 1
+                replace = True
+                raise WorkerCrashed("the process for the task died as it started") from None
             except WorkerCrashed:
                 self.crashed += 1
                 replace = True
