@@ -8,7 +8,8 @@ each chunk: that chunk's enqueue rate and the server's RSS (``VmRSS``). Run
 twice: without anyone calling ``/stats`` (the baseline), then with a client
 calling ``GET /stats`` every 0.5 s (its call times are printed too). The
 figure is last / first chunk's rate; at the end, three ``GET /stats`` calls
-are timed one after another.
+are timed one after another. With ``--ab`` each of the two runs is made once per
+tree, the order flipped between them (``abtrees.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Protocol
 
 import orjson
 
+from .abtrees import Tree, alternated
 from .bench import BenchError, child_env, serve
 from .common import peak_rss_of
 from .wrkdrive import backend, drive, mib, rss_of, spread, taskserver_command
@@ -40,11 +42,13 @@ CHUNK_SECONDS = 120
 class BacklogOptions(Protocol):
     backlog: int
     chunk: int
+    trees: tuple[Tree, ...]
 
 
 @dataclass
 class Run:
     polled: bool
+    tree: str = ""
     rates: list[float] = field(default_factory=list)
     rss: list[int | None] = field(default_factory=list)
     failed: int = 0
@@ -64,9 +68,15 @@ def section(opts: BacklogOptions, tmp: Path) -> None:
         f"-c{CONNECTIONS}), in chunks of {opts.chunk:,}; without, then with GET /stats "
         f"every {POLL_INTERVAL:g}s"
     )
-    runs = [_run(opts, tmp / f"backlog-{polled}.db", tmp, polled) for polled in (False, True)]
+    runs = [
+        _run(opts, tmp / f"backlog-{polled}-{i}.db", tmp, polled, tree)
+        for polled in (False, True)
+        for i, tree in enumerate(alternated(opts.trees, int(polled)))
+    ]
     for run in runs:
         label = "/stats polled" if run.polled else "nobody polls"
+        if len(opts.trees) > 1:
+            print(f"   [{run.tree}]")
         rates = " ".join(f"{r:,.0f}" for r in run.rates)
         rss = " ".join(f"{(x or 0) / 2**20:.0f}" for x in run.rss)
         print(f"   {label:<14} enqueue/s per chunk: {rates}")
@@ -96,10 +106,11 @@ def _stats(url: str) -> tuple[float, dict[str, object]]:
     return (time.perf_counter() - started) * 1000, orjson.loads(body)
 
 
-def _run(opts: BacklogOptions, db: Path, tmp: Path, polled: bool) -> Run:
-    run = Run(polled)
+def _run(opts: BacklogOptions, db: Path, tmp: Path, polled: bool, tree: Tree) -> Run:
+    run = Run(polled, tree.label)
     command = taskserver_command(db, "--task-workers=0", f"--max-queued={opts.backlog * 2}")
-    with serve(command, cwd=tmp, log=tmp / "backlog.log", timeout=30) as server:
+    log = tmp / "backlog.log"
+    with serve(command, cwd=tmp, log=log, timeout=30, env=tree.env()) as server:
         stop = threading.Event()
 
         def poll() -> None:
@@ -125,6 +136,8 @@ def _run(opts: BacklogOptions, db: Path, tmp: Path, polled: bool) -> Run:
         run.rss_after_stats = rss_of(server.proc.pid)
         queued = stats.get("queued")
         run.queued = queued if isinstance(queued, int) else 0
+    for path in db.parent.glob(f"{db.name}*"):  # a million rows: free the disk for the next
+        path.unlink()
     return run
 
 

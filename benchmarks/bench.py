@@ -257,15 +257,19 @@ class Server:
 
 @contextlib.contextmanager
 def serve(
-    command: Sequence[str], *, cwd: Path, log: Path, timeout: float, tree: Path | None = None
+    command: Sequence[str],
+    *,
+    cwd: Path,
+    log: Path,
+    timeout: float,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     """Start a server that logs ``listening on http://…``; SIGTERM it (then SIGKILL) on exit.
 
-    ``tree``: run another commit's ``taskserver`` (see ``child_env``).
-    """
+    ``env``: its environment (default ``child_env()``; an A/B run passes a tree's)."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            command, cwd=cwd, env=child_env(tree), stdout=out, stderr=subprocess.STDOUT
+            command, cwd=cwd, env=env or child_env(), stdout=out, stderr=subprocess.STDOUT
         )
     try:
         deadline = time.monotonic() + timeout

@@ -10,8 +10,12 @@ and ``2``. Each gets one warm-up task, then a batch of ``cpu_tasks``
 result is how long its ``spin`` took where it ran: with one worker, dispatch =
 per task - the mean of those (and per task - 19 ms, the nominal figure); with
 two threads sharing the GIL, the figure is per task against one thread's.
-Then ``SERIAL`` tasks one in flight (``POST /tasks``, ``GET /tasks/{id}?wait``,
+``cpu_bound no-op`` runs ``NOOP_TASKS`` tasks of no work on the cpu_bound
+server: per task is the dispatch alone, the figure least disturbed by other
+load on the machine. Then ``SERIAL`` tasks one in flight (``POST /tasks``, ``GET /tasks/{id}?wait``,
 the next): the client's time per task minus its spin, HTTP and commits included.
+With ``--ab`` every configuration runs once per tree each round, the trees'
+order flipped every round (``abtrees.py``); figures are printed per tree.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from .abtrees import Tree, alternated
 from .bench import BenchError, serve
 from .cpuapp import spin
 from .wrkdrive import spread, taskserver_command
@@ -31,8 +36,12 @@ from .wrkdrive import spread, taskserver_command
 TASK_MS = 19.0
 #: Tasks run one in flight after the batch: POST, wait for it, then the next.
 SERIAL = 10
+#: The same cpu_bound server with tasks that do nothing: per task is the dispatch alone.
+NOOP = "cpu_bound no-op"
+NOOP_TASKS = 400
 CONFIGS = {
     "cpu_bound, 1 process": ("process_setup", "--task-workers=1", "--process-workers=1"),
+    NOOP: ("process_setup", "--task-workers=1", "--process-workers=1"),
     "thread, 1 worker": ("thread_setup", "--task-workers=1"),
     "thread, 2 workers": ("thread_setup", "--task-workers=2"),
 }
@@ -41,6 +50,7 @@ CONFIGS = {
 class CpuOptions(Protocol):
     rounds: int
     cpu_tasks: int
+    trees: tuple[Tree, ...]
 
 
 def _time_spin(n: int, repeat: int = 5) -> float:
@@ -82,12 +92,12 @@ def _finished(url: str, task_id: int) -> tuple[float, float]:
 
 
 def _measure(
-    name: str, n: int, count: int, db: Path, tmp: Path
+    name: str, n: int, count: int, db: Path, tmp: Path, tree: Tree
 ) -> tuple[float, float, list[float]]:
     """Per task ms over the batch, the mean ms its spins took, and one-in-flight overheads."""
     app, *flags = CONFIGS[name]
     command = taskserver_command(db, f"--app=benchmarks.cpuapp:{app}", *flags)
-    with serve(command, cwd=tmp, log=tmp / "cpu.log", timeout=30) as server:
+    with serve(command, cwd=tmp, log=tmp / "cpu.log", timeout=30, env=tree.env()) as server:
         warm = _post(server.url + "/tasks", {"data": {"n": n}})["id"]
         start, _ = _finished(server.url, warm)
         batch = {"tasks": [{"data": {"n": n}}] * count}
@@ -114,34 +124,55 @@ def section(opts: CpuOptions, tmp: Path) -> None:
         f"{opts.cpu_tasks} tasks per server after one warm-up, {opts.rounds} rotated rounds"
     )
     names = list(CONFIGS)
-    per_task: dict[str, list[float]] = {k: [] for k in names}
-    spins: dict[str, list[float]] = {k: [] for k in names}
-    alone: dict[str, list[float]] = {k: [] for k in names}
+    keys = [(tree.label, name) for tree in opts.trees for name in names]
+    per_task: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    spins: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    alone: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     for round_ in range(opts.rounds):
         shift = round_ % len(names)
         for index, name in enumerate(names[shift:] + names[:shift]):
-            db = tmp / f"cpu-{round_}-{index}.db"
-            took, spun, serial = _measure(name, n, opts.cpu_tasks, db, tmp)
-            per_task[name].append(took)
-            spins[name].append(spun)
-            alone[name] += serial
+            for tree in alternated(opts.trees, round_):
+                db = tmp / f"cpu-{round_}-{index}-{opts.trees.index(tree)}.db"
+                noop = name == NOOP
+                count = max(opts.cpu_tasks, NOOP_TASKS if noop else 0)
+                took, spun, serial = _measure(name, 0 if noop else n, count, db, tmp, tree)
+                per_task[tree.label, name].append(took)
+                spins[tree.label, name].append(spun)
+                alone[tree.label, name] += serial
+    for tree in opts.trees:
+        if len(opts.trees) > 1:
+            print(f"   [{tree.label}]")
+        _print_tree(tree.label, names, per_task, spins, alone)
+
+
+def _print_tree(
+    label: str,
+    names: list[str],
+    per_task: dict[tuple[str, str], list[float]],
+    spins: dict[tuple[str, str], list[float]],
+    alone: dict[tuple[str, str], list[float]],
+) -> None:
     for name in names:
+        key = (label, name)
         print(
-            f"   {name:<22} {spread(per_task[name], '.2f'):>28} ms per task; its spin took "
-            f"{spread(spins[name], '.2f')} ms where it ran"
+            f"   {name:<22} {spread(per_task[key], '.2f'):>28} ms per task; its spin took "
+            f"{spread(spins[key], '.2f')} ms where it ran"
         )
         if name.endswith("workers"):
             continue
-        over = [p - d for p, d in zip(per_task[name], spins[name], strict=True)]
+        if name == NOOP:
+            print(f"{'':26}(dispatch alone: {NOOP_TASKS} tasks that return at once)")
+            continue
+        over = [p - d for p, d in zip(per_task[key], spins[key], strict=True)]
         print(
             f"{'':26}dispatch: per task - its spin {spread(over, '.2f')} ms; "
-            f"per task - {TASK_MS:g} ms {spread([p - TASK_MS for p in per_task[name]], '.2f')} ms"
+            f"per task - {TASK_MS:g} ms {spread([p - TASK_MS for p in per_task[key]], '.2f')} ms"
         )
         print(
             f"{'':26}one in flight (POST, GET ?wait, next), client time - its spin: "
-            f"{spread(alone[name], '.2f')} ms"
+            f"{spread(alone[key], '.2f')} ms"
         )
-    two = per_task["thread, 2 workers"]
-    one = per_task["thread, 1 worker"]
+    two = per_task[label, "thread, 2 workers"]
+    one = per_task[label, "thread, 1 worker"]
     ratios = [a / b for a, b in zip(two, one, strict=True)]
     print(f"   thread 2 workers / 1 worker, per task: {spread(ratios, '.2f')} (≤ 1.00: no slower)")

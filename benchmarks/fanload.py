@@ -38,6 +38,7 @@ from typing import IO, Any, Protocol
 import jwt
 import orjson
 
+from .abtrees import Tree
 from .bench import BenchError, Server, child_env, serve
 from .common import RESULT_PREFIX, peak_rss_of, percentile
 from .wrkdrive import Drive, backend, drive, mib, rss_of, spread, taskserver_command
@@ -56,7 +57,7 @@ class FanoutOptions(Protocol):
     mercure_subscribers: int
     latency_subscribers: int
     events: int
-    trees: tuple[tuple[str, Path | None], ...]
+    trees: tuple[Tree, ...]
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def section(opts: FanoutOptions, tmp: Path) -> None:
     for kind, count in [("events", n) for n in opts.subscribers] + [
         ("mercure", opts.mercure_subscribers)
     ]:
-        configs += [Config(kind, count, name, path) for name, path in opts.trees]
+        configs += [Config(kind, count, name, path) for name, path in _labels(opts)]
     results: dict[Config, list[Throughput]] = {c: [] for c in configs}
     for round_ in range(opts.rounds):
         shift = round_ % len(configs)
@@ -126,8 +127,14 @@ def section(opts: FanoutOptions, tmp: Path) -> None:
                 f"{dropped} streams dropped by the server; {connected:,} connected (fewest); "
                 f"subscriber process CPU {spread([r.client_cpu for r in runs], '.1f')} s"
             )
-    for name, path in opts.trees:
+    for name, path in _labels(opts):
         _latency(opts, tmp, name, path)
+
+
+def _labels(opts: FanoutOptions) -> list[tuple[str, Path | None]]:
+    """Each tree's label (none when there is one tree) and where its package is."""
+    one = len(opts.trees) == 1
+    return [("" if one else tree.label, tree.path) for tree in opts.trees]
 
 
 def _cpu_percent(r: Throughput) -> float:
@@ -204,7 +211,9 @@ def _finish_subscribers(proc: subprocess.Popen[bytes], timeout: float) -> dict[s
 def _throughput(config: Config, seconds: float, db: Path, tmp: Path) -> Throughput:
     extra = ["--task-workers=4", "--app=benchmarks.apps:noop_setup"]
     command = _server(db, config.count, tmp, *extra)
-    with serve(command, cwd=tmp, log=tmp / "fan.log", timeout=30, tree=config.path) as server:
+    with serve(
+        command, cwd=tmp, log=tmp / "fan.log", timeout=30, env=child_env(config.path)
+    ) as server:
         subs = None
         if config.count:
             if config.kind == "events":
@@ -271,7 +280,7 @@ def _latency(opts: FanoutOptions, tmp: Path, tree: str, tree_path: Path | None) 
     n = opts.latency_subscribers
     command = _server(tmp / f"latency{tree}.db", n, tmp, "--task-workers=0")
     log = tmp / "latency.log"
-    with serve(command, cwd=tmp, log=log, timeout=30, tree=tree_path) as server:
+    with serve(command, cwd=tmp, log=log, timeout=30, env=child_env(tree_path)) as server:
         idle_rss = rss_of(server.proc.pid)
         token = jwt.encode({"mercure": {"subscribe": [LATENCY_TOPIC]}}, KEY, algorithm="HS256")
         path = f"{HUB}?topic={urllib.parse.quote(LATENCY_TOPIC, safe='')}"

@@ -2,35 +2,30 @@
 and issue 12's ``pg`` (taskserver nodes on one PostgreSQL beside procrastinate).
 
 ``python -m benchmarks.sections [--quick] [--only wrk|fanout|backlog|cpu|pg ...] [--db DSN]
-[--ab REF]``
+[--ab REV]``
 
 Each section starts its own servers (``taskserver run`` subprocesses on
 127.0.0.1, fresh databases under one temporary directory) and prints its
 figures beside a baseline measured in the same run, alternated, with the
 median and range of the rounds. Every load is bounded in count and time.
-
-``--ab REF`` (the ``fanout`` section) measures the servers of two trees in the
-same run, alternated: ``A`` is commit ``REF``'s ``taskserver`` package (``git
-archive`` into the temporary directory, put first on the server's
-``PYTHONPATH``), ``B`` the working tree.
+``--ab REV``: the ``fanout``, ``backlog`` and ``cpu`` sections also run ``taskserver/`` as at
+``REV``, alternated with ``HEAD`` in the same run (``abtrees.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import subprocess
+import dataclasses
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import backlog, cpubench, fanload, httpwrk, pgbench
-from .bench import ROOT, BenchError, header
+from . import abtrees, backlog, cpubench, fanload, httpwrk, pgbench
+from .bench import BenchError, header
 
 SECTIONS: dict[str, Callable[[Any, Path], None]] = {
     "wrk": httpwrk.section,
@@ -63,9 +58,10 @@ class Options:
     pg_workers: int = 4
     pg_batch: int = 500
     pg_prefetch: tuple[int, ...] = (0, 64)
-    #: Commit to measure against (``--ab``), and where its package went (set by ``main``).
+    #: an older commit to run beside this checkout (``--ab``), alternated
     ab: str | None = None
-    trees: tuple[tuple[str, Path | None], ...] = (("", None),)
+    #: filled in by ``main``: the trees the A/B sections run
+    trees: tuple[abtrees.Tree, ...] = (abtrees.Tree("this tree"),)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -79,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument("--pg-tasks", type=int, help="section pg: tasks per measurement")
     parser.add_argument(
-        "--ab", metavar="REF", help="also run commit REF's server, alternated (A=REF, B=tree)"
+        "--ab", metavar="REV", help="also run taskserver/ as at REV, alternated (backlog, cpu)"
     )
     args = parser.parse_args(argv)
     pg = {"db": args.db, **({"pg_tasks": args.pg_tasks} if args.pg_tasks else {})}
@@ -116,26 +112,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
 
 
-def _extract(ref: str, tmp: Path) -> Path:
-    """Commit ``ref``'s ``taskserver`` package under ``tmp``; the directory to put on the path."""
-    where = tmp / "ab-tree"
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "taskserver"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
-            tar.extractall(where, filter="data")
-        else:
-            tar.extractall(where)  # our own repository's archive
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", ref], capture_output=True, text=True
-    ).stdout.strip()
-    print(f"A/B: A = {ref} ({commit}) in {where}, B = the working tree")
-    return where
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the chosen sections; 1 if one failed to measure, else 0."""
     opts = parse_args(argv)
@@ -143,8 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures = 0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="taskserver-bench14-") as tmp:
+        try:
+            opts = dataclasses.replace(opts, trees=abtrees.trees(opts.ab, Path(tmp)))
+        except BenchError as exc:
+            print(f"   FAILED: --ab {opts.ab}: {exc}")
+            return 1
         if opts.ab:
-            opts = replace(opts, trees=(("A", _extract(opts.ab, Path(tmp))), ("B", None)))
+            print("A/B, alternated: " + " vs ".join(t.label for t in opts.trees) + " (HEAD)")
+            if abtrees.dirty():
+                print("   NOTE: taskserver/ has uncommitted changes; they are not measured")
         for name in opts.only:
             t0 = time.monotonic()
             try:

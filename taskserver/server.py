@@ -36,6 +36,7 @@ from .models import Event, EventType, RetryPolicy, Task, TaskState
 from .push.fanout import Fanout, Subscription
 from .runtime.bulk import Action, Bulk, BulkResult, Where
 from .runtime.control import Control
+from .runtime.counts import SharedQueueCounts
 from .runtime.enqueue import Enqueue, Submitted
 from .runtime.maintenance import Maintenance
 from .runtime.options import Defaults, TaskSpec
@@ -258,7 +259,9 @@ class TaskServer:
         shared.opened_store = store
         opened = await store.open()
         self._tuning.apply()
-        shared.counts = opened.counts
+        if store.shared:  # the cluster's counts are in the database
+            shared.counts = SharedQueueCounts(store.count_by_queue)
+        shared.counts.seed(opened.counts, opened.active_by_queue)
         shared.tally.depths.clear()  # a restart in the same process counts from the disk
         if store.shared:
             shared.tally.untracked_depths()  # other servers enqueue and claim too
@@ -317,6 +320,7 @@ class TaskServer:
                 # Not the task's fault: hand the attempt back.
                 lifecycle.interrupt(task)
                 self.store.update_task(task, EventType.QUEUED, {"interrupted": True})
+                shared.counts.move(task.queue, lifecycle.RUNNING, lifecycle.QUEUED)
             if interrupted:
                 log.warning(
                     "re-queued %d tasks still running after the %gs grace period",
@@ -516,7 +520,7 @@ class TaskServer:
         pool, store = shared.pool, shared.opened_store
         busy = pool.busy if pool else 0
         total = self.settings.task_workers
-        counts = {state.value: n for state, n in shared.counts.items()}
+        counts = {state.value: n for state, n in shared.counts.totals.items()}
         processes = pool.processes if pool else None
         return {
             "workers": {"total": total, "busy": busy, "idle": total - busy},
@@ -545,10 +549,12 @@ class TaskServer:
         return self._shared.history.to_json()
 
     async def queue_stats(self) -> dict[str, dict[str, Any]]:
-        """Per queue: tasks that have not ended, by state (from the store; zeros included),
-        whether it is paused, and the queue's priority, concurrency limit and what it
-        holds in memory. The ``default`` queue is always there, idle or not."""
-        counts = await self.store.count_by_queue()
+        """Per queue: tasks that have not ended, by state (zeros included), whether it is
+        paused, and the queue's priority, concurrency limit and what it holds in memory.
+        The ``default`` queue is always there, idle or not. On SQLite O(queues): the
+        counts are kept as tasks move (``runtime/counts.py``), not counted from the rows;
+        on a shared database they are the cluster's, read from it."""
+        counts = await self._shared.counts.active_by_queue()
         memory = self._shared.ready.snapshot()
         out: dict[str, dict[str, Any]] = {}
         for name in sorted(set(counts) | set(memory) | {"default"}):

@@ -58,3 +58,26 @@ def cpu_span(ctx: ProcessTaskContext) -> dict[str, Any]:
     start = time.time()
     time.sleep(float(ctx.data["sleep"]))
     return {"pid": os.getpid(), "start": start, "end": time.time()}
+
+
+def cpu_echo(ctx: ProcessTaskContext) -> dict[str, Any]:
+    """Send ``data`` back, with the pid: arguments and results of any size travel."""
+    return {"pid": os.getpid(), "data": ctx.data}
+
+
+class TwoArgumentError(Exception):
+    """An exception that pickles but does not load (``__init__`` wants two arguments)."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(f"{code}: {why}")
+
+
+def cpu_raise(ctx: ProcessTaskContext) -> Any:
+    """Raise what ``data["raise"]`` names: ``value`` (ValueError), ``two`` (TwoArgumentError);
+    with ``data["lambda"]`` return a function, which cannot be sent back."""
+    kind = ctx.data.get("raise")
+    if kind == "value":
+        raise ValueError("bad value in the process")
+    if kind == "two":
+        raise TwoArgumentError(7, "cannot load")
+    return lambda: None

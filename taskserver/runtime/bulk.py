@@ -128,7 +128,7 @@ class Bulk:
         deleted = 0
         for state in states:
             n = await self._s.store.purge((state,), math.inf, chunk=len(ids), ids=ids)
-            self._s.counts[state] -= n
+            self._s.counts.purged(state, n)
             deleted += n
         result.done += deleted
         if deleted < len(ids):  # the rest had not ended, or did not exist

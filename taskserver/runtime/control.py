@@ -55,18 +55,20 @@ class Control:
             task = self._s.ready.remove(task_id)
             if task is not None:  # waiting in memory: ours to write
                 lifecycle.end(task, lifecycle.CANCELLED, self._s.clock())
-                self._s.counts[lifecycle.QUEUED] -= 1  # the ready queue holds queued tasks only
-                self._s.counts[lifecycle.CANCELLED] += 1
+                # the ready queue holds queued tasks only
+                self._s.counts.move(task.queue, lifecycle.QUEUED, lifecycle.CANCELLED)
                 self._s.tally.unqueued(task)
                 self._s.tally.ended(task)
                 await store.update_task(task, EventType.CANCELLED)
                 return task
+            # Its queue first (it never changes), so the counts move with the answer.
+            queue = (await self.get(task_id)).queue
             previous = await store.cancel_pending(task_id)
+            if previous is not None:
+                self._s.counts.move(queue, previous, lifecycle.CANCELLED)
         finally:
             self._s.ready.untombstone(task_id)
         if previous is not None:
-            self._s.counts[previous] -= 1
-            self._s.counts[lifecycle.CANCELLED] += 1
             cancelled = await self.get(task_id)
             if previous is lifecycle.QUEUED:
                 self._s.tally.unqueued(cancelled)
@@ -114,8 +116,7 @@ class Control:
             previous = await self._s.store.retry_ended(task_id)
             if previous is None:
                 raise Conflict(f"task {task_id} changed state meanwhile; try again")
-            self._s.counts[previous] -= 1
-            self._s.counts[lifecycle.QUEUED] += 1
+            self._s.counts.move(before.queue, previous, lifecycle.QUEUED)
             task = await self.get(task_id)
             self._s.tally.queued(task)
         finally:
@@ -148,7 +149,7 @@ class Control:
             # change state only through the writer, which runs these in order.
             while True:
                 deleted = await self._s.store.purge((state,), cutoff, chunk=PURGE_CHUNK)
-                self._s.counts[state] -= deleted
+                self._s.counts.purged(state, deleted)
                 total += deleted
                 if deleted < PURGE_CHUNK:
                     break

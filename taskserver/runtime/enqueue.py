@@ -56,7 +56,7 @@ class Enqueue:
                 f"{count} new tasks in one batch can never fit: max_queued is {limit}",
                 field="tasks",
             )
-        counts = self._s.counts  # lifecycle.BACKLOG, unrolled: this runs per task
+        counts = self._s.counts.totals  # lifecycle.BACKLOG, unrolled: this runs per task
         active = counts[lifecycle.QUEUED] + counts[lifecycle.WAITING]
         if active + count > limit:
             raise ServerBusy(
@@ -133,7 +133,7 @@ class Enqueue:
             item = self._plain_options()
             text, data = encode_payload(data)
         task, committed = self.admit(1).insert_task(item, text, data)
-        self._s.counts[task.state] += 1
+        self._s.counts.add(task.queue, task.state)
         if task.state is lifecycle.QUEUED:
             self._s.tally.queued(task)
         return task, committed
@@ -190,7 +190,8 @@ class Enqueue:
                 settled.append(result)
                 continue
             self._s.unique.release(result.id)
-            self._s.counts[lifecycle.QUEUED if result.state is None else result.state] -= 1
+            # Per state only: a shared database's per-queue counts are its own.
+            self._s.counts.totals[lifecycle.QUEUED if result.state is None else result.state] -= 1
             holder = conflicts[result.id]
             if holder is None:
                 continue  # a periodic run another server enqueued
@@ -242,7 +243,7 @@ class Enqueue:
             commits.append(committed)
             keyed: list[int] = []
             for task in tasks:
-                self._s.counts[task.state] += 1
+                self._s.counts.add(task.queue, task.state)
                 if task.state is lifecycle.QUEUED:
                     self._s.tally.queued(task)
                 if task.serial_group is not None:

@@ -60,7 +60,7 @@ class Maintenance:
                     "claimed": len(s.ready),
                 }
                 await s.store.lease(dumps(info))
-                s.counts = await s.store.count_by_state()
+                s.counts.refresh(await s.store.count_by_state())
                 s.nodes = await s.store.backend.nodes()
                 paused = set(await s.store.backend.paused_queues())  # by any server
                 for name in paused - set(s.ready.paused()):
@@ -114,8 +114,7 @@ class Maintenance:
         for task in tasks:
             previous = lifecycle.make_due(task)
             stored = self._s.store.update_task(task, EventType.QUEUED, {"due": True}, ready=True)
-            self._s.counts[previous] -= 1
-            self._s.counts[lifecycle.QUEUED] += 1
+            self._s.counts.move(task.queue, previous, lifecycle.QUEUED)
             self._s.tally.queued(task)
         if not promoted.done():  # the due loop may have been cancelled (stop)
             promoted.set_result(stored)

@@ -64,7 +64,7 @@ class Outcomes:
         """``on_failed``: a batch with these new tasks failed to commit: forget what
         ``Enqueue`` counted."""
         for task in tasks:
-            self._s.counts[task.state] -= 1
+            self._s.counts.add(task.queue, task.state, -1)
             if task.state is lifecycle.QUEUED:
                 self._s.tally.unqueued(task)
             self.ended(task.id)
@@ -97,14 +97,12 @@ class Outcomes:
         self._s.store.update_task(task, type_, extra)  # NotSerializable propagates to the pool
         counts, tally = self._s.counts, self._s.tally
         if type_ is EventType.STARTED:
-            counts[lifecycle.QUEUED] -= 1
-            counts[lifecycle.RUNNING] += 1
+            counts.move(task.queue, lifecycle.QUEUED, lifecycle.RUNNING)
             tally.started(task)
             at = task.updated_at  # now: update_task set it
             self._s.history.started(at, at - task.available_at)
         elif type_ is not EventType.PROGRESS:
-            counts[lifecycle.RUNNING] -= 1
-            counts[task.state] += 1
+            counts.move(task.queue, lifecycle.RUNNING, task.state)
             tally.attempt_ended(task, task.finished_at or self._s.clock())
             if type_ is EventType.FINISHED:
                 self._s.history.succeeded(task.updated_at)

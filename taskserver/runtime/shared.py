@@ -1,5 +1,6 @@
 """What the server's parts share: the store once started, the ready queue, the
-per-state counts, the unique keys held, and the waiters for outcomes.
+counts per state and per queue (``counts.QueueCounts``), the unique keys held,
+and the waiters for outcomes.
 
 On SQLite the process keeps counts, unique keys and group heads in memory,
 seeded from ``Backend.open``; the parts keep them exact as they append intents.
@@ -13,8 +14,8 @@ from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..errors import ServerClosed
-from ..models import TaskState
 from ..storage import Store
+from .counts import QueueCounts
 from .history import History
 from .ready import ReadyQueue
 from .tally import Tally
@@ -57,7 +58,7 @@ class Shared:
     settings: Settings
     clock: Callable[[], float]
     waiters: Waiters
-    counts: dict[TaskState, int] = field(default_factory=lambda: dict.fromkeys(TaskState, 0))
+    counts: QueueCounts = field(default_factory=QueueCounts)
     unique: UniqueKeys = field(default_factory=UniqueKeys)
     #: what ``/metrics`` shows: counters, histograms, queue depths (``tally.py``)
     tally: Tally = field(default_factory=Tally)

@@ -51,6 +51,10 @@ class Opened:
     committed_event_id: int = 0
     #: names of the queues a ``QueuePause`` left paused, sorted: they start no task
     paused_queues: list[str] = field(default_factory=list)
+    #: tasks that have not ended, per queue and state (``count_by_queue``): the seed of
+    #: the server's in-memory per-queue counts; a backend whose servers share the
+    #: counts in the database may leave it empty
+    active_by_queue: dict[str, dict[TaskState, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -284,8 +284,9 @@ async def all_events(request: web.Request) -> web.StreamResponse:
 
 async def stats(request: web.Request) -> web.Response:
     """``GET /stats[?queues=false]`` → worker and task counters, the hour's history, and
-    active tasks per queue (a count over the store: ``queues=false`` leaves it out, and
-    ``queues`` is what memory holds per queue, as ``TaskServer.stats``)."""
+    active tasks per queue (``TaskServer.queue_stats``, counts kept as tasks move;
+    ``queues=false`` leaves it out, and ``queues`` is then what memory holds per queue,
+    as ``TaskServer.stats``)."""
     server = request.app[SERVER]
     raw = request.query.get("queues", "true")
     if raw not in ("true", "false"):

@@ -115,28 +115,34 @@ class SqliteBackend(SqliteReads):
         queued, failed = await self._in_writer(self._open_sync)
         if self.path != ":memory:":  # a second connection to :memory: is another database
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            for pragma in (*sql.PRAGMAS, "PRAGMA query_only = 1"):
+            for pragma in (*sql.PRAGMAS, sql.READER_CACHE, "PRAGMA query_only = 1"):
                 await self._reader.execute(pragma)
             self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._checkpointer.execute("PRAGMA busy_timeout = 5000")
+            for pragma in ("PRAGMA busy_timeout = 5000", sql.CHECKPOINTER_CACHE):
+                await self._checkpointer.execute(pragma)
             self._checkpoints = asyncio.create_task(
                 self._checkpoint_loop(), name="taskserver-store-checkpoint"
             )
+        by_queue = await self.count_by_queue()
         return Opened(
             counts=await self.count_by_state(),
             unique_keys=await self.active_unique_keys(),
             group_heads=await self.serial_heads(),
-            queues_with_work=await self.queues_with_work(),
+            # from the counts: a second pass over every queued row would find the same
+            queues_with_work=sorted(
+                q for q, states in by_queue.items() if states.get(TaskState.QUEUED)
+            ),
             queued_seconds=await self.queued_seconds(),
             recovered_queued=queued,
             recovered_failed=failed,
             committed_event_id=self._next_event_id - 1,
             paused_queues=await self.paused_queues(),
+            active_by_queue=by_queue,
         )
 
     def _open_sync(self) -> tuple[int, int]:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        for pragma in (*sql.PRAGMAS, f"PRAGMA synchronous = {self._synchronous}"):
+        for pragma in (*sql.PRAGMAS, sql.WRITER_CACHE, f"PRAGMA synchronous = {self._synchronous}"):
             conn.execute(pragma)
         if self.path != ":memory:":
             conn.execute("PRAGMA wal_autocheckpoint = 0")  # _checkpoint_loop does it
@@ -375,13 +381,14 @@ def _chore_statements(chore: Chore) -> list[tuple[str, tuple[Any, ...]]]:
     if isinstance(chore, Purge):
         marks = ", ".join("?" for _ in chore.states)
         among = "" if chore.ids is None else sql.AMONG_IDS
+        index = sql.PURGE_BY_AGE if chore.ids is None else ""
         params: tuple[Any, ...] = (*(s.value for s in chore.states), chore.before)
         if chore.ids is not None:
             params += (dumps(list(chore.ids)),)
         params += (chore.chunk,)
         return [
-            (sql.PURGE_TASK_EVENTS.format(states=marks, among=among), params),
-            (sql.PURGE_TASKS.format(states=marks, among=among), params),
+            (sql.PURGE_TASK_EVENTS.format(states=marks, among=among, index=index), params),
+            (sql.PURGE_TASKS.format(states=marks, among=among, index=index), params),
         ]
     statements: list[tuple[str, tuple[Any, ...]]] = []
     if chore.before is not None:
