@@ -55,6 +55,10 @@ ID_BLOCK = 100_000
 #: Events read at most per catch-up round: a node that fell further behind (it was
 #: cut off from the database a long while) skips ahead and its streams replay.
 CATCHUP_LIMIT = 20_000
+#: Every connection's session settings. No JIT: it compiles the driver's first type
+#: look-up of a connection (array parameters) for most of a second, and the short
+#: statements here never gain from it.
+SESSION = {"jit": "off"}
 #: The channel every commit with events notifies, its payload the new last id.
 EVENTS_CHANNEL = "taskserver_events"
 CANCEL_CHANNEL = "taskserver_cancel"
@@ -118,9 +122,13 @@ class PostgresBackend(PostgresReads):
         session lock, recover its own tasks at once, then listen for the others."""
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=self._pool_size, command_timeout=60
+                self.dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                command_timeout=60,
+                server_settings=SESSION,
             )
-            self._writer = await asyncpg.connect(self.dsn)
+            self._writer = await asyncpg.connect(self.dsn, server_settings=SESSION)
         except Exception as exc:
             await self.close()
             raise ConfigError(connect_error(self.dsn, exc)) from None
@@ -279,7 +287,7 @@ class PostgresBackend(PostgresReads):
         # The writer reconnects after the database went away (the engine retries).
         if self._writer is None or self._writer.is_closed():
             try:
-                self._writer = await asyncpg.connect(self.dsn)
+                self._writer = await asyncpg.connect(self.dsn, server_settings=SESSION)
             except Exception as exc:
                 raise ServerBusy(connect_error(self.dsn, exc), retry_after=1.0) from None
             self._writer_pid = self._writer.get_server_pid()

@@ -101,7 +101,7 @@ class Node:
         await self._listen(self._conn)
 
     async def _connect(self) -> asyncpg.Connection:
-        conn: asyncpg.Connection = await asyncpg.connect(self.dsn)
+        conn: asyncpg.Connection = await asyncpg.connect(self.dsn, server_settings={"jit": "off"})
         return conn
 
     async def _listen(self, conn: asyncpg.Connection) -> None:
