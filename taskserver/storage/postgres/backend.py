@@ -19,9 +19,12 @@
 * **Claims** (``claims.py``): each attempt runs on exactly one node. A ``PageQueued``
   read *claims* tasks (``FOR UPDATE SKIP LOCKED``), counting the attempt in the
   same statement; only the node that claimed a task writes its row afterwards.
-* **Events cross nodes.** Every commit with events ``NOTIFY``s the new last id;
-  each node then reads the events after the last one it delivered and hands them
-  to the engine, in id order, with its own (``Durable.events``).
+* **Events cross nodes.** Every commit with events ``NOTIFY``s the new last id and
+  the queues it made work in (nodes with idle workers claim from them at once); a
+  node where someone listens (subscribers, waiters: ``Signals.listening``) then
+  reads the events after the last one it delivered and hands them to the engine,
+  in id order, with its own (``Durable.events``); a node where nobody listens
+  passes over them.
 """
 
 from __future__ import annotations
