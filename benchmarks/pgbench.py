@@ -16,9 +16,11 @@ figure is completed tasks/s from the first to the last finish, read back from wh
 stored (taskserver: ``finished_at`` through ``GET /tasks``; procrastinate: its
 ``succeeded`` events).
 
-CPU time per task: each node's (or worker process's) user + system time over the load
-(``/proc/PID/stat``) divided by all tasks, their sum, and the PostgreSQL server's (the
-postmaster and every backend, exited ones included). The enqueuing client's CPU is not
+CPU time per task: each node's (or worker process's) user + system time over the load,
+until nothing is queued or running (``/proc/PID/stat``; taskserver's read-back of the
+finish times, which node 0 alone serves, comes after), divided by all tasks, their sum,
+and the PostgreSQL server's (the postmaster and every backend, exited ones included);
+with each run's tasks per group commit over all nodes (``taskserver_commits_total``). The enqueuing client's CPU is not
 counted on either side. The same taskserver workload on SQLite, one node, is the
 single-machine baseline. Should ``taskserver run`` not take a ``postgresql://`` URL (the
 backend is not there), the section says so and measures the rest.
@@ -74,10 +76,17 @@ class Measured:
     seconds: float
     node_cpu: list[float | None]
     pg_cpu: float | None
+    #: Group commits of every node over the load (taskserver only, from ``/metrics``).
+    commits: float | None = None
 
     @property
     def rate(self) -> float:
         return (self.tasks - 1) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def per_commit(self) -> float | None:
+        """Tasks per group commit, over every node (a task is written by several)."""
+        return self.tasks / self.commits if self.commits else None
 
     def us_per_task(self, cpu: float | None) -> float | None:
         return None if cpu is None else cpu / self.tasks * 1e6
@@ -130,36 +139,50 @@ async def _post_all(urls: Sequence[str], total: int, batch: int) -> None:
         )
 
 
-async def _finishes(url: str, total: int, timeout: float) -> tuple[int, float]:
-    """Wait until nothing is queued or running; (succeeded, last - first finish)."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+async def _page(session: aiohttp.ClientSession, url: str, query: str) -> dict[str, Any]:
+    async with session.get(f"{url}/tasks?{query}") as response:
+        if response.status != 200:
+            raise BenchError(f"GET /tasks?{query}: {response.status}")
+        result: dict[str, Any] = orjson.loads(await response.read())
+        return result
 
-        async def page(query: str) -> dict[str, Any]:
-            async with session.get(f"{url}/tasks?{query}") as response:
-                if response.status != 200:
-                    raise BenchError(f"GET /tasks?{query}: {response.status}")
-                result: dict[str, Any] = orjson.loads(await response.read())
-                return result
 
-        deadline = time.monotonic() + timeout
-        while True:
-            busy = [(await page(f"state={s}&limit=1"))["tasks"] for s in ("queued", "running")]
-            if not any(busy):
-                break
-            if time.monotonic() > deadline:
-                raise BenchError(f"tasks still queued or running after {timeout:g}s")
-            await asyncio.sleep(0.05)
-        finished: list[float] = []
-        after = 0
-        while True:
-            body = await page(f"state=succeeded&limit=1000&after={after}")
-            finished += [t["finished_at"] for t in body["tasks"]]
-            if body["next_after"] is None:
-                break
-            after = body["next_after"]
+async def _idle(session: aiohttp.ClientSession, url: str, timeout: float) -> None:
+    """Return once nothing is queued or running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = ("queued", "running")
+        if not any([(await _page(session, url, f"state={s}&limit=1"))["tasks"] for s in states]):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"tasks still queued or running after {timeout:g}s")
+        await asyncio.sleep(0.05)
+
+
+async def _finish_span(session: aiohttp.ClientSession, url: str, total: int) -> tuple[int, float]:
+    """(succeeded, last - first finish), read back from the stored tasks."""
+    finished: list[float] = []
+    after = 0
+    while True:
+        body = await _page(session, url, f"state=succeeded&limit=1000&after={after}")
+        finished += [t["finished_at"] for t in body["tasks"]]
+        if body["next_after"] is None:
+            break
+        after = body["next_after"]
     if len(finished) != total:
         raise BenchError(f"{len(finished)} of {total} tasks succeeded")
     return len(finished), max(finished) - min(finished)
+
+
+async def _commits(session: aiohttp.ClientSession, url: str) -> float | None:
+    """The node's ``taskserver_commits_total`` (``None`` when ``/metrics`` is not open)."""
+    async with session.get(f"{url}/metrics") as response:
+        if response.status != 200:
+            return None
+        for line in (await response.text()).splitlines():
+            if line.startswith("taskserver_commits_total "):
+                return float(line.split()[1])
+    return None
 
 
 @contextlib.contextmanager
@@ -191,17 +214,34 @@ def measure_taskserver(
     """Start ``nodes`` nodes on ``db`` (``extra``: more options), load them, read back."""
     with _nodes(db, nodes, opts.pg_workers, tmp, tag, extra) as servers:
         pids = [s.proc.pid for s in servers]
-        cpu_before = [cpu_seconds_of(p) for p in pids]
-        pg_before = pg.cpu() if pg else None
+        urls = [s.url for s in servers]
 
-        async def load() -> tuple[int, float]:
-            await _post_all([s.url for s in servers], opts.pg_tasks, opts.pg_batch)
-            return await _finishes(servers[0].url, opts.pg_tasks, RUN_TIMEOUT)
+        async def load() -> Measured:
+            timeout = aiohttp.ClientTimeout(total=60)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                commits_before = [await _commits(session, u) for u in urls]
+                cpu_before = [cpu_seconds_of(p) for p in pids]
+                pg_before = pg.cpu() if pg else None
+                await _post_all(urls, opts.pg_tasks, opts.pg_batch)
+                await _idle(session, urls[0], RUN_TIMEOUT)
+                # Before the read-back, which only node 0 serves and the load does not make.
+                cpu_after = [cpu_seconds_of(p) for p in pids]
+                pg_after = pg.cpu() if pg else None
+                commits_after = [await _commits(session, u) for u in urls]
+                done, seconds = await _finish_span(session, urls[0], opts.pg_tasks)
+            commits = [
+                None if b is None or a is None else a - b
+                for b, a in zip(commits_before, commits_after, strict=True)
+            ]
+            return Measured(
+                done,
+                seconds,
+                _deltas(cpu_before, cpu_after),
+                _delta(pg_before, pg_after),
+                None if None in commits else sum(c or 0.0 for c in commits),
+            )
 
-        done, seconds = asyncio.run(load())
-        cpu_after = [cpu_seconds_of(p) for p in pids]
-        pg_after = pg.cpu() if pg else None
-    return Measured(done, seconds, _deltas(cpu_before, cpu_after), _delta(pg_before, pg_after))
+        return asyncio.run(load())
 
 
 def _delta(before: float | None, after: float | None) -> float | None:
@@ -321,8 +361,13 @@ def _print(config: Config) -> None:
     ]
     total = spread([x for x in nodes_us if x is not None]) if None not in nodes_us else "n/a"
     pgs = spread([x for x in pg_us if x is not None]) if None not in pg_us else "n/a"
+    per_commit = [r.per_commit for r in runs if r.per_commit is not None]
+    commits = f"; {spread(per_commit)} tasks per commit" if per_commit else ""
     print(f"   {config.label:<36} {rates:>32} tasks/s")
-    print(f"{'':39}CPU us/task: per process {' + '.join(per_node)} = {total}; PostgreSQL {pgs}")
+    print(
+        f"{'':39}CPU us/task: per process {' + '.join(per_node)} = {total}; PostgreSQL {pgs}"
+        f"{commits}"
+    )
 
 
 def _median_rate(config: Config | None) -> float | None:
@@ -362,7 +407,8 @@ def section(opts: PgOptions, tmp: Path) -> None:
                 print(
                     f"   round {round_ + 1}: {config.label:<36} {run.rate:>10,.0f} tasks/s "
                     f"({run.tasks:,} in {run.seconds:.2f}s), CPU us/task "
-                    f"{_us(run.nodes_us)} + PostgreSQL {_us(run.us_per_task(run.pg_cpu))}",
+                    f"{_us(run.nodes_us)} + PostgreSQL {_us(run.us_per_task(run.pg_cpu))}"
+                    + (f", {run.per_commit:.1f} tasks per commit" if run.per_commit else ""),
                     flush=True,
                 )
         print("   medians (range, rounds):")

@@ -52,7 +52,7 @@ class Options:
     cpu_tasks: int
     only: tuple[str, ...]
     db: str | None = None
-    pg_tasks: int = 5_000
+    pg_tasks: int = 20_000
     pg_peer_tasks: int = 2_000
     pg_nodes: tuple[int, ...] = (1, 2, 3)
     pg_workers: int = 4
