@@ -52,6 +52,7 @@ LAYERS: list[set[str]] = [
         "storage.sqlite.recovery",
         "storage.sqlite.snapshot",
     },
+    {"storage.postgres.writes"},
     {"storage.engine", "storage.sqlite.backend", "storage.postgres.backend"},
     {"storage.sqlite", "storage.postgres"},
     {"storage.store"},

@@ -36,21 +36,18 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
 import asyncpg
-import orjson
 
 from ...errors import ConfigError, ServerBusy
-from ...models import Event, EventType, Task, TaskState
+from ...models import Event
 from ..backend import Opened
-from ..intents import Applied, Batch, Lease, Move, ProbeWrite, Purge, QueuePause, Signals
-from ..payload import event_json
-from ..rows import MOVES
+from ..intents import Applied, Batch, Signals
 from . import schema as sql
 from .claims import Claims
 from .node import Node, connect_error, where
 from .reads import UNREACHABLE, PostgresReads
+from .writes import EVENTS_CHANNEL, Writes
 
 log = logging.getLogger(__name__)
 #: Task ids reserved at a time; the next block is fetched when half is used.
@@ -62,16 +59,8 @@ CATCHUP_LIMIT = 20_000
 #: look-up of a connection (array parameters) for most of a second, and the short
 #: statements here never gain from it.
 SESSION = {"jit": "off"}
-#: The channel every commit with events notifies, its payload the new last id.
-EVENTS_CHANNEL = "taskserver_events"
+#: Cancel requests, to every node (payload: the task id).
 CANCEL_CHANNEL = "taskserver_cancel"
-STORE_EVENTS = sql.STORE_EVENTS.format(channel=EVENTS_CHANNEL)
-#: Queue names a notification carries at most (its payload must stay under 8,000 bytes);
-#: past it, it says "*": maybe any queue.
-NOTIFY_QUEUES_BYTES = 7_000
-
-#: Per conditional move: its statement (what it leads to: ``rows.MOVES``).
-_MOVES = {"cancel": sql.CANCEL_PENDING, "retry": sql.RETRY_ENDED}
 
 
 class PostgresBackend(PostgresReads):
@@ -98,6 +87,7 @@ class PostgresBackend(PostgresReads):
         self._writer: asyncpg.Connection | None = None
         self._node: Node | None = None
         self._claims = Claims(self.node, clock)
+        self._writes = Writes(self.node, self._claims, lease)
         self._ids: list[tuple[int, int]] = []  # reserved blocks: (next id, end)
         self._refill: asyncio.Task[None] | None = None
         self._next_event_id = 1  # provisional ids, renumbered at commit
@@ -308,13 +298,13 @@ class PostgresBackend(PostgresReads):
             writes = batch.writes()
             if writes or batch.reads:
                 async with conn.transaction():
-                    events = await self._write(conn, batch, now, applied) if writes else []
+                    events = await self._writes.write(conn, batch, now, applied) if writes else []
                     for read, _ in batch.reads:
                         tasks, made = await self._claims.answer(conn, read, now)
                         applied.pages.append(tasks)
                         events.extend(made)
                     if events:
-                        mine = await self._store_events(conn, events, now)
+                        mine = await self._writes.store_events(conn, events, now)
                 applied.wrote = writes
                 self.commits += 1
             durable = applied.durable
@@ -332,73 +322,6 @@ class PostgresBackend(PostgresReads):
                 await conn.close()
             raise
         return applied
-
-    async def _write(
-        self, conn: asyncpg.Connection, batch: Batch, now: float, applied: Applied
-    ) -> list[Event]:
-        """The batch's writes, inside the caller's transaction; the events to store."""
-        drop: set[int] = set()  # tasks whose events must not be stored
-        for name, due in batch.schedule_runs:
-            if await conn.fetchval(sql.UPSERT_SCHEDULE, name, due) is None:
-                # Another node enqueued this due time already: not again.
-                ids = batch.schedule_ids.get(name, [])
-                drop.update(ids)
-                applied.conflicts.update(dict.fromkeys(ids))
-        rows = [r for r in batch.inserts if r[0] not in drop] if drop else batch.inserts
-        if rows:
-            written = {r[0] for r in await conn.fetch(sql.INSERT_TASKS, *sql.columns(rows, 14))}
-            if len(written) < len(rows):  # a unique key held by a task that has not ended
-                kept = [t for t in batch.inserted if t.id not in written and t.id not in drop]
-                keys = [t.unique_key for t in kept if t.unique_key is not None]
-                holders: dict[str, int] = {
-                    r[0]: r[1] for r in await conn.fetch(sql.SELECT_KEY_HOLDERS, keys)
-                }
-                for task in kept:
-                    # 0: the holder ended between the insert and this look-up
-                    key = task.unique_key
-                    applied.conflicts[task.id] = holders.get(key, 0) if key is not None else 0
-                    drop.add(task.id)
-        if batch.updates:
-            updates = list(batch.updates.values())
-            written = {
-                r[0]
-                for r in await conn.fetch(sql.UPDATE_TASKS, *sql.columns(updates, 14), self.node)
-            }
-            if len(written) < len(updates):
-                stale = set(batch.updates) - written
-                log.warning("tasks %s were rescued by another node: not written", sorted(stale))
-                drop |= stale
-        events = [e for e in batch.events if e.task_id not in drop] if drop else batch.events
-        for move in batch.moves:
-            event = await _move(conn, move, now, applied)
-            if event is not None:
-                events.append(event)
-        if batch.moves:
-            events.sort(key=lambda e: e.id)
-        for chore, _ in batch.chores:
-            count, made = await self._chore(conn, chore, now)
-            applied.counts.append(count)
-            events.extend(made)
-            applied.durable.queues.extend(
-                t for t in dict.fromkeys(_queued_queues(made)) if t is not None
-            )
-        return events
-
-    async def _store_events(
-        self, conn: asyncpg.Connection, events: list[Event], now: float
-    ) -> list[Event]:
-        """Give ``events`` their final ids (taken last: see the module docstring), insert
-        them and notify the other nodes; inside the caller's transaction."""
-        columns = sql.columns([sql.event_row(e) for e in events], 7)
-        queues = " ".join(q for q in dict.fromkeys(_queued_queues(events)) if q is not None)
-        if len(queues) > NOTIFY_QUEUES_BYTES:
-            queues = "*"
-        last = int(await conn.fetchval(STORE_EVENTS, *columns, now, f" {queues}" if queues else ""))
-        first = last - len(events) + 1
-        return [
-            Event(first + i, e.task_id, e.type, e.json, e.topics, e.private, e.uid, e.retry)
-            for i, e in enumerate(events)
-        ]
 
     async def _catch_up(self, conn: asyncpg.Connection, mine: list[Event]) -> list[Event]:
         """Events other nodes committed since the last delivered, then ``mine``, in id
@@ -428,35 +351,6 @@ class PostgresBackend(PostgresReads):
             theirs = theirs[-CATCHUP_LIMIT:]
         return theirs + mine
 
-    async def _chore(
-        self, conn: asyncpg.Connection, chore: Any, now: float
-    ) -> tuple[int, list[Event]]:
-        if isinstance(chore, ProbeWrite):
-            await conn.execute(sql.PROBE_WRITE)
-            return 0, []
-        if isinstance(chore, Lease):
-            return await self._claims.lease(conn, chore.info, self.lease, now)
-        if isinstance(chore, QueuePause):
-            await conn.execute(sql.PAUSE_QUEUE if chore.paused else sql.RESUME_QUEUE, chore.name)
-            return 0, []
-        # Purges and trims: one node at a time (the others wait their turn).
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", sql.LOCK_PURGE)
-        if isinstance(chore, Purge):
-            states = [s.value for s in chore.states]
-            if chore.ids is not None:
-                among = list(chore.ids)
-                purged = await conn.fetchval(
-                    sql.PURGE_AMONG, states, chore.before, chore.chunk, among
-                )
-                return int(purged), []
-            return int(await conn.fetchval(sql.PURGE, states, chore.before, chore.chunk)), []
-        total = 0
-        if chore.before is not None:
-            total += int(await conn.fetchval(sql.TRIM_EVENTS_BY_AGE, chore.before, chore.chunk))
-        if chore.up_to is not None:
-            total += int(await conn.fetchval(sql.TRIM_EVENTS_BY_COUNT, chore.up_to, chore.chunk))
-        return total, []
-
     async def _recover_own(self) -> tuple[int, int]:
         """Tasks this node's previous run left running: back to queued at once (its
         session lock proves that run is gone), their events stored and notified."""
@@ -467,7 +361,7 @@ class PostgresBackend(PostgresReads):
             queued, failed, events = await self._claims.rescue(conn, [self.node], now)
             await conn.execute(sql.UPSERT_NODE, self.node, *self._claims.identity(now))
             if events:
-                await self._store_events(conn, events, now)
+                await self._writes.store_events(conn, events, now)
         if queued or failed:
             log.warning(
                 "recovered tasks this node left running: %d re-queued, %d failed"
@@ -476,37 +370,3 @@ class PostgresBackend(PostgresReads):
                 failed,
             )
         return queued, failed
-
-
-def _queued_queues(events: list[Event]) -> list[str | None]:
-    """The queues named by ``queued`` events (what other nodes made ready)."""
-    return [orjson.loads(e.json).get("queue") for e in events if e.type == EventType.QUEUED.value]
-
-
-async def _move(conn: asyncpg.Connection, move: Move, now: float, applied: Applied) -> Event | None:
-    """One conditional move inside the transaction (a savepoint of its own, so a unique
-    key taken meanwhile by another node fails the move, not the batch)."""
-    statement = _MOVES[move.kind]
-    state, type_, extra = MOVES[move.kind]
-    try:
-        async with conn.transaction():
-            row = await conn.fetchrow(sql.SELECT_STATE_FOR_UPDATE, move.task_id)
-            status = await conn.execute(statement, move.at, move.task_id)
-    except asyncpg.UniqueViolationError:
-        applied.moved.append(None)
-        return None
-    changed = status.endswith(" 1")
-    applied.moved.append(TaskState(row[0]) if changed and row else None)
-    if not changed or row is None:
-        return None
-    stub = Task(
-        id=move.task_id,
-        data=None,
-        state=state,
-        max_attempts=1,
-        timeout=None,
-        created_at=now,
-        updated_at=now,
-        queue=row[1],
-    )
-    return Event(move.event_id, move.task_id, type_, event_json(stub, type_, extra, now))
