@@ -18,12 +18,20 @@ stored (taskserver: ``finished_at`` through ``GET /tasks``; procrastinate: its
 
 CPU time per task: each node's (or worker process's) user + system time over the load,
 until nothing is queued or running (``/proc/PID/stat``; taskserver's read-back of the
-finish times, which node 0 alone serves, comes after), divided by all tasks, their sum,
-and the PostgreSQL server's (the postmaster and every backend, exited ones included);
-with each run's tasks per group commit over all nodes (``taskserver_commits_total``). The enqueuing client's CPU is not
-counted on either side. The same taskserver workload on SQLite, one node, is the
-single-machine baseline. Should ``taskserver run`` not take a ``postgresql://`` URL (the
-backend is not there), the section says so and measures the rest.
+finish times, which the first node alone serves, comes after), divided by all tasks,
+their sum, and the PostgreSQL server's (the postmaster and every backend, exited ones
+included); with each run's tasks per group commit over all nodes
+(``taskserver_commits_total``). The enqueuing client's CPU is not counted on either side.
+
+On a 2-core machine N nodes and their PostgreSQL backends share the cores, which alone
+makes every process's CPU per unit of work grow (more switches, colder caches). So the
+section also runs N nodes *apart*: each a one-node server on a database of its own, all
+at once on the same PostgreSQL, loaded alike. They share the machine as the cluster does
+but nothing of a cluster (no shared rows, claims or notifications); the cluster's CPU
+per task over theirs is what the cluster itself costs. The same taskserver workload on
+SQLite, one node, is the single-machine baseline. Should ``taskserver run`` not take a
+``postgresql://`` URL (the backend is not there), the section says so and measures the
+rest.
 """
 
 from __future__ import annotations
@@ -103,7 +111,7 @@ class Config:
     """One thing measured each round."""
 
     label: str
-    kind: str  # "pg", "peer" or "sqlite"
+    kind: str  # "pg", "apart" (one node per database, all at once), "peer" or "sqlite"
     nodes: int
     prefetch: int = 0  # taskserver's --prefetch on PostgreSQL
     runs: list[Measured] = field(default_factory=list)
@@ -159,19 +167,16 @@ async def _idle(session: aiohttp.ClientSession, url: str, timeout: float) -> Non
         await asyncio.sleep(0.05)
 
 
-async def _finish_span(session: aiohttp.ClientSession, url: str, total: int) -> tuple[int, float]:
-    """(succeeded, last - first finish), read back from the stored tasks."""
+async def _finish_times(session: aiohttp.ClientSession, url: str) -> list[float]:
+    """Every succeeded task's ``finished_at``, read back from the stored tasks."""
     finished: list[float] = []
     after = 0
     while True:
         body = await _page(session, url, f"state=succeeded&limit=1000&after={after}")
         finished += [t["finished_at"] for t in body["tasks"]]
         if body["next_after"] is None:
-            break
+            return finished
         after = body["next_after"]
-    if len(finished) != total:
-        raise BenchError(f"{len(finished)} of {total} tasks succeeded")
-    return len(finished), max(finished) - min(finished)
 
 
 async def _commits(session: aiohttp.ClientSession, url: str) -> float | None:
@@ -203,7 +208,7 @@ def _nodes(
 
 
 def measure_taskserver(
-    db: str,
+    dbs: Sequence[str],
     nodes: int,
     opts: PgOptions,
     tmp: Path,
@@ -211,10 +216,17 @@ def measure_taskserver(
     pg: Postgres | None,
     extra: Sequence[str] = (),
 ) -> Measured:
-    """Start ``nodes`` nodes on ``db`` (``extra``: more options), load them, read back."""
-    with _nodes(db, nodes, opts.pg_workers, tmp, tag, extra) as servers:
+    """Start ``nodes`` nodes on each of ``dbs`` (``extra``: more options), load them all at
+    once (the tasks spread evenly over every node), read back."""
+    with contextlib.ExitStack() as stack:
+        clusters = [
+            stack.enter_context(_nodes(db, nodes, opts.pg_workers, tmp, f"{tag}-{i}", extra))
+            for i, db in enumerate(dbs)
+        ]
+        servers = [s for cluster in clusters for s in cluster]
         pids = [s.proc.pid for s in servers]
         urls = [s.url for s in servers]
+        firsts = [cluster[0].url for cluster in clusters]
 
         async def load() -> Measured:
             timeout = aiohttp.ClientTimeout(total=60)
@@ -223,19 +235,22 @@ def measure_taskserver(
                 cpu_before = [cpu_seconds_of(p) for p in pids]
                 pg_before = pg.cpu() if pg else None
                 await _post_all(urls, opts.pg_tasks, opts.pg_batch)
-                await _idle(session, urls[0], RUN_TIMEOUT)
-                # Before the read-back, which only node 0 serves and the load does not make.
+                for url in firsts:
+                    await _idle(session, url, RUN_TIMEOUT)
+                # Before the read-back, which the first node alone serves.
                 cpu_after = [cpu_seconds_of(p) for p in pids]
                 pg_after = pg.cpu() if pg else None
                 commits_after = [await _commits(session, u) for u in urls]
-                done, seconds = await _finish_span(session, urls[0], opts.pg_tasks)
+                finished = [t for url in firsts for t in await _finish_times(session, url)]
+            if len(finished) != opts.pg_tasks:
+                raise BenchError(f"{len(finished)} of {opts.pg_tasks} tasks succeeded")
             commits = [
                 None if b is None or a is None else a - b
                 for b, a in zip(commits_before, commits_after, strict=True)
             ]
             return Measured(
-                done,
-                seconds,
+                len(finished),
+                max(finished) - min(finished),
                 _deltas(cpu_before, cpu_after),
                 _delta(pg_before, pg_after),
                 None if None in commits else sum(c or 0.0 for c in commits),
@@ -396,6 +411,9 @@ def section(opts: PgOptions, tmp: Path) -> None:
             for p in opts.pg_prefetch if not missing else ():
                 label = f"taskserver PG, {n} node{'s' * (n > 1)}, prefetch {p}"
                 configs.append(Config(label, "pg", n, p))
+                if n > 1:
+                    label = f"taskserver PG, {n} apart, prefetch {p}"
+                    configs.append(Config(label, "apart", n, p))
             if peer_version is not None:
                 configs.append(Config(f"procrastinate {peer_version}, {n} proc", "peer", n))
         for round_ in range(opts.rounds):
@@ -419,11 +437,15 @@ def section(opts: PgOptions, tmp: Path) -> None:
 
 def _measure_one(config: Config, opts: PgOptions, tmp: Path, tag: str, pg: Postgres) -> Measured:
     if config.kind == "sqlite":
-        return measure_taskserver(str(tmp / f"{tag}.db"), 1, opts, tmp, tag, None)
-    with pg.database() as dsn:
+        return measure_taskserver([str(tmp / f"{tag}.db")], 1, opts, tmp, tag, None)
+    extra = [f"--prefetch={config.prefetch}"]
+    with contextlib.ExitStack() as stack:
+        if config.kind == "apart":
+            dbs = [stack.enter_context(pg.database()) for _ in range(config.nodes)]
+            return measure_taskserver(dbs, 1, opts, tmp, tag, pg, extra)
+        dsn = stack.enter_context(pg.database())
         if config.kind == "pg":
-            extra = [f"--prefetch={config.prefetch}"]
-            return measure_taskserver(dsn, config.nodes, opts, tmp, tag, pg, extra)
+            return measure_taskserver([dsn], config.nodes, opts, tmp, tag, pg, extra)
         return measure_peer(dsn, config.nodes, opts, tmp, tag, pg)
 
 
@@ -448,4 +470,17 @@ def _print_ratios(configs: list[Config], opts: PgOptions) -> None:
             print(
                 f"   {name} CPU per task in the nodes, {'/'.join(map(str, opts.pg_nodes))} "
                 f"nodes relative to 1: {steps} (goal: flat)"
+            )
+        shares = []
+        for n in opts.pg_nodes:
+            cluster, apart = by.get(("pg", n, p)), by.get(("apart", n, p))
+            if cluster and apart and cluster.runs and apart.runs:
+                ours = statistics.median(r.nodes_us or 0.0 for r in cluster.runs)
+                alone = statistics.median(r.nodes_us or 0.0 for r in apart.runs)
+                if alone:
+                    shares.append(f"{n}: {ours / alone:.2f}")
+        if shares:
+            print(
+                f"   {name} CPU per task, the cluster / as many nodes apart at once (each on"
+                f" its own database: the machine's sharing alike, no cluster): {', '.join(shares)}"
             )
