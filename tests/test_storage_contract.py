@@ -153,6 +153,19 @@ async def test_conditional_moves_change_only_what_they_find(store: Store, clock:
     assert types == ["queued", "cancelled", "queued"]  # moves that did not move add nothing
 
 
+async def test_a_moves_event_names_the_tasks_queue(store: Store) -> None:
+    # What a subscriber reads of a cancel or a retry says which queue the task is in.
+    (task,) = await insert(store, new("x", queue="emails"))
+    await store.cancel_pending(task.id)
+    await store.retry_ended(task.id)
+    events = await store.events_after(0, limit=100, task_id=task.id)
+    assert [(e.type, orjson.loads(e.json)["queue"]) for e in events] == [
+        ("queued", "emails"),
+        ("cancelled", "emails"),
+        ("queued", "emails"),
+    ]
+
+
 async def test_list_tasks_pages_both_ways_and_by_state(store: Store) -> None:
     tasks = await insert(store, *(new(n) for n in range(25)))
     ids = [t.id for t in tasks]

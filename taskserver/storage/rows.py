@@ -1,6 +1,6 @@
 """What every backend reads back the same way: tasks and events from rows selected in
 the shared column order, counts from ``(…, state, count)`` rows, what each
-conditional move leads to, and state lists in SQL. Backends keep their own SQL."""
+conditional move leads to and its event, and state lists in SQL. Backends keep their own SQL."""
 
 from __future__ import annotations
 
@@ -11,12 +11,29 @@ import orjson
 
 from .. import lifecycle
 from ..models import Event, EventType, RetryPolicy, Task, TaskState
+from .payload import event_json
 
 #: Per conditional move (``intents.Move.kind``): the state it leads to and its event.
 MOVES: dict[str, tuple[TaskState, EventType, dict[str, Any] | None]] = {
     "cancel": (lifecycle.CANCELLED, EventType.CANCELLED, None),
     "retry": (lifecycle.QUEUED, EventType.QUEUED, {"manual_retry": True}),
 }
+
+
+def move_event(kind: str, task_id: int, event_id: int, queue: str, now: float) -> Event:
+    """The event of a conditional move (``MOVES[kind]``) that moved task ``task_id``."""
+    state, type_, extra = MOVES[kind]
+    stub = Task(
+        id=task_id,
+        data=None,
+        state=state,
+        max_attempts=1,
+        timeout=None,
+        created_at=now,
+        updated_at=now,
+        queue=queue,
+    )
+    return Event(event_id, task_id, type_, event_json(stub, type_, extra, now))
 
 
 def state_list(states: Iterable[TaskState]) -> str:

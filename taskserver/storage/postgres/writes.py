@@ -16,10 +16,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ...models import Event, EventType, Task, TaskState
+from ...models import Event, EventType, TaskState
 from ..intents import Applied, Batch, Lease, Move, ProbeWrite, Purge, QueuePause
-from ..payload import event_json
-from ..rows import MOVES
+from ..rows import move_event
 from . import schema as sql
 from .claims import Claims
 
@@ -149,7 +148,6 @@ async def _move(conn: asyncpg.Connection, move: Move, now: float, applied: Appli
     """One conditional move inside the transaction (a savepoint of its own, so a unique
     key taken meanwhile by another node fails the move, not the batch)."""
     statement = _MOVES[move.kind]
-    state, type_, extra = MOVES[move.kind]
     try:
         async with conn.transaction():
             row = await conn.fetchrow(sql.SELECT_STATE_FOR_UPDATE, move.task_id)
@@ -161,14 +159,4 @@ async def _move(conn: asyncpg.Connection, move: Move, now: float, applied: Appli
     applied.moved.append(TaskState(row[0]) if changed and row else None)
     if not changed or row is None:
         return None
-    stub = Task(
-        id=move.task_id,
-        data=None,
-        state=state,
-        max_attempts=1,
-        timeout=None,
-        created_at=now,
-        updated_at=now,
-        queue=row[1],
-    )
-    return Event(move.event_id, move.task_id, type_, event_json(stub, type_, extra, now))
+    return move_event(move.kind, move.task_id, move.event_id, row[1], now)

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiosqlite
 
-from ...models import Event, Task, TaskState
+from ...models import Event, TaskState
 from ..backend import Opened
 from ..intents import (
     Applied,
@@ -42,8 +42,8 @@ from ..intents import (
     Read,
     Signals,
 )
-from ..payload import dumps, event_json
-from ..rows import MOVES
+from ..payload import dumps
+from ..rows import move_event
 from . import schema as sql
 from .attempts import SEGMENT_RECORDS, AttemptJournal
 from .reads import SqliteReads
@@ -349,7 +349,6 @@ class SqliteBackend(SqliteReads):
 def _move(db: sqlite3.Connection, move: Move, now: float, applied: Applied) -> Event | None:
     """One conditional move inside the transaction; its event if it moved."""
     statement = _MOVES[move.kind]
-    state, type_, extra = MOVES[move.kind]
     # The state before, for the server's counters: it may have moved since the
     # caller looked (queued -> running -> retrying ...).
     before = db.execute(sql.SELECT_STATE, (move.task_id,)).fetchone()
@@ -357,16 +356,7 @@ def _move(db: sqlite3.Connection, move: Move, now: float, applied: Applied) -> E
     applied.moved.append(TaskState(before[0]) if changed and before else None)
     if not changed:
         return None
-    stub = Task(
-        id=move.task_id,
-        data=None,
-        state=state,
-        max_attempts=1,
-        timeout=None,
-        created_at=now,
-        updated_at=now,
-    )
-    return Event(move.event_id, move.task_id, type_, event_json(stub, type_, extra, now))
+    return move_event(move.kind, move.task_id, move.event_id, before[1], now)
 
 
 def _chore_statements(chore: Chore) -> list[tuple[str, tuple[Any, ...]]]:

@@ -162,7 +162,7 @@ INSERT_EVENT = (
 EVENT_COLUMNS = "id, task_id, type, data, topics, private, uid, retry"
 SELECT_EVENT_BY_UID = "SELECT id FROM events WHERE uid = ? ORDER BY id LIMIT 1"
 SELECT_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
-SELECT_STATE = "SELECT state FROM tasks WHERE id = ?"
+SELECT_STATE = "SELECT state, queue FROM tasks WHERE id = ?"
 #: The highest id a table ever had: its rows, or sqlite_sequence once they are purged.
 SELECT_HIGHEST_ID = (
     "SELECT max(coalesce((SELECT max(id) FROM {table}), 0),"
