@@ -15,7 +15,8 @@ producer's user + system time over the run plus the consumer's (``/proc``), each
 huey's own defaults where they are its best for this: WAL (its default), an 8 MB
 page cache (its default) and results on. Changed, each to huey's advantage:
 ``synchronous=NORMAL`` (huey offers only FULL and OFF, so a storage subclass sets it
-on every connection it opens, as taskserver's benchmark runs), ``store_none`` so
+on every connection it opens, as taskserver's benchmark runs; ``--synchronous FULL``
+measures huey as it comes, SQLite's default), ``store_none`` so
 that a task returning nothing still leaves the result this run counts, periodic
 tasks off, and the workers' idle polling shortened from 0.1 s (growing to 10 s) to
 ``--delay`` growing to ``--max-delay``, so that a worker finding the queue empty
@@ -49,6 +50,8 @@ POLL = 0.01
 #: The consumer workers' first idle sleep and its ceiling (huey's: 0.1 and 10 s).
 DELAY = 0.001
 MAX_DELAY = 0.01
+#: The ``synchronous`` levels a run may ask for: NORMAL (the figure), FULL (SQLite's default).
+LEVELS = {"NORMAL": 1, "FULL": 2}
 #: Longest a round may take before it is declared broken.
 TIME_LIMIT = 300.0
 
@@ -63,17 +66,17 @@ def available() -> str | None:
         return None
 
 
-def make_huey(db: str) -> tuple[Any, Any]:
-    """A ``SqliteHuey`` on ``db`` (WAL, ``synchronous=NORMAL``) and its ``noop`` task."""
+def make_huey(db: str, synchronous: str = "NORMAL") -> tuple[Any, Any]:
+    """A ``SqliteHuey`` on ``db`` (WAL, ``synchronous`` as given) and its ``noop`` task."""
     huey: Any = importlib.import_module("huey")
     storage: Any = importlib.import_module("huey.storage")
 
     class NormalSqliteStorage(storage.SqliteStorage):  # type: ignore[misc]
-        """huey's SQLite storage with ``synchronous=NORMAL`` on each connection it opens."""
+        """huey's SQLite storage with ``synchronous`` set on each connection it opens."""
 
         def _create_connection(self) -> Any:
             conn = super()._create_connection()
-            conn.execute("pragma synchronous=NORMAL")
+            conn.execute(f"pragma synchronous={synchronous}")
             return conn
 
     queue = huey.SqliteHuey(
@@ -99,9 +102,12 @@ def _pragmas(queue: Any) -> tuple[str, int]:
 
 
 @contextlib.contextmanager
-def consumer(db: str, workers: int, delay: float, max_delay: float, log: Path) -> Iterator[int]:
+def consumer(
+    db: str, workers: int, delay: float, max_delay: float, synchronous: str, log: Path
+) -> Iterator[int]:
     """huey's consumer in a process of its own; its pid. Stopped (SIGINT, then kill) on exit."""
     command = [sys.executable, "-m", "benchmarks.hueypeer", "consumer", "--db", db]
+    command += ["--synchronous", synchronous]
     command += ["--workers", str(workers), "--delay", str(delay), "--max-delay", str(max_delay)]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -126,16 +132,24 @@ def _wait_results(queue: Any, count: int, deadline: float) -> bool:
 
 
 def measure(
-    directory: Path, *, tasks: int, workers: int, warmup: int, delay: float, max_delay: float
+    directory: Path,
+    *,
+    tasks: int,
+    workers: int,
+    warmup: int,
+    delay: float,
+    max_delay: float,
+    synchronous: str = "NORMAL",
 ) -> dict[str, Any]:
     """One round (see the module docstring)."""
     db = str(directory / "huey.db")
-    queue, noop = make_huey(db)
+    queue, noop = make_huey(db, synchronous)
     mode, level = _pragmas(queue)
-    if (mode, level) != ("wal", 1):
+    if (mode, level) != ("wal", LEVELS[synchronous]):
         raise RuntimeError(f"huey's database is journal_mode={mode}, synchronous={level}")
     deadline = time.monotonic() + TIME_LIMIT
-    with consumer(db, workers, delay, max_delay, directory / "huey-consumer.log") as pid:
+    log = directory / "huey-consumer.log"
+    with consumer(db, workers, delay, max_delay, synchronous, log) as pid:
         warm = [noop(-i) for i in range(warmup)]
         if not _wait_results(queue, warmup, deadline):
             raise RuntimeError(f"the {warmup} warm-up tasks did not finish")
@@ -168,9 +182,9 @@ def measure(
     }
 
 
-def run_consumer(db: str, workers: int, delay: float, max_delay: float) -> None:
+def run_consumer(db: str, workers: int, delay: float, max_delay: float, synchronous: str) -> None:
     """huey's consumer with ``workers`` threads, until SIGINT or SIGTERM."""
-    queue, _ = make_huey(db)
+    queue, _ = make_huey(db, synchronous)
     queue.create_consumer(
         workers=workers,
         worker_type="thread",
@@ -190,9 +204,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--delay", type=float, default=DELAY)
     parser.add_argument("--max-delay", type=float, default=MAX_DELAY)
+    parser.add_argument(
+        "--synchronous", choices=tuple(LEVELS), default="NORMAL", help="FULL: SQLite's default"
+    )
     args = parser.parse_args(argv)
     if args.command == "consumer":
-        run_consumer(args.db, args.workers, args.delay, args.max_delay)
+        run_consumer(args.db, args.workers, args.delay, args.max_delay, args.synchronous)
         return
     directory = args.dir or Path(os.getcwd())
     result = measure(
@@ -202,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         warmup=args.warmup,
         delay=args.delay,
         max_delay=args.max_delay,
+        synchronous=args.synchronous,
     )
     emit(result)
 
