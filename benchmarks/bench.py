@@ -353,6 +353,30 @@ def header() -> None:
 # --- sections ----------------------------------------------------------------------
 
 
+def inproc_throughput(
+    tmp: Path, *, tasks: int, producers: int, workers: int, time_limit: float
+) -> dict[str, Any]:
+    """One round of durable in-process no-op tasks (``benchmarks.inproc throughput``)."""
+    return run_result(
+        "benchmarks.inproc",
+        [
+            "throughput",
+            "--tasks",
+            str(tasks),
+            "--time-limit",
+            str(time_limit),
+            "--producers",
+            str(producers),
+            "--workers",
+            str(workers),
+            "--warmup",
+            str(_warmup_for(tasks)),
+        ],
+        cwd=tmp,
+        timeout=time_limit * 2 + 40,
+    )
+
+
 def throughput(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
     print()
     print(
@@ -373,20 +397,12 @@ def throughput(opts: Options, tmp: Path, rss: dict[str, int | None]) -> None:
             )
         )
         ours.append(
-            run_result(
-                "benchmarks.inproc",
-                [
-                    "throughput",
-                    *common,
-                    "--producers",
-                    str(opts.producers),
-                    "--workers",
-                    str(opts.workers),
-                    "--warmup",
-                    str(_warmup_for(opts.tasks)),
-                ],
-                cwd=tmp,
-                timeout=opts.time_limit * 2 + 40,
+            inproc_throughput(
+                tmp,
+                tasks=opts.tasks,
+                producers=opts.producers,
+                workers=opts.workers,
+                time_limit=opts.time_limit,
             )
         )
     best = max(ours, key=lambda r: r["per_second"])

@@ -1,7 +1,8 @@
-"""The issue-14 sections of ``scripts/bench`` (wrk HTTP, fan-out, backlog, cpu_bound dispatch)
-and issue 12's ``pg`` (taskserver nodes on one PostgreSQL beside procrastinate).
+"""The issue-14 sections of ``scripts/bench`` (wrk HTTP, fan-out, backlog, cpu_bound dispatch,
+huey as the in-process peer) and issue 12's ``pg`` (taskserver nodes on one PostgreSQL beside
+procrastinate).
 
-``python -m benchmarks.sections [--quick] [--only wrk|fanout|backlog|cpu|pg ...] [--db DSN]
+``python -m benchmarks.sections [--quick] [--only wrk|fanout|backlog|cpu|huey|pg ...] [--db DSN]
 [--ab REV]``
 
 Each section starts its own servers (``taskserver run`` subprocesses on
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import abtrees, backlog, cpubench, fanload, httpwrk, pgbench
+from . import abtrees, backlog, cpubench, fanload, httpwrk, hueybench, pgbench
 from .bench import BenchError, header
 
 SECTIONS: dict[str, Callable[[Any, Path], None]] = {
@@ -32,6 +33,7 @@ SECTIONS: dict[str, Callable[[Any, Path], None]] = {
     "fanout": fanload.section,
     "backlog": backlog.section,
     "cpu": cpubench.section,
+    "huey": hueybench.section,
     "pg": pgbench.section,
 }
 
@@ -51,6 +53,7 @@ class Options:
     chunk: int
     cpu_tasks: int
     only: tuple[str, ...]
+    huey_tasks: int = 20_000
     db: str | None = None
     pg_tasks: int = 20_000
     pg_peer_tasks: int = 2_000
@@ -91,6 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             backlog=20_000,
             chunk=10_000,
             cpu_tasks=5,
+            huey_tasks=2_000,
             only=tuple(args.only or SECTIONS),
             **{"pg_tasks": 1_000, "pg_peer_tasks": 300, **pg},
             ab=args.ab,

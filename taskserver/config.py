@@ -241,7 +241,8 @@ class Settings:
     gil_switch_interval: float = _setting(
         0.0001,
         "seconds a thread may hold Python's GIL while another waits for it"
-        " (sys.setswitchinterval while the server runs; 0: leave Python's default)",
+        " (sys.setswitchinterval while the server runs, Python's own while two or more"
+        " task callbacks run in threads at once; 0: leave Python's default)",
         _range(0, 0.1),
     )
     # Python's default is 700: at that, the cyclic GC ran every few requests.

@@ -284,6 +284,7 @@ class TaskServer:
                 retry=self._retry,
                 limits=Limits(s.process_workers, s.process_max_tasks, s.process_max_memory_mb),
                 clock=self._clock,
+                tuning=self._tuning,
             )
             shared.pool.start()
         shared.started = True

@@ -38,6 +38,7 @@ from .. import lifecycle
 from ..errors import PermanentError, RetryLater
 from ..models import EventType, RetryPolicy, Task, TaskState
 from .processes import ProcessSlots
+from .tuning import RuntimeTuning
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,11 @@ class WorkerPool:
         retry: RetryPolicy,
         limits: Limits = Limits(),
         clock: Callable[[], float] = time.time,
+        tuning: RuntimeTuning | None = None,
     ) -> None:
         self.size = size
+        #: counts the thread callbacks running at once (the GIL switch interval follows)
+        self._tuning = tuning or RuntimeTuning(0, 0)
         self._get = get
         self._done = done
         self._report = report
@@ -530,7 +534,9 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         sync_ctx = run.sync_context(loop)
         try:
-            return await loop.run_in_executor(self._threads, cb.fn, sync_ctx, *args)
+            return await loop.run_in_executor(
+                self._threads, self._tuning.run_in_thread, cb.fn, sync_ctx, *args
+            )
         except asyncio.CancelledError:
             sync_ctx.cancelled = True
             raise
