@@ -24,8 +24,8 @@ from .errors import (
 from .lifecycle import ACTIVE, TERMINAL
 from .models import Event, EventType, RetryPolicy, Task, TaskState
 from .problems import problem
+from .runtime.context import ProcessTaskContext, SyncTaskContext, TaskContext
 from .runtime.options import TaskSpec
-from .runtime.workers import ProcessTaskContext, SyncTaskContext, TaskContext
 from .server import Submitted, TaskServer
 from .web.app import TASKSERVER, attach, create_app
 

@@ -34,7 +34,7 @@ LAYERS: list[set[str]] = [
         "storage.sqlite.attempts",
         "storage.sqlite.writer",
     },
-    {"lifecycle", "storage.intents", "storage.payload", "web.connbound"},
+    {"lifecycle", "storage.intents", "storage.payload", "web.connbound", "runtime.context"},
     {"storage.rows"},
     {
         "storage.backend",

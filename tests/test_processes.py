@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from taskserver.runtime.context import ProcessTaskContext, run_in_process
 from taskserver.runtime.processes import ProcessSlots, RemoteTraceback
-from taskserver.runtime.workers import ProcessTaskContext, _run_in_process
 
 from .conftest import ROOT, wait_for
 from .jobs_helpers import cpu_echo, cpu_raise, process_alive
@@ -45,13 +45,13 @@ async def test_the_process_is_started_with_the_pool_and_reused(slots: ProcessSlo
     pid = process.pid
     assert pid is not None
     await wait_for(lambda: process_alive(pid), message="the warm process")
-    pids = {(await slots.run(_run_in_process, cpu_echo, _ctx({})))["pid"] for _ in range(20)}
+    pids = {(await slots.run(run_in_process, cpu_echo, _ctx({})))["pid"] for _ in range(20)}
     assert pids == {pid}
 
 
 async def test_calls_and_answers_larger_than_a_pipe_travel(slots: ProcessSlots) -> None:
     blob = os.urandom(3 * 1024 * 1024).hex()  # 6 MB each way: many pipe buffers
-    answer = await slots.run(_run_in_process, cpu_echo, _ctx({"blob": blob}))
+    answer = await slots.run(run_in_process, cpu_echo, _ctx({"blob": blob}))
     assert answer["data"]["blob"] == blob
 
 
@@ -59,7 +59,7 @@ async def test_an_exception_keeps_its_type_and_the_traceback_in_the_process(
     slots: ProcessSlots,
 ) -> None:
     with pytest.raises(ValueError, match="bad value in the process") as caught:
-        await slots.run(_run_in_process, cpu_raise, _ctx({"raise": "value"}))
+        await slots.run(run_in_process, cpu_raise, _ctx({"raise": "value"}))
     assert isinstance(caught.value.__cause__, RemoteTraceback)
     assert "cpu_raise" in str(caught.value.__cause__)
 
@@ -69,18 +69,18 @@ async def test_what_cannot_travel_back_is_an_error_not_a_hang(
     slots: ProcessSlots, data: dict[str, Any]
 ) -> None:
     with pytest.raises(TypeError, match="could not send its answer back"):
-        await slots.run(_run_in_process, cpu_raise, _ctx(data))
-    assert (await slots.run(_run_in_process, cpu_echo, _ctx({"n": 1})))["data"] == {"n": 1}
+        await slots.run(run_in_process, cpu_raise, _ctx(data))
+    assert (await slots.run(run_in_process, cpu_echo, _ctx({"n": 1})))["data"] == {"n": 1}
     assert slots.crashed == 0
 
 
 async def test_a_process_killed_while_idle_is_replaced_before_the_next_call(
     slots: ProcessSlots,
 ) -> None:
-    first = (await slots.run(_run_in_process, cpu_echo, _ctx({})))["pid"]
+    first = (await slots.run(run_in_process, cpu_echo, _ctx({})))["pid"]
     os.kill(first, signal.SIGKILL)
     await wait_for(lambda: not process_alive(first), message="the process gone")
-    second = (await slots.run(_run_in_process, cpu_echo, _ctx({})))["pid"]
+    second = (await slots.run(run_in_process, cpu_echo, _ctx({})))["pid"]
     assert second != first
     assert (slots.crashed, slots.recycled) == (0, 1)
 

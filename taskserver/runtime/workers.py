@@ -9,6 +9,8 @@ at most that many tasks run at once. How a callback runs depends on what it is:
   way past the GIL; it must be importable (a module-level function) and its
   data and result picklable.
 
+What each kind of callback is given, its context, is in ``context.py``.
+
 The pool decides outcomes (succeeded, retrying, waiting, failed, cancelled) and
 reports them through the ``report`` function it is handed; it never touches the
 store or the hub itself. Hooks (``before``, ``after``, ``error``) run around every
@@ -37,6 +39,14 @@ from typing import Any, Literal, Protocol
 from .. import lifecycle
 from ..errors import PermanentError, RetryLater
 from ..models import EventType, RetryPolicy, Task, TaskState
+from .context import (
+    ProcessTaskContext,
+    ProgressSink,
+    SyncTaskContext,
+    TaskContext,
+    init_process,
+    run_in_process,
+)
 from .processes import ProcessSlots
 from .tuning import RuntimeTuning
 
@@ -46,112 +56,6 @@ log = logging.getLogger(__name__)
 TASK_THREAD_PREFIX = "taskserver-task"
 
 Kind = Literal["async", "thread", "process"]
-
-
-class ProgressSink(Protocol):
-    """Where a context sends progress: the server stores it as a ``progress`` event."""
-
-    def __call__(self, task: Task, fraction: float, message: str | None) -> Awaitable[None]: ...
-
-
-def _check_fraction(fraction: float) -> float:
-    if (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, int | float)
-        or not (0.0 <= fraction <= 1.0)
-    ):
-        raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
-    return float(fraction)
-
-
-class BaseContext:
-    """What every task callback is given: which task, its data, which attempt, which worker."""
-
-    __slots__ = ("_task", "attempt", "cancelled", "data", "id", "worker_id")
-
-    def __init__(self, task: Task, worker_id: int) -> None:
-        self._task = task
-        self.id: int = task.id
-        self.data: Any = task.data
-        self.attempt: int = task.attempts
-        self.worker_id = worker_id
-        #: Set when the task was cancelled or timed out; a thread callback can poll it.
-        self.cancelled = False
-
-    def __repr__(self) -> str:
-        name = type(self).__name__
-        return f"<{name} task={self.id} attempt={self.attempt} worker={self.worker_id}>"
-
-
-class TaskContext(BaseContext):
-    """Context for ``async def`` callbacks (``task`` and ``finish``)."""
-
-    __slots__ = ("_sink",)
-
-    def __init__(self, task: Task, worker_id: int, sink: ProgressSink) -> None:
-        super().__init__(task, worker_id)
-        self._sink = sink
-
-    async def progress(self, fraction: float, message: str | None = None) -> None:
-        """Record progress (0 to 1) and push a ``progress`` event; returns once stored."""
-        await self._sink(self._task, _check_fraction(fraction), message)
-
-
-class SyncTaskContext(BaseContext):
-    """Context for plain-function callbacks, which run in a thread."""
-
-    __slots__ = ("_loop", "_sink")
-
-    def __init__(
-        self, task: Task, worker_id: int, sink: ProgressSink, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        super().__init__(task, worker_id)
-        self._sink = sink
-        self._loop = loop
-
-    def progress(self, fraction: float, message: str | None = None) -> None:
-        """Record progress (0 to 1); blocks this thread until it is stored.
-
-        Ignored once the task was cancelled or timed out (``cancelled`` is set):
-        the thread may run on, but the task's record is final.
-        """
-        fraction = _check_fraction(fraction)
-        if self.cancelled:
-            return
-
-        async def send() -> None:
-            await self._sink(self._task, fraction, message)
-
-        asyncio.run_coroutine_threadsafe(send(), self._loop).result()
-
-
-# --- process pool -------------------------------------------------------------
-
-# Set in each pool process by the initializer: where progress reports go.
-_progress_queue: Any = None
-
-
-def _init_process(progress_queue: Any) -> None:
-    global _progress_queue
-    _progress_queue = progress_queue
-
-
-@dataclass(slots=True)
-class ProcessTaskContext:
-    """Context for CPU-bound callbacks, which run in another process (so it is plain data)."""
-
-    id: int
-    data: Any
-    attempt: int
-    worker_id: int
-
-    def progress(self, fraction: float, message: str | None = None) -> None:
-        """Send progress (0 to 1) to the server; does not wait for it to be stored."""
-        _progress_queue.put((self.id, _check_fraction(fraction), message))
-
-
-def _run_in_process(fn: Callable[..., object], ctx: ProcessTaskContext, *args: Any) -> object:
-    return fn(ctx, *args)
 
 
 # --- callbacks ------------------------------------------------------------------
@@ -317,7 +221,7 @@ class WorkerPool:
                 self._limits.processes or os.cpu_count() or 1,
                 max_tasks=self._limits.max_tasks,
                 max_memory_mb=self._limits.max_memory_mb,
-                initializer=_init_process,
+                initializer=init_process,
                 initargs=(self._progress_queue,),
             )
             self._progress_thread = threading.Thread(
@@ -530,7 +434,7 @@ class WorkerPool:
         if cb.kind == "process":
             assert self._slots is not None
             ctx = ProcessTaskContext(task.id, task.data, task.attempts, run.worker_id)
-            return await self._slots.run(_run_in_process, cb.fn, ctx, *args)
+            return await self._slots.run(run_in_process, cb.fn, ctx, *args)
         loop = asyncio.get_running_loop()
         sync_ctx = run.sync_context(loop)
         try:

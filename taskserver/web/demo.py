@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import PermanentError
-from ..runtime.workers import TaskContext
+from ..runtime.context import TaskContext
 from ..server import TaskServer
 
 log = logging.getLogger(__name__)
