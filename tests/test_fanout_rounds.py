@@ -1,0 +1,67 @@
+"""How often the fan-out flushes: fewer, larger rounds while many read a busy stream.
+
+Real ``Fanout`` hubs on the running loop with real timers; the subscribers read
+with ``get`` (their batches wait in their backlogs), so a round's cost is the
+hub's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from taskserver.push import fanout as fanout_module
+from taskserver.push.fanout import Fanout
+from taskserver.push.subscription import Subscription
+
+#: How long the steady streams below publish, and how often, in seconds.
+SPAN = 0.6
+EVERY = 0.002
+
+
+async def publish_steadily(hub: Fanout[int], span: float = SPAN) -> int:
+    """Publish an item every ``EVERY`` seconds for ``span``; the number published."""
+    sent = 0
+    end = time.monotonic() + span
+    while time.monotonic() < end:
+        hub.publish(("t",), sent)
+        sent += 1
+        await asyncio.sleep(EVERY)
+    return sent
+
+
+async def received(sub: Subscription[int], count: int) -> list[int]:
+    return [item for _ in range(count) if (item := await sub.get()) is not None]
+
+
+async def test_many_subscribers_of_a_busy_stream_get_rounds_at_most_every_busy_delay() -> None:
+    hub: Fanout[int] = Fanout(max_subscribers=2_000, buffer_size=100_000)
+    subs = [hub.subscribe(("t",), key="all") for _ in range(1_000)]
+    sent = await publish_steadily(hub)
+    hub.flush()
+    for sub in (subs[0], subs[-1]):
+        assert await received(sub, sent) == list(range(sent))  # all, in order
+    # 1,000 subscribers: a round waits BUSY_DELAY; before, about every 5-10 ms (~60 rounds).
+    assert hub.rounds <= SPAN / fanout_module.BUSY_DELAY + 2
+
+
+async def test_a_lone_subscriber_of_a_busy_stream_still_gets_a_round_every_max_delay() -> None:
+    hub: Fanout[int] = Fanout(max_subscribers=10, buffer_size=100_000)
+    sub = hub.subscribe(("t",))
+    sent = await publish_steadily(hub)
+    hub.flush()
+    assert await received(sub, sent) == list(range(sent))
+    assert hub.rounds >= SPAN / fanout_module.MAX_DELAY
+
+
+async def test_with_many_subscribers_items_a_round_apart_are_each_flushed_at_once() -> None:
+    # 10,000 Mercure subscribers of one update every 0.25 s: each round carries one item,
+    # so the next is not held back for BUSY_DELAY, only for MAX_DELAY at most.
+    hub: Fanout[int] = Fanout(max_subscribers=5_000, buffer_size=100)
+    subs = [hub.subscribe(("t",), key="all") for _ in range(2_000)]
+    for item in range(3):
+        published = time.monotonic()
+        hub.publish(("t",), item)
+        assert await received(subs[-1], 1) == [item]
+        assert time.monotonic() - published < fanout_module.MAX_DELAY
+        await asyncio.sleep(fanout_module.MAX_DELAY * 1.5)  # < BUSY_DELAY
