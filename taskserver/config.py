@@ -290,7 +290,8 @@ class Settings:
     )
     subscriber_queue: int = _setting(
         1_000,
-        "events held for an SSE subscriber whose connection takes no more before it is dropped",
+        "events held for an SSE subscriber whose connection takes no more before it is dropped"
+        " (one round of them is kept however many)",
         _range(1),
     )
     max_subscribers: int = _setting(20_000, "open SSE streams allowed at once", _range(1))

@@ -12,7 +12,9 @@ import time
 
 from taskserver.push import fanout as fanout_module
 from taskserver.push.fanout import Fanout
-from taskserver.push.subscription import Subscription
+from taskserver.push.subscription import Batch, Subscription
+
+from .conftest import wait_for
 
 #: How long the steady streams below publish, and how often, in seconds.
 SPAN = 0.6
@@ -65,3 +67,53 @@ async def test_with_many_subscribers_items_a_round_apart_are_each_flushed_at_onc
         assert await received(subs[-1], 1) == [item]
         assert time.monotonic() - published < fanout_module.MAX_DELAY
         await asyncio.sleep(fanout_module.MAX_DELAY * 1.5)  # < BUSY_DELAY
+
+
+class Refusing:
+    """A sink whose peer takes no write for the first ``refusals`` tries."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.written: list[int] = []
+        self.aborted = False
+
+    def write(self, batch: Batch[int]) -> bool:
+        if self.refusals:
+            self.refusals -= 1
+            return False
+        self.written += batch.items
+        return True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_a_stream_that_refuses_one_round_larger_than_its_buffer_is_kept() -> None:
+    # A busy hub's round can carry more items than a subscriber's buffer: one refused
+    # write of it must not drop a stream that then keeps up.
+    hub: Fanout[int] = Fanout(max_subscribers=1, buffer_size=10)
+    sub = hub.subscribe(("t",))
+    sink = Refusing(1)
+    sub.stream(sink)
+    for item in range(50):
+        hub.publish(("t",), item)
+    hub.flush()
+    assert not sub.overflowed
+    await wait_for(lambda: sink.written == list(range(50)), message="the retried write")
+    assert not sub.closed
+
+
+async def test_a_stream_still_refusing_at_the_next_round_is_dropped() -> None:
+    hub: Fanout[int] = Fanout(max_subscribers=1, buffer_size=10)
+    sub = hub.subscribe(("t",))
+    sink = Refusing(1_000_000)
+    sub.stream(sink)
+    for item in range(50):
+        hub.publish(("t",), item)
+    hub.flush()
+    assert not sub.overflowed
+    hub.publish(("t",), 50)
+    hub.flush()
+    assert sub.overflowed
+    assert sub.closed
+    assert sink.aborted

@@ -19,9 +19,10 @@ round to the subscribers:
   replaying, or read with ``await sub.get()``) keeps the batches in its backlog.
 * A subscriber that cannot keep up (its sink refuses writes because the peer
   has not taken the earlier ones, or nobody reads its backlog) keeps at most
-  ``buffer_size`` items; past that it is *dropped* (closed, ``overflowed`` set,
-  its connection aborted) instead of slowing the publisher or anyone else. A
-  dropped client reconnects with ``Last-Event-ID`` and replays from the store.
+  ``buffer_size`` items, or one round's however many; past that it is *dropped*
+  (closed, ``overflowed`` set, its connection aborted) instead of slowing the
+  publisher or anyone else. A dropped client reconnects with ``Last-Event-ID``
+  and replays from the store.
 
 Items reach each subscriber in publish order (the caller publishes committed
 events in id order). The number of subscribers is bounded too; past it

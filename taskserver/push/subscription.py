@@ -166,7 +166,9 @@ class Subscription(Generic[T]):
                     return
         self._backlog.append(batch)
         self._held += len(batch.items)
-        if self._held > self._limit:
+        # One round is kept however large (its batch is shared with the group, and a busy
+        # hub's rounds can carry more than the limit): a second one past it drops.
+        if self._held > self._limit and len(self._backlog) > 1:
             self.overflowed = True
             self.close()
             return
