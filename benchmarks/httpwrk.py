@@ -8,6 +8,11 @@ with ``post_tasks.lua`` (the raw Python client without wrk), after a one-second
 unmeasured warm-up. Printed per server: req/s, p50/p99 latency and the
 server's CPU per request, as the median of the rounds with their range; and
 taskserver / hello-world, the ratio of each round's adjacent pair.
+
+``--ab REV``: taskserver runs as at ``REV`` and at ``HEAD`` (``abtrees.py``), each
+beside the same round's hello-world, the order of the three flipped every round;
+each tree's ratio is against that round's hello-world, and the B/A ratio of
+req/s per round is printed too.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from .abtrees import Tree
 from .bench import BenchError, serve, wait_idle
 from .wrkdrive import Drive, backend, drive, hello_command, spread, taskserver_command
 
@@ -23,9 +29,10 @@ class HttpOptions(Protocol):
     rounds: int
     seconds: float
     connections: tuple[int, ...]
+    trees: tuple[Tree, ...]
 
 
-SERVERS = ("hello-world", "taskserver")
+HELLO = "hello-world"
 
 
 def section(opts: HttpOptions, tmp: Path) -> None:
@@ -38,16 +45,19 @@ def section(opts: HttpOptions, tmp: Path) -> None:
     )
     if backend() != "wrk":
         print("   NOTE: wrk is not installed; the raw Python client drives the load instead")
+    trees = {("taskserver" if len(opts.trees) == 1 else t.label): t for t in opts.trees}
+    servers = (HELLO, *trees)
     results: dict[tuple[str, int], list[Drive]] = {}
     for round_ in range(opts.rounds):
-        order = SERVERS if round_ % 2 == 0 else SERVERS[::-1]
+        order = servers if round_ % 2 == 0 else servers[::-1]
         for conns in opts.connections:
             for name in order:
+                db = tmp / f"wrk-{round_}-{conns}-{len(results)}.db"
                 results.setdefault((name, conns), []).append(
-                    _measure(name, conns, opts.seconds, tmp / f"wrk-{round_}-{conns}.db", tmp)
+                    _measure(trees.get(name), conns, opts.seconds, db, tmp)
                 )
     for conns in opts.connections:
-        for name in SERVERS:
+        for name in servers:
             runs = results[name, conns]
             cpu = [r.cpu_us_per_request for r in runs if r.cpu_us_per_request is not None]
             failed = sum(r.failed for r in runs)
@@ -60,26 +70,31 @@ def section(opts: HttpOptions, tmp: Path) -> None:
                 f"{'':20}server CPU {spread(cpu)} us/request"
                 + (f"; {failed} requests failed" if failed else "")
             )
-        ratios = [
-            t.per_second / h.per_second
-            for t, h in zip(
-                results["taskserver", conns], results["hello-world", conns], strict=True
-            )
-            if h.per_second
-        ]
-        print(f"   c={conns:<4} taskserver / hello-world = {spread(ratios, '.2f')}")
+        for name in trees:
+            ratios = _ratios(results[name, conns], results[HELLO, conns])
+            print(f"   c={conns:<4} {name} / hello-world = {spread(ratios, '.2f')}")
+        if len(trees) == 2:
+            a, b = trees
+            ratios = _ratios(results[b, conns], results[a, conns])
+            print(f"   c={conns:<4} {b} / {a} req/s per round = {spread(ratios, '.2f')}")
 
 
-def _measure(name: str, conns: int, seconds: float, db: Path, tmp: Path) -> Drive:
-    if name == "hello-world":
-        command = hello_command()
+def _ratios(tops: list[Drive], bottoms: list[Drive]) -> list[float]:
+    return [t.per_second / h.per_second for t, h in zip(tops, bottoms, strict=True) if h.per_second]
+
+
+def _measure(tree: Tree | None, conns: int, seconds: float, db: Path, tmp: Path) -> Drive:
+    """One run of hello-world (``tree`` None) or of taskserver as in ``tree``."""
+    if tree is None:
+        command, env, log = hello_command(), None, tmp / "hello-world.log"
     else:
         command = taskserver_command(db, "--task-workers=4", "--app=benchmarks.apps:noop_setup")
-    with serve(command, cwd=tmp, log=tmp / f"{name}.log", timeout=30) as server:
+        env, log = tree.env(), tmp / "taskserver.log"
+    with serve(command, cwd=tmp, log=log, timeout=30, env=env) as server:
         url = server.url + "/tasks"
         drive(url, connections=conns, seconds=1, cwd=tmp)
         result = drive(url, connections=conns, seconds=seconds, server_pid=server.proc.pid, cwd=tmp)
         # Every acknowledged task must also have run.
-        if name == "taskserver" and not wait_idle(server.url, 60):
+        if tree is not None and not wait_idle(server.url, 60):
             raise BenchError("taskserver still had tasks queued 60 s after the load")
     return result

@@ -3,14 +3,14 @@ huey as the in-process peer) and issue 12's ``pg`` (taskserver nodes on one Post
 procrastinate).
 
 ``python -m benchmarks.sections [--quick] [--only wrk|fanout|backlog|cpu|huey|pg ...] [--db DSN]
-[--ab REV]``
+[--ab REV] [--wrk-conns 16,64] [--rounds N]``
 
 Each section starts its own servers (``taskserver run`` subprocesses on
 127.0.0.1, fresh databases under one temporary directory) and prints its
 figures beside a baseline measured in the same run, alternated, with the
 median and range of the rounds. Every load is bounded in count and time.
-``--ab REV``: the ``fanout``, ``backlog`` and ``cpu`` sections also run ``taskserver/`` as at
-``REV``, alternated with ``HEAD`` in the same run (``abtrees.py``).
+``--ab REV``: the ``wrk``, ``fanout``, ``backlog`` and ``cpu`` sections also run
+``taskserver/`` as at ``REV``, alternated with ``HEAD`` in the same run (``abtrees.py``).
 """
 
 from __future__ import annotations
@@ -78,10 +78,25 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument("--pg-tasks", type=int, help="section pg: tasks per measurement")
     parser.add_argument(
-        "--ab", metavar="REV", help="also run taskserver/ as at REV, alternated (backlog, cpu)"
+        "--ab",
+        metavar="REV",
+        help="also run taskserver/ as at REV, alternated (wrk, fanout, backlog, cpu)",
     )
+    parser.add_argument(
+        "--wrk-conns", metavar="N,N", help="section wrk: connection counts (default 16,64,128)"
+    )
+    parser.add_argument("--rounds", type=int, help="alternated rounds (default 3; --quick 1)")
     args = parser.parse_args(argv)
-    pg = {"db": args.db, **({"pg_tasks": args.pg_tasks} if args.pg_tasks else {})}
+    pg: dict[str, Any] = {"db": args.db, **({"pg_tasks": args.pg_tasks} if args.pg_tasks else {})}
+    chosen: dict[str, Any] = {}
+    if args.wrk_conns:
+        chosen["connections"] = tuple(int(c) for c in args.wrk_conns.split(","))
+    if args.rounds:
+        chosen["rounds"] = args.rounds
+    return dataclasses.replace(_defaults(args, pg), **chosen)
+
+
+def _defaults(args: argparse.Namespace, pg: dict[str, Any]) -> Options:
     if args.quick:
         return Options(
             rounds=1,
