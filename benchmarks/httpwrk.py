@@ -45,7 +45,10 @@ def section(opts: HttpOptions, tmp: Path) -> None:
     )
     if backend() != "wrk":
         print("   NOTE: wrk is not installed; the raw Python client drives the load instead")
-    trees = {("taskserver" if len(opts.trees) == 1 else t.label): t for t in opts.trees}
+    if len(opts.trees) == 1:
+        trees = {"taskserver": opts.trees[0]}
+    else:  # A and B apart even when both are one commit (a smoke run: --ab HEAD)
+        trees = {f"{ab} {t.label}": t for ab, t in zip("AB", opts.trees, strict=False)}
     servers = (HELLO, *trees)
     results: dict[tuple[str, int], list[Drive]] = {}
     for round_ in range(opts.rounds):
