@@ -35,6 +35,9 @@ PROBLEM = "application/problem+json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Adds headers to a response before it is sent (see ``guard``).
 ResponseHook = Callable[[web.Request, web.StreamResponse], None]
+#: Decides whether a request may reach the handler: ``None`` when it may at once, an
+#: awaitable when that must be awaited first; either way it raises to refuse.
+Admission = Callable[[web.Request], Awaitable[Any] | None]
 
 
 def problem_body(status: int, title: str, detail: str, field: str | None = None) -> bytes:
@@ -100,15 +103,21 @@ def as_problem(request: web.Request, exc: Exception) -> web.Response:
     return problem(500, "Internal error", "the server failed; see its log")
 
 
-def guard(handler: Handler, decorate: ResponseHook | None = None) -> Handler:
+def guard(
+    handler: Handler, decorate: ResponseHook | None = None, admit: Admission | None = None
+) -> Handler:
     """``handler`` with its errors turned into problem responses.
 
-    ``decorate`` then adds headers to the response, error or not, unless the
-    handler already sent it (a stream is sent at ``prepare``).
+    ``admit`` (an access check) runs first, inside the same guard: a refusal is a
+    problem response too. ``decorate`` then adds headers to the response, error or
+    not, unless the handler already sent it (a stream is sent at ``prepare``).
     """
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         try:
+            # In this frame, not a wrapper coroutine of its own: this runs per request.
+            if admit is not None and (pending := admit(request)) is not None:
+                await pending
             response = await handler(request)
         except (asyncio.CancelledError, ConnectionResetError):
             raise

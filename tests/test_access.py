@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -458,6 +459,37 @@ async def test_a_forged_host_is_not_reflected(make_client: ClientFactory) -> Non
     assert (
         response.headers["Link"] == '<https://tasks.example.com/.well-known/mercure>; rel="mercure"'
     )
+
+
+async def test_refusals_are_problems_with_the_link_and_enqueue_nothing(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    """The access check runs inside the route's guard (one frame, ``problems.guard(admit=)``):
+    each way of refusing ``POST /tasks`` is a problem+json with the discovery Link, before
+    the handler reads the body or appends anything."""
+    link = '/.well-known/mercure>; rel="mercure"'
+    secured_client = await secured(make_client)
+    refusals = [
+        (secured_client, {}, 401),  # no credential
+        (secured_client, bearer("not-a-token-0123456789abcdef"), 401),
+        (secured_client, bearer(READER), 403),  # no enqueue scope
+    ]
+    open_client = await make_client(db=str(tmp_path / "open.db"))
+    refusals += [
+        (open_client, {"Host": "evil.example"}, 421),  # DNS rebinding
+        (open_client, {"Origin": "https://evil.example"}, 403),  # another site's write
+    ]
+    for client, headers, status in refusals:
+        response = await client.post("/tasks", json={"data": 1}, headers=headers)
+        assert response.status == status, (headers, await response.text())
+        assert response.content_type == "application/problem+json"
+        assert (await response.json())["status"] == status
+        assert any(v.endswith(link) for v in response.headers.getall("Link")), headers
+    for client, headers in ((secured_client, bearer(ADMIN_TOKEN)), (open_client, {})):
+        listed = await (await client.get("/tasks", headers=headers)).json()
+        assert listed["tasks"] == [], listed
+        response = await client.post("/tasks", json={"data": 1}, headers=headers)
+        assert response.status == 202
 
 
 # --- settings -------------------------------------------------------------------------------

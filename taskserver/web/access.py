@@ -220,6 +220,18 @@ class Access:
         protected.__doc__ = handler.__doc__
         return protected
 
+    def admission(self, need: Need | None) -> Callable[[web.Request], Awaitable[Any] | None] | None:
+        """``protect``'s check alone, for ``problems.guard(admit=)`` (``None`` for a route
+        open to all): it answers ``None`` when the request passes at once (nothing is
+        configured), else the check to await; it raises when the request is refused."""
+        if need is None:
+            return None
+
+        def admit(request: web.Request) -> Awaitable[Any] | None:
+            return None if self._open_passes(request) else self._check(request, need)
+
+        return admit
+
     async def check(self, request: web.Request, need: Need) -> Principal:
         """Who may do what ``need`` says, or ``AccessDenied`` (401 or 403)."""
         if self._open_passes(request):

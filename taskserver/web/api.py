@@ -393,6 +393,6 @@ def add_routes(
     for method, handler in session:
         app.router.add_route(method, prefix + "/session", guard(handler, discovery))
     for method, path, handler, name, need in ROUTES:
-        guarded = guard(access.protect(handler, need), discovery)
+        guarded = guard(handler, discovery, access.admission(need))
         app.router.add_route(method, prefix + path, guarded, name=name)
     return access
