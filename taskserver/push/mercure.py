@@ -221,6 +221,31 @@ def _link_to_hub(origin: str) -> str:
     return f'<{origin}{HUB_PATH}>; rel="mercure"'
 
 
+def discovery_links(base_url: str) -> Callable[[web.Request], str]:
+    """``discovery_link`` with ``base_url`` bound, for a hook run on every response: a
+    constant when ``base_url`` is set, else the listening socket's link, looked up once
+    per socket and scheme (fewer calls than ``discovery_link``, the same text)."""
+    if base_url:
+        link = _link_to_hub(base_url.rstrip("/"))
+        return lambda request: link
+    return _socket_link
+
+
+def _socket_link(request: web.Request) -> str:
+    if request.get(PROXIED):
+        return _link_to_hub(local_origin(request))
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        return _link_to_hub(local_origin(request))  # a Unix socket, or a closed connection
+    return _link_of_socket(request.scheme, sockname)
+
+
+@functools.lru_cache(maxsize=64)
+def _link_of_socket(scheme: str, sockname: tuple[Any, ...]) -> str:
+    return _link_to_hub(_origin(scheme, str(sockname[0]), int(sockname[1])))
+
+
 def _parse_origins(value: str, setting: str) -> frozenset[str]:
     origins = frozenset(filter(None, re.split(r"[\s,]+", value)))
     for origin in origins:

@@ -19,7 +19,7 @@ from ..errors import Conflict, ServerBusy, TaskNotFound, ValidationError
 from ..lifecycle import TERMINAL
 from ..models import Task, TaskState
 from ..problems import guard, problem
-from ..push.mercure import MercureHub, discovery_link
+from ..push.mercure import MercureHub, discovery_links
 from ..push.sse import stream_events, subscribe_events
 from ..runtime.options import OPTIONS, TaskSpec
 from ..server import TaskServer
@@ -380,10 +380,10 @@ def add_routes(
     access = Access(server, prefix, hub)
     app[ACCESS] = access
     app[METRICS_KEY] = Metrics(server, hub)
-    base_url = server.settings.base_url
+    link = discovery_links(server.settings.base_url)
 
     def discovery(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers.add("Link", discovery_link(request, base_url))
+        response.headers.add("Link", link(request))
 
     session: list[tuple[str, Handler]] = [
         ("GET", access.session),
