@@ -16,9 +16,9 @@ database, the same ``huey_tasks`` no-op tasks and 4 (thread) workers on each sid
   against 1 shows huey at its best.
 
 The three runs of a round are rotated from round to round. Printed: tasks/s of each
-(median and range of the rounds), CPU µs per task, and taskserver ÷ huey per round. Without huey installed (the ``bench`` extra, which
-``scripts/bench --only huey`` installs), taskserver is measured alone and the
-section says so.
+(median and range of the rounds), CPU µs per task, and taskserver ÷ huey per round.
+Without huey installed (the ``bench`` extra, which ``scripts/bench --only huey``
+installs), taskserver is measured alone and the section says so.
 """
 
 from __future__ import annotations
