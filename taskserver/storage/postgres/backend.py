@@ -318,8 +318,9 @@ class PostgresBackend(PostgresReads):
                 self._delivered = max(self._delivered, durable.events[-1].id)
             applied.committed_event_id = self._delivered
         except UNREACHABLE:
-            with contextlib.suppress(Exception):
-                await conn.close()
+            # Not closed gracefully: a session the server ended mid-reply can leave the
+            # driver waiting for the rest (every later statement failing). A new one next.
+            conn.terminate()
             raise
         return applied
 

@@ -122,13 +122,17 @@ class Node:
         delay = 0.1
         try:
             while not self._closing:
+                conn: asyncpg.Connection | None = None
                 try:
                     conn = await self._connect()
                     if not await conn.fetchval(NODE_LOCK, self.node_id):
-                        await conn.close()
                         raise RuntimeError(f"node lock {self.node_id!r} is held by another session")
                     await self._listen(conn)
-                except Exception as exc:
+                except BaseException as exc:
+                    if conn is not None:
+                        conn.terminate()  # half set up (or the node is closing): not left open
+                    if not isinstance(exc, Exception):
+                        raise
                     log.warning("reconnecting to PostgreSQL failed: %s", exc)
                     await asyncio.sleep(delay)
                     delay = min(RECONNECT_CAP, delay * 2)

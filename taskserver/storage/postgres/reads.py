@@ -22,6 +22,7 @@ UNREACHABLE = (
     asyncpg.TooManyConnectionsError,
     asyncpg.InvalidCatalogNameError,  # the database was dropped
     asyncpg.ObjectNotInPrerequisiteStateError,  # it does not accept connections now
+    asyncpg.InternalClientError,  # the driver lost track of a session the server ended
 )
 
 
