@@ -88,29 +88,30 @@ class Refusing:
         self.aborted = True
 
 
-async def test_a_stream_that_refuses_one_round_larger_than_its_buffer_is_kept() -> None:
-    # A busy hub's round can carry more items than a subscriber's buffer: one refused
-    # write of it must not drop a stream that then keeps up.
+def refused_round(sink: Refusing) -> tuple[Fanout[int], Subscription[int]]:
+    """A hub whose one stream (buffer 10) was handed one round of 50 items by ``sink``."""
     hub: Fanout[int] = Fanout(max_subscribers=1, buffer_size=10)
     sub = hub.subscribe(("t",))
-    sink = Refusing(1)
     sub.stream(sink)
     for item in range(50):
         hub.publish(("t",), item)
     hub.flush()
+    return hub, sub
+
+
+async def test_a_stream_that_refuses_one_round_larger_than_its_buffer_is_kept() -> None:
+    # A busy hub's round can carry more items than a subscriber's buffer: one refused
+    # write of it must not drop a stream that then keeps up.
+    sink = Refusing(1)
+    _, sub = refused_round(sink)
     assert not sub.overflowed
     await wait_for(lambda: sink.written == list(range(50)), message="the retried write")
     assert not sub.closed
 
 
 async def test_a_stream_still_refusing_at_the_next_round_is_dropped() -> None:
-    hub: Fanout[int] = Fanout(max_subscribers=1, buffer_size=10)
-    sub = hub.subscribe(("t",))
     sink = Refusing(1_000_000)
-    sub.stream(sink)
-    for item in range(50):
-        hub.publish(("t",), item)
-    hub.flush()
+    hub, sub = refused_round(sink)
     assert not sub.overflowed
     hub.publish(("t",), 50)
     hub.flush()
