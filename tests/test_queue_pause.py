@@ -3,16 +3,15 @@ through the HTTP API (admin scope), ``TaskServer`` and ``taskserver queues``."""
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .conftest import ROOT, ClientFactory, ServerProcess, wait_for
+from .conftest import ClientFactory, ServerProcess, wait_for
 from .jobs_harness import refused
+from .test_admin_cli import cli
 
 
 async def _state(client: Any, task_id: int) -> str:
@@ -63,21 +62,6 @@ async def test_a_bad_queue_name_is_refused_naming_it(make_client: ClientFactory)
         assert answer["paused"] is True, answer
     names = {q["name"] for q in (await (await client.get("/queues")).json())["queues"]}
     assert {"a b", "mail/eu", "mail/us"} <= names
-
-
-async def cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "taskserver",
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def _http_state(http: aiohttp.ClientSession, url: str, task_id: int) -> str:
