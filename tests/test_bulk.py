@@ -3,13 +3,16 @@ a page at a time, with a cursor past ``limit``; the counts stay exact."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from typing import Any
 
 import pytest
 
-from taskserver import PermanentError, TaskContext
+from taskserver import PermanentError, TaskContext, TaskState
+from taskserver.runtime.bulk import Where
 
-from .conftest import ClientFactory, wait_for
+from .conftest import ClientFactory, ServerFactory, wait_for
 from .jobs_harness import refused
 
 FAILED_ONCE: set[tuple[str, int]] = set()
@@ -64,6 +67,43 @@ async def test_bulk_retry_of_every_failure_by_filter_in_pages(make_client: Clien
         7,
     )
     assert max(history["wait_max"]) >= max(history["wait_mean"]) >= 0
+
+
+@pytest.mark.parametrize("call", ["bulk_where", "retry_failed"])
+async def test_a_filter_finds_what_the_counts_show_before_it_is_on_disk(
+    make_server: ServerFactory, call: str
+) -> None:
+    # A failure is counted when the worker reports it and committed with the next
+    # batch; a retry of "every failed task" asked in between must still find it.
+    go = asyncio.Event()
+
+    async def fails(ctx: TaskContext) -> Any:
+        await go.wait()
+        raise PermanentError("fails")
+
+    server = await make_server(fails, task_workers=1)
+    task_id = await server.task({"n": 1})
+    await wait_for(lambda: server.stats()["tasks"]["running"] == 1, message="it to start")
+    lock = sqlite3.connect(server.settings.db, isolation_level=None, check_same_thread=False)
+    try:
+        # Another writer holds the database: the failure cannot commit yet.
+        await asyncio.to_thread(lock.execute, "BEGIN IMMEDIATE")
+        go.set()
+        await wait_for(lambda: server.stats()["tasks"]["failed"] == 1, message="it to fail")
+        if call == "bulk_where":
+            retry: Any = server.bulk_where("retry", Where(state=TaskState.FAILED))
+        else:
+            retry = server.retry_failed()
+        retrying = asyncio.ensure_future(retry)
+        await asyncio.wait({retrying}, timeout=0.3)  # before the fix it answered here
+    finally:
+        lock.rollback()
+        lock.close()
+    result = await retrying
+    if call == "bulk_where":
+        assert (result.matched, result.done, result.errors) == (1, 1, {})
+    else:
+        assert result == [task_id]
 
 
 async def test_bulk_cancel_and_purge_a_selection(make_client: ClientFactory) -> None:

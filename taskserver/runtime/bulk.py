@@ -85,6 +85,7 @@ class Bulk:
         if action == "purge" and where.state is not None and where.state not in TERMINAL:
             raise ValidationError("purge deletes ended tasks only", field="filter.state")
         result = BulkResult(action)
+        await self._s.store.caught_up()  # the rows show every change the counts do
         cursor = after
         while result.matched < limit:
             want = min(PAGE, limit - result.matched)

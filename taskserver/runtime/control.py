@@ -130,6 +130,7 @@ class Control:
     async def retry_failed(self, limit: int = 10_000) -> list[int]:
         """Re-queue up to ``limit`` failed tasks; returns the ids re-queued."""
         done: list[int] = []
+        await self._s.store.caught_up()  # every failure counted is on disk
         for task_id in await self._s.store.ids_in_state(lifecycle.FAILED, limit):
             with contextlib.suppress(Conflict, TaskNotFound):
                 await self.retry(task_id)

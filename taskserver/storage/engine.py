@@ -161,6 +161,19 @@ class Engine(Batching):
             self._retry_now.set()
         return self._probe
 
+    def caught_up(self) -> asyncio.Future[None]:
+        """Done once everything appended before this call has committed (or its batch
+        failed: then it raises what the batch's callers got).
+
+        The server counts a change when it appends it; a read of the rows that must
+        agree with those counts (a bulk action by filter) awaits this first. Batches
+        commit in order, so the current one's future is the barrier; an empty batch
+        costs a round of the write loop and no write. ``ServerBusy`` once closing.
+        """
+        if self._closing:
+            raise ServerBusy("the store is closing")
+        return self._current().future
+
     def poke(self) -> None:
         """Run a batch soon even if nothing is appended: a shared backend delivers the
         events other servers committed with it."""
