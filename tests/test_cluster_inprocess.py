@@ -137,6 +137,55 @@ async def test_a_unique_key_is_held_once_across_nodes(node: Node) -> None:
     assert third.id != first.id
 
 
+async def test_unique_for_holds_while_the_holder_succeeds_on_another_node(node: Node) -> None:
+    # Node b looks for a recent success of "k" (none: the holder still runs), then
+    # inserts; the holder's success commits in between. The new task must not run.
+    release = asyncio.Event()
+
+    async def task(ctx: TaskContext) -> Any:
+        await release.wait()
+
+    a = await node("a", task)
+    b = await node("b", task)
+    holder = await a.submit(1, unique_key="k")
+
+    async def running() -> bool:
+        return (await a.get(holder.id)).state is TaskState.RUNNING
+
+    await wait_for(running, message="the holder to run")
+    dsn = a.settings.db
+    finisher = await asyncpg.connect(dsn)
+    watcher = await asyncpg.connect(dsn)
+    try:
+        # The holder's success, committing: its row is locked until we commit.
+        success = finisher.transaction()
+        await success.start()
+        await finisher.execute(
+            "UPDATE taskserver_tasks SET state = 'succeeded', finished_at = $2 WHERE id = $1",
+            holder.id,
+            time.time(),
+        )
+        second = asyncio.ensure_future(b.submit(2, unique_key="k", unique_for=60))
+
+        async def insert_waits() -> bool:
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE 'INSERT INTO taskserver_tasks%'"
+            )
+            return bool(waiting)
+
+        await wait_for(insert_waits, message="b's insert to wait for the holder's row")
+        await success.commit()
+        answer = await second
+    finally:
+        await finisher.close()
+        await watcher.close()
+        release.set()
+    assert (answer.id, answer.existing) == (holder.id, True)
+    rows = await b.list_tasks()
+    assert [t.id for t in rows] == [holder.id]
+
+
 async def test_serial_groups_and_queue_concurrency_hold_across_nodes(node: Node) -> None:
     spans: dict[str, list[tuple[float, float, int]]] = {"g": [], "limited": []}
     loop = asyncio.get_running_loop()

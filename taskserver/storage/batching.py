@@ -126,6 +126,8 @@ class Batching:
         )
         batch.inserts.append(self._encode_new(task, text))
         batch.inserted.append(task)
+        if item.unique_for:
+            batch.unique_since[task.id] = now - item.unique_for
         if task.state is lifecycle.QUEUED:
             batch.ready.append(task)
             self._new_event(batch, task, EventType.QUEUED, None, now)

@@ -184,6 +184,9 @@ class Batch:
     delayed: bool = False
     #: ``Backend.started`` tokens to hand to ``Backend.release`` once this committed
     retire: list[int] = field(default_factory=list)
+    #: new tasks with ``unique_for``: id -> since when a success with the key counts
+    #: (a shared backend checks again after the insert; see ``Writes.write``)
+    unique_since: dict[int, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.inserts) + len(self.updates) + len(self.events)

@@ -384,6 +384,15 @@ FOLD_COUNTS = (
 )
 SELECT_QUEUES_WITH_WORK = "SELECT DISTINCT queue FROM taskserver_tasks WHERE state = 'queued'"
 SELECT_NEXT_DUE = f"SELECT min(available_at) FROM taskserver_tasks WHERE state IN {DELAYED}"
+#: Of the new tasks ``$1`` (each with its ``since``, ``$2``), those whose key a task
+#: succeeded with since then, and that task: ``(new id, holder id)``.
+SELECT_RECENT_HOLDERS = (
+    "SELECT v.id, max(o.id) FROM unnest($1::bigint[], $2::float8[]) AS v(id, since)"
+    " JOIN taskserver_tasks n ON n.id = v.id JOIN taskserver_tasks o"
+    " ON o.unique_key = n.unique_key AND o.state = 'succeeded' AND o.finished_at >= v.since"
+    " AND o.id <> n.id GROUP BY v.id"
+)
+DELETE_TASKS = "DELETE FROM taskserver_tasks WHERE id = ANY($1::bigint[])"
 SELECT_RECENT_UNIQUE = (
     "SELECT id FROM taskserver_tasks WHERE unique_key = $1 AND state = 'succeeded'"
     " AND finished_at >= $2 ORDER BY id DESC LIMIT 1"

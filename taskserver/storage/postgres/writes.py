@@ -67,6 +67,8 @@ class Writes:
                     key = task.unique_key
                     applied.conflicts[task.id] = holders.get(key, 0) if key is not None else 0
                     drop.add(task.id)
+            if batch.unique_since:
+                await _recent_holders(conn, batch, written, applied, drop)
         if batch.updates:
             updates = list(batch.updates.values())
             written = {
@@ -137,6 +139,33 @@ class Writes:
         if chore.up_to is not None:
             total += int(await conn.fetchval(sql.TRIM_EVENTS_BY_COUNT, chore.up_to, chore.chunk))
         return total, []
+
+
+async def _recent_holders(
+    conn: asyncpg.Connection,
+    batch: Batch,
+    written: set[int],
+    applied: Applied,
+    drop: set[int],
+) -> None:
+    """Keep out the new ``unique_for`` tasks whose key succeeded recently after all.
+
+    The server looked for a recent success before the insert, but the holder may
+    have succeeded on another node since: the index no longer holds its key, and
+    that commit can land while this insert waits on its row. This statement runs
+    after the insert, so (read committed) it sees that success; the new rows go.
+    """
+    ids = [i for i in batch.unique_since if i in written]
+    if not ids:
+        return
+    sinces = [batch.unique_since[i] for i in ids]
+    found = await conn.fetch(sql.SELECT_RECENT_HOLDERS, ids, sinces)
+    if not found:
+        return
+    await conn.execute(sql.DELETE_TASKS, [r[0] for r in found])
+    for new_id, holder in found:
+        applied.conflicts[new_id] = int(holder)
+        drop.add(new_id)
 
 
 def _queued_queues(events: list[Event]) -> list[str | None]:
