@@ -49,6 +49,7 @@ from .runtime.tuning import RuntimeTuning
 from .runtime.waiting import Waiters
 from .runtime.workers import Callback, Limits, WorkerPool
 from .storage import Signals, Store, is_postgres, redact
+from .storage.postgres.subscribers import SharedSubscribers
 
 __all__ = ["Submitted", "TaskServer"]
 
@@ -355,6 +356,13 @@ class TaskServer:
     def opened_store(self) -> Store | None:
         """The store while the server runs, else ``None`` (``store`` raises instead)."""
         return self._shared.opened_store
+
+    @property
+    def subscribers(self) -> SharedSubscribers | None:
+        """Where the nodes of a cluster record their Mercure subscribers (``None`` on one
+        server, or while not running)."""
+        store = self._shared.opened_store
+        return None if store is None else store.subscribers
 
     def now(self) -> float:
         """Seconds since the epoch, from the server's clock (injectable in tests)."""

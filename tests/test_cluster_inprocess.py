@@ -14,11 +14,22 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
+import jwt
 import pytest
+from aiohttp import web
 
-from taskserver import EventType, Settings, TaskContext, TaskServer, TaskState, lifecycle
+from taskserver import (
+    EventType,
+    Settings,
+    TaskContext,
+    TaskServer,
+    TaskState,
+    attach,
+    lifecycle,
+)
 from taskserver.models import Task
 from taskserver.storage import NewTask, Store
 
@@ -422,3 +433,53 @@ async def test_a_freed_slot_of_a_limited_queue_is_taken_at_once(node: Node) -> N
     # Task k + 2 waits for a slot: k's or k + 1's. Not for the once-a-second safety net.
     waits = [later[0] - min(e for _, e in spans[k : k + 2]) for k, later in enumerate(spans[2:])]
     assert max(waits) < 0.5, waits
+
+
+async def test_the_subscriptions_api_lists_every_nodes_subscribers(
+    postgres: PostgresServer, aiohttp_client: Any
+) -> None:
+    dsn = await postgres.create_database_async()
+    key = "!ChangeThisMercureHubJWTSecretKey!"
+    clients = []
+    for name in ("a", "b"):
+        server = TaskServer(
+            Settings(db=dsn, node_name=name, task_workers=0, port=0, mercure_publisher_jwt_key=key)
+        )
+        app = web.Application()
+        attach(app, server)
+        clients.append(await aiohttp_client(app))
+    a, b = clients
+    api = "/.well-known/mercure/subscriptions"
+    reader = {"Authorization": "Bearer " + _token(key, ["*"])}
+    book = "https://example.com/books/1"
+    subscriber = {"Authorization": "Bearer " + _token(key, [book], payload={"user": "alice"})}
+
+    async def listed(client: Any, path: str = api) -> list[dict[str, Any]]:
+        response = await client.get(path, headers=reader)
+        body = await response.json()
+        assert "subscriptions" in body, (response.status, body)
+        return list(body["subscriptions"])
+
+    async with a.get("/.well-known/mercure", params={"topic": book}, headers=subscriber):
+        # On b once a has written it (b's own would be listed at once).
+        docs = await wait_for(lambda: listed(b), message="b to list a's subscriber")
+        assert [(d["topic"], d["payload"]) for d in docs] == [(book, {"user": "alice"})]
+        assert await listed(a) == docs
+        assert await listed(b, f"{api}/{quote(book, safe='')}") == docs
+        assert await listed(b, f"{api}/{quote('https://example.com/other', safe='')}") == []
+        single = await b.get(docs[0]["id"], headers=reader)
+        assert single.status == 200
+        assert (await single.json())["subscriber"] == docs[0]["subscriber"]
+
+    async def gone() -> bool:
+        return not await listed(b)
+
+    await wait_for(gone, message="b to see a's subscriber leave")
+    assert (await b.get(docs[0]["id"], headers=reader)).status == 404
+
+
+def _token(key: str, subscribe: list[str], payload: Any = None) -> str:
+    mercure: dict[str, Any] = {"subscribe": subscribe}
+    if payload is not None:
+        mercure["payload"] = payload
+    return jwt.encode({"mercure": mercure}, key, algorithm="HS256")

@@ -23,8 +23,8 @@ Platform) work against it unchanged:
   reconnects with ``Last-Event-ID``.
 * CORS allow-list and ``Link: <hub>; rel="mercure"`` discovery on the hub's
   responses (``decorate``; the API adds the same Link, and ``rel="self"`` on a
-  task), heartbeats, and the subscriptions API. Subscription *events* are not
-  published.
+  task), heartbeats, and the subscriptions API (``directory.py``: on a cluster it
+  lists every node's subscribers). Subscription *events* are not published.
 
 Errors are ``application/problem+json`` (``problems.guard``), as elsewhere in the API.
 """
@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, NoReturn, Protocol
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
@@ -55,6 +55,7 @@ from ..config import Settings
 from ..errors import ConfigError, ServerBusy
 from ..models import Event
 from ..problems import PROBLEM, Handler, guard, problem_body
+from .directory import Directory, SharedDirectory
 from .fanout import Fanout
 from .jws import AuthError, Claims, Verifier, load_key
 from .sse import TransportSink, open_stream
@@ -130,6 +131,9 @@ class HubServer(Protocol):
     async def events_after(
         self, after_id: int, *, tasks_only: bool = ..., limit: int = ...
     ) -> list[Event]: ...
+
+    @property
+    def subscribers(self) -> SharedDirectory | None: ...
 
 
 def uuid7() -> uuid.UUID:
@@ -307,6 +311,11 @@ class MercureHub:
             settings.mercure_publish_origins, "mercure_publish_origins"
         )
         self.connections: dict[str, Connection] = {}
+        #: the subscriptions API's view: these connections and, on a cluster, every node's
+        self.directory = Directory(
+            SUBSCRIPTIONS_PATH,
+            (lambda: server.subscribers) if settings.mercure_subscriptions else lambda: None,
+        )
         self._frames: dict[int, bytes] = {}
         self.published = 0
 
@@ -433,6 +442,9 @@ class MercureHub:
         """Replay stored events with sequence numbers above ``after``, then live ones."""
         subscription = connection.subscription
         self.connections[connection.subscriber] = connection
+        claims = connection.claims
+        payload = claims.payload if claims is not None else None
+        self.directory.add(connection.subscriber, list(connection.selectors.raw), payload)
         timer: asyncio.TimerHandle | None = None
         try:
             async with open_stream(
@@ -455,6 +467,7 @@ class MercureHub:
                     await subscription.closed_wait()
         finally:
             self.connections.pop(connection.subscriber, None)
+            self.directory.remove(connection.subscriber)
             if timer is not None:
                 timer.cancel()
         return response
@@ -629,13 +642,7 @@ class MercureHub:
     async def subscriptions(self, request: web.Request) -> web.Response:
         """``GET .../subscriptions[/{topic}]``: the active subscriptions (JSON-LD)."""
         self._authorize_api(request)
-        topic = request.match_info.get("topic")
-        docs = [
-            self._document(connection, selector)
-            for connection in list(self.connections.values())
-            for selector in connection.selectors.raw
-            if topic is None or selector == topic
-        ]
+        docs = await self.directory.documents(request.match_info.get("topic"))
         body = {
             "@context": CONTEXT,
             "id": request.rel_url.raw_path,
@@ -649,14 +656,10 @@ class MercureHub:
         """``GET .../subscriptions/{topic}/{subscriber}``: one active subscription, or 404."""
         self._authorize_api(request)
         topic, subscriber = request.match_info["topic"], request.match_info["subscriber"]
-        connection = self.connections.get(subscriber)
-        if connection is None or topic not in connection.selectors.raw:
+        doc = await self.directory.document(topic, subscriber)
+        if doc is None:
             _fail(404, "no such active subscription")
-        body = {
-            "@context": CONTEXT,
-            **self._document(connection, topic),
-            "lastEventID": await self._last_event_id(),
-        }
+        body = {"@context": CONTEXT, **doc, "lastEventID": await self._last_event_id()}
         return web.Response(body=orjson.dumps(body), content_type=JSON_LD)
 
     def _authorize_api(self, request: web.Request) -> None:
@@ -667,21 +670,6 @@ class MercureHub:
         urls = (path, f"{public_origin(request, self.server.settings.base_url)}{path}")
         if claims.subscribe is None or not claims.subscribe.match_any(urls):
             _fail(403, "the token's mercure.subscribe selectors do not match this URL")
-
-    @staticmethod
-    def _document(connection: Connection, selector: str) -> dict[str, Any]:
-        topic, subscriber = quote(selector, safe=""), quote(connection.subscriber, safe="")
-        doc: dict[str, Any] = {
-            "id": f"{SUBSCRIPTIONS_PATH}/{topic}/{subscriber}",
-            "type": "Subscription",
-            "subscriber": connection.subscriber,
-            "topic": selector,
-            "active": True,
-        }
-        claims = connection.claims
-        if claims is not None and claims.payload is not None:
-            doc["payload"] = claims.payload
-        return doc
 
     async def _last_event_id(self) -> str:
         """The SSE id of the newest committed event, or ``earliest``."""

@@ -14,6 +14,7 @@ from .backend import Backend, Opened
 from .engine import Engine
 from .intents import Durable, Signals
 from .postgres import PostgresBackend
+from .postgres.subscribers import SharedSubscribers
 from .sqlite import SqliteBackend
 from .sqlite.attempts import SEGMENT_RECORDS, AttemptJournal
 from .sqlite.backend import CHECKPOINT_INTERVAL, WAL_LIMIT_PAGES
@@ -100,6 +101,13 @@ class Store(Engine):
     def shared(self) -> bool:
         """Several servers share this database (see ``Backend``)."""
         return self.backend.shared
+
+    @property
+    def subscribers(self) -> SharedSubscribers | None:
+        """Where the nodes of a cluster record their Mercure subscribers (once open;
+        ``None`` on one server: its hub's connections are all there is)."""
+        backend = self.backend
+        return backend.subscribers if isinstance(backend, PostgresBackend) else None
 
     # --- reads of committed state: see ``Backend`` ------------------------------------
 

@@ -47,6 +47,7 @@ from . import schema as sql
 from .claims import Claims
 from .node import Node, connect_error, where
 from .reads import UNREACHABLE, PostgresReads
+from .subscribers import SharedSubscribers
 from .writes import EVENTS_CHANNEL, Writes
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class PostgresBackend(PostgresReads):
         self._signals = Signals()
         self._writer_pid = 0  # the server process of our writer connection
         self.commits = 0
+        #: this node's Mercure subscribers, shared with the cluster (once open)
+        self.subscribers: SharedSubscribers | None = None
 
     def __repr__(self) -> str:
         return f"<PostgresBackend node={self.node!r} delivered={self._delivered}>"
@@ -126,6 +129,7 @@ class PostgresBackend(PostgresReads):
             await self.close()
             raise ConfigError(connect_error(self.dsn, exc)) from None
         self._writer_pid = self._writer.get_server_pid()
+        self.subscribers = SharedSubscribers(self._pool, self.node, self.lease)
         try:
             await self._migrate(self._writer)
             self._node = Node(self.dsn, self.node, self._notified)
@@ -176,7 +180,11 @@ class PostgresBackend(PostgresReads):
             with contextlib.suppress(BaseException):
                 await self._refill
             self._refill = None
+        if self.subscribers is not None:
+            await self.subscribers.close()
         if self._writer is not None and not self._writer.is_closed():
+            with contextlib.suppress(Exception):
+                await self._writer.execute(sql.DELETE_NODE_SUBSCRIBERS, [self.node])
             with contextlib.suppress(Exception):
                 await self._writer.execute(sql.DELETE_NODE, self.node)
             with contextlib.suppress(Exception):
@@ -361,6 +369,7 @@ class PostgresBackend(PostgresReads):
         async with conn.transaction():
             queued, failed, events = await self._claims.rescue(conn, [self.node], now)
             await conn.execute(sql.UPSERT_NODE, self.node, *self._claims.identity(now))
+            await conn.execute(sql.DELETE_NODE_SUBSCRIBERS, [self.node])  # of its last run
             if events:
                 await self._writes.store_events(conn, events, now)
         if queued or failed:

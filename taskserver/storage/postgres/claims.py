@@ -121,6 +121,7 @@ class Claims:
         dead = [r[0] for r in await conn.fetch(sql.SELECT_EXPIRED_NODES, lease, self.node)]
         queued, failed, events = await self.rescue(conn, dead, now)
         if dead:
+            await conn.execute(sql.DELETE_NODE_SUBSCRIBERS, dead)
             await conn.execute("DELETE FROM taskserver_nodes WHERE id = ANY($1::text[])", dead)
         if queued or failed:
             log.warning(

@@ -158,6 +158,16 @@ MIGRATIONS: tuple[str, ...] = (
         name  text PRIMARY KEY
     );
     """,
+    # Each node's Mercure subscribers, for the subscriptions API (``subscribers.py``).
+    """
+    CREATE TABLE taskserver_subscribers (
+        id       text PRIMARY KEY,
+        node     text  NOT NULL,
+        topics   jsonb NOT NULL,
+        payload  text
+    );
+    CREATE INDEX taskserver_subscribers_node ON taskserver_subscribers (node);
+    """,
 )
 
 #: Advisory lock keys (``pg_advisory_*``): one 64-bit space per database.
@@ -309,6 +319,27 @@ SELECT_NODES = (
 )
 #: Running tasks of nodes that are gone: back to queued (the attempt was counted at
 #: the claim) or failed on their last attempt, locked so no one else rescues them too.
+# --- Mercure subscribers (``subscribers.py``) -------------------------------------------
+#: ``$1`` node, ``$2``..``$4``: one array per column.
+INSERT_SUBSCRIBERS = (
+    "INSERT INTO taskserver_subscribers (node, id, topics, payload)"
+    " SELECT $1, * FROM unnest($2::text[], $3::jsonb[], $4::text[])"
+    " ON CONFLICT (id) DO UPDATE SET node = excluded.node, topics = excluded.topics,"
+    " payload = excluded.payload"
+)
+DELETE_SUBSCRIBERS = "DELETE FROM taskserver_subscribers WHERE id = ANY($1::text[])"
+DELETE_NODE_SUBSCRIBERS = "DELETE FROM taskserver_subscribers WHERE node = ANY($1::text[])"
+#: The subscribers of the live nodes other than ``$1`` (a heartbeat within ``$2`` s).
+_OTHERS = (
+    "SELECT s.id, s.topics::text, s.payload FROM taskserver_subscribers AS s"
+    " JOIN taskserver_nodes AS n ON n.id = s.node"
+    f" WHERE s.node <> $1 AND n.heartbeat >= {DB_NOW} - $2"
+)
+#: ... with ``$3`` among their selectors (``NULL``: any), ``$4`` at most.
+SELECT_SUBSCRIBERS = (
+    f"{_OTHERS} AND ($3::text IS NULL OR s.topics ? $3::text) ORDER BY s.id LIMIT $4"
+)
+FIND_SUBSCRIBER = f"{_OTHERS} AND s.id = $3"
 SELECT_ORPHANS = (
     f"SELECT {TASK_COLUMNS} FROM taskserver_tasks AS t WHERE state = 'running'"
     " AND (node = ANY($1::text[]) OR (node <> '' AND NOT EXISTS"
