@@ -130,14 +130,18 @@ async def test_a_node_waits_for_and_sees_the_events_of_a_task_run_elsewhere(node
     assert event.id > max(e.id for e in await b.events_after(0) if e.task_id == task_id)
 
 
-async def test_a_unique_key_is_held_once_across_nodes(node: Node) -> None:
+async def two_held_nodes(node: Node) -> tuple[TaskServer, TaskServer, asyncio.Event]:
+    """Nodes a and b whose tasks run until the event returned is set."""
     release = asyncio.Event()
 
     async def task(ctx: TaskContext) -> Any:
         await release.wait()
 
-    a = await node("a", task)
-    b = await node("b", task)
+    return await node("a", task), await node("b", task), release
+
+
+async def test_a_unique_key_is_held_once_across_nodes(node: Node) -> None:
+    a, b, release = await two_held_nodes(node)
     first = await a.submit(1, unique_key="k")
     second = await b.submit(2, unique_key="k")
     assert (second.id, second.existing) == (first.id, True)
@@ -151,13 +155,7 @@ async def test_a_unique_key_is_held_once_across_nodes(node: Node) -> None:
 async def test_unique_for_holds_while_the_holder_succeeds_on_another_node(node: Node) -> None:
     # Node b looks for a recent success of "k" (none: the holder still runs), then
     # inserts; the holder's success commits in between. The new task must not run.
-    release = asyncio.Event()
-
-    async def task(ctx: TaskContext) -> Any:
-        await release.wait()
-
-    a = await node("a", task)
-    b = await node("b", task)
+    a, b, release = await two_held_nodes(node)
     holder = await a.submit(1, unique_key="k")
 
     async def running() -> bool:
