@@ -73,6 +73,7 @@ LAYERS: list[set[str]] = [
     {"runtime.maintenance", "runtime.bulk"},
     {"server", "push.mercure"},
     {"web.exposure"},
+    {"web.openapi_schemas"},
     {"web.access", "web.openapi", "web.metrics", "web.forwarded"},
     {"web.http"},
     {"web.operate", "web.dashboard"},

@@ -3,9 +3,9 @@
 ``OPERATIONS`` is keyed by ``(method, path)`` exactly as the routes are added (the API
 table of ``api.py``, the ``/session`` routes of ``access.py``, the Mercure hub of
 ``push/mercure.py``); a test checks the keys equal an application's routes, none missing,
-none extra, so the document cannot drift from the router. Task options come from
-``runtime/options.py``'s limits. The document is open (no scope): it describes the API and
-reveals no task.
+none extra, so the document cannot drift from the router. The schemas and the helpers
+that build operations are in ``openapi_schemas.py``. The document is open (no scope): it
+describes the API and reveals no task.
 """
 
 from __future__ import annotations
@@ -16,315 +16,59 @@ import time
 from typing import Any
 
 from ..config import Settings
-from ..models import EventType, TaskState
+from ..models import EventType
 from ..push.mercure import HUB_PATH, SUBSCRIPTIONS_PATH
-from ..runtime.options import LABEL, MAX_DELAY
-
-PROBLEM = "application/problem+json"
-JSON = "application/json"
-SSE = "text/event-stream"
-
-Op = dict[str, Any]
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-LABEL_SCHEMA = {"type": "string", "pattern": LABEL.pattern}
-TRUE = {"const": True}
-SECONDS = {"type": "number", "minimum": 0, "maximum": MAX_DELAY}
-TIME = {"type": "number", "description": "seconds since the Unix epoch"}
-
-#: What a task may carry besides ``data`` (``options.prepare`` checks the same).
-OPTION_SCHEMAS: dict[str, dict[str, Any]] = {
-    "name": {**LABEL_SCHEMA, "description": "the task's name: picks its defaults"},
-    "queue": {**LABEL_SCHEMA, "description": "its queue (default: default)"},
-    "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
-    "delay": {**SECONDS, "description": "start no sooner than this many seconds from now"},
-    "available_at": {
-        "type": "number",
-        "minimum": 0,
-        "description": "start no sooner than this time (epoch seconds; at most 10 years ahead: "
-        "maximum is now + 10 years when the document was built)",
-    },
-    "serial_group": {**LABEL_SCHEMA, "description": "tasks of a group run one at a time"},
-    "unique_key": {**LABEL_SCHEMA, "description": "while one task holds it, enqueue returns it"},
-    "unique_for": {**SECONDS, "description": "hold unique_key this long after the task ends"},
-    "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DELAY},
-    "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
-    "retry": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "base": SECONDS,
-            "factor": {"type": "number", "minimum": 1, "maximum": 100},
-            "cap": SECONDS,
-            "jitter": {"type": "number", "minimum": 0, "maximum": 1},
-        },
-    },
-}
-
-NUMBER = {"type": "number"}
-NEW_TASK: dict[str, Any] = {
-    "type": "object",
-    "required": ["data"],
-    "additionalProperties": False,
-    # null: not set (the defaults apply).
-    "properties": {
-        "data": {"description": "any JSON value"},
-        **{k: _nullable(v) for k, v in OPTION_SCHEMAS.items()},
-    },
-    # delay and available_at exclude each other; unique_for needs a unique_key.
-    "not": {
-        "required": ["delay", "available_at"],
-        "properties": {"delay": NUMBER, "available_at": NUMBER},
-    },
-    "if": {"required": ["unique_for"], "properties": {"unique_for": NUMBER}},
-    "then": {"required": ["unique_key"], "properties": {"unique_key": {"type": "string"}}},
-}
-
-_TASK_PROPS: dict[str, Any] = {
-    "id": {"type": "integer", "minimum": 1},
-    "state": _ref("TaskState"),
-    "name": _nullable({"type": "string"}),
-    "queue": {"type": "string"},
-    "priority": {"type": "integer"},
-    "serial_group": _nullable({"type": "string"}),
-    "unique_key": _nullable({"type": "string"}),
-    "data": {},
-    "attempts": {"type": "integer", "minimum": 0},
-    "max_attempts": {"type": "integer"},
-    "timeout": _nullable({"type": "number"}),
-    "progress": _nullable({"type": "number"}),
-    "message": _nullable({"type": "string"}),
-    "result": {},
-    "error": _nullable({"type": "string"}),
-    "traceback": _nullable({"type": "string"}),
-    "finish_error": _nullable({"type": "string"}),
-    "hook_error": _nullable({"type": "string"}),
-    "retry": _nullable({"type": "object"}),
-    "created_at": TIME,
-    "available_at": TIME,
-    "started_at": _nullable(TIME),
-    "finished_at": _nullable(TIME),
-    "updated_at": TIME,
-}
-_LINKS = {
-    "url": {"type": "string"},
-    "events_url": {"type": "string"},
-    "topic": {"type": "string"},
-}
-
-SCHEMAS: dict[str, Any] = {
-    "Problem": {
-        "type": "object",
-        "description": "RFC 9457 problem details; field names the input at fault",
-        "required": ["type", "title", "status", "detail"],
-        "properties": {
-            "type": {"type": "string"},
-            "title": {"type": "string"},
-            "status": {"type": "integer"},
-            "detail": {"type": "string"},
-            "field": {"type": "string"},
-            "invalid_params": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name", "reason"],
-                    "properties": {"name": {"type": "string"}, "reason": {"type": "string"}},
-                },
-            },
-        },
-    },
-    "TaskState": {"type": "string", "enum": [s.value for s in TaskState]},
-    "NewTask": NEW_TASK,
-    "Task": {"type": "object", "required": list(_TASK_PROPS), "properties": _TASK_PROPS},
-    "TaskWithLinks": {
-        "allOf": [_ref("Task"), {"type": "object", "required": list(_LINKS), "properties": _LINKS}]
-    },
-    "Created": {
-        "type": "object",
-        "required": ["id", "state", "existing", *_LINKS],
-        "properties": {
-            "id": {"type": "integer"},
-            "state": _ref("TaskState"),
-            "existing": {"type": "boolean", "description": "a task held its unique_key"},
-            **_LINKS,
-        },
-    },
-    "Status": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"type": "string"}},
-    },
-}
-
-_PROBLEMS = {
-    400: "the request is malformed",
-    401: "no valid credential (WWW-Authenticate: Bearer)",
-    403: "the credential lacks the scope, or a write from another Origin",
-    404: "no such task or route",
-    409: "the task's state does not allow it",
-    413: "the body is larger than max_body_bytes",
-    415: "the body is not JSON",
-    422: "a field is invalid; field names it",
-    503: "the server is busy or stopping (Retry-After)",
-}
-
-
-def _problems(*codes: int) -> dict[str, Any]:
-    return {
-        str(code): {
-            "description": _PROBLEMS[code],
-            "content": {PROBLEM: {"schema": _ref("Problem")}},
-        }
-        for code in codes
-    }
-
-
-def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": schema}}}
-
-
-def _body(schema: dict[str, Any], media: str = JSON) -> dict[str, Any]:
-    return {"required": True, "content": {media: {"schema": schema}}}
-
-
-def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
-    return {"name": name, "in": "query", "schema": schema, "description": description}
-
-
-ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
-LAST_EVENT_ID = [
-    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]*$"}},
-    _query("lastEventID", {"type": "string", "pattern": "^[0-9]*$"}, "as Last-Event-ID"),
-]
-STREAM = {"description": "an event stream", "content": {SSE: {"schema": {"type": "string"}}}}
-JSON_BODY = (400, 413, 415, 422)
-PAGE = {
-    "type": "object",
-    "required": ["tasks", "next"],
-    "properties": {
-        "tasks": {"type": "array", "items": _ref("Task")},
-        "next_after": _nullable({"type": "integer"}),
-        "next_before": _nullable({"type": "integer"}),
-        "next": _nullable({"type": "string", "description": "the next page's URL"}),
-    },
-}
-#: A queue, name or unique key to match exactly (``operate.py``): any 1-200 characters.
-NAME_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 200}
-QUEUE_NAME = {"name": "name", "in": "path", "required": True, "schema": NAME_SCHEMA}
-COUNT = {"type": "integer", "minimum": 0}
-QUEUE = {
-    "type": "object",
-    "required": ["name", "queued", "waiting", "running", "retrying", "paused"],
-    "properties": {
-        "name": {"type": "string"},
-        "queued": COUNT,
-        "waiting": COUNT,
-        "running": COUNT,
-        "retrying": COUNT,
-        "paused": {"type": "boolean"},
-        "concurrency": _nullable({"type": "integer"}),
-        "priority": {"type": "integer"},
-    },
-}
-BULK = {
-    "type": "object",
-    "required": ["action"],
-    "additionalProperties": False,
-    "properties": {
-        "action": {"enum": ["retry", "cancel", "purge"]},
-        "ids": {
-            "type": "array",
-            "maxItems": 10_000,
-            "items": {"type": "integer", "minimum": 1, "maximum": 2**62 - 1},
-        },
-        "filter": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {"state": _ref("TaskState"), "queue": NAME_SCHEMA, "name": NAME_SCHEMA},
-        },
-        "limit": {"type": "integer", "minimum": 1, "maximum": 100_000},
-        "after": {"type": "integer", "minimum": 0, "maximum": 2**62},
-    },
-    # A purge deletes ended tasks only: a filter's state must be one of them.
-    "if": {
-        "required": ["action", "filter"],
-        "properties": {"action": {"const": "purge"}, "filter": {"required": ["state"]}},
-    },
-    "then": {
-        "properties": {
-            "filter": {"properties": {"state": {"enum": ["succeeded", "failed", "cancelled"]}}}
-        }
-    },
-    # ids, or a filter (with limit and after); not both.
-    "oneOf": [
-        {
-            "required": ["ids"],
-            "not": {
-                "anyOf": [
-                    {"required": ["filter"]},
-                    {"required": ["limit"]},
-                    {"required": ["after"]},
-                ]
-            },
-        },
-        {"required": ["filter"], "not": {"required": ["ids"]}},
-    ],
-}
-BULK_RESULT = {
-    "type": "object",
-    "required": ["action", "matched", "done", "errors", "next_after"],
-    "properties": {
-        "action": {"type": "string"},
-        "matched": COUNT,
-        "done": COUNT,
-        "errors": {"type": "object", "additionalProperties": {"type": "string"}},
-        "next_after": _nullable({"type": "integer"}),
-    },
-}
-
-
-def _op(summary: str, scope: str | None, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
-    """One operation; ``scope`` (read, enqueue, metrics, admin) adds the 401/403 it may
-    answer."""
-    op: dict[str, Any] = {"summary": summary, "responses": responses, **more}
-    if scope is None:
-        op["security"] = []
-    else:
-        op["security"] = [{"bearer": [scope]}, {"cookie": [scope]}]
-        responses.update(_problems(401, 403))
-    return op
+from ..runtime.options import MAX_DELAY
+from .openapi_schemas import (
+    BULK,
+    BULK_RESULT,
+    ID,
+    JSON,
+    JSON_BODY,
+    LAST_EVENT_ID,
+    LINKS,
+    NAME_SCHEMA,
+    NEW_TASK,
+    OPTION_SCHEMAS,
+    PAGE,
+    QUEUE,
+    QUEUE_NAME,
+    SCHEMAS,
+    STREAM,
+    TRUE,
+    Op,
+    json_ok,
+    nullable,
+    operation,
+    problem_responses,
+    query_param,
+    ref,
+    request_body,
+)
 
 
 def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], Op]:
-    task = _json(_ref("TaskWithLinks"))
-    batch_item = {"type": "object", "properties": {"id": {"type": "integer"}, **_LINKS}}
+    task = json_ok(ref("TaskWithLinks"))
+    batch_item = {"type": "object", "properties": {"id": {"type": "integer"}, **LINKS}}
     return {
-        ("POST", "/tasks"): _op(
+        ("POST", "/tasks"): operation(
             "Enqueue a task",
             "enqueue",
             {
-                "202": _json(_ref("Created"), "queued"),
-                "200": _json(_ref("Created"), "a task already holds its unique_key"),
-                **_problems(*JSON_BODY, 503),
+                "202": json_ok(ref("Created"), "queued"),
+                "200": json_ok(ref("Created"), "a task already holds its unique_key"),
+                **problem_responses(*JSON_BODY, 503),
             },
-            requestBody=_body(_ref("NewTask")),
+            requestBody=request_body(ref("NewTask")),
         ),
-        ("POST", "/tasks:batch"): _op(
+        ("POST", "/tasks:batch"): operation(
             "Enqueue many tasks, all or none",
             "enqueue",
             {
-                "202": _json({"type": "object", "properties": {"tasks": {"items": batch_item}}}),
-                **_problems(*JSON_BODY, 503),
+                "202": json_ok({"type": "object", "properties": {"tasks": {"items": batch_item}}}),
+                **problem_responses(*JSON_BODY, 503),
             },
-            requestBody=_body(
+            requestBody=request_body(
                 {
                     "type": "object",
                     "required": ["tasks"],
@@ -334,17 +78,17 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
                             "type": "array",
                             "minItems": 1,
                             "maxItems": max_batch,
-                            "items": _ref("NewTask"),
+                            "items": ref("NewTask"),
                         }
                     },
                 }
             ),
         ),
-        ("POST", "/tasks:retry"): _op(
+        ("POST", "/tasks:retry"): operation(
             "Re-queue tasks by id, or every failed one",
             "admin",
             {
-                "200": _json(
+                "200": json_ok(
                     {
                         "type": "object",
                         "required": ["retried", "errors"],
@@ -354,9 +98,9 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
                         },
                     }
                 ),
-                **_problems(*JSON_BODY),
+                **problem_responses(*JSON_BODY),
             },
-            requestBody=_body(
+            requestBody=request_body(
                 {
                     "type": "object",
                     "additionalProperties": False,
@@ -382,14 +126,14 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
                 }
             ),
         ),
-        ("POST", "/tasks:purge"): _op(
+        ("POST", "/tasks:purge"): operation(
             "Delete ended tasks older than older_than seconds",
             "admin",
             {
-                "200": _json({"type": "object", "properties": {"purged": {"type": "integer"}}}),
-                **_problems(*JSON_BODY),
+                "200": json_ok({"type": "object", "properties": {"purged": {"type": "integer"}}}),
+                **problem_responses(*JSON_BODY),
             },
-            requestBody=_body(
+            requestBody=request_body(
                 {
                     "type": "object",
                     "required": ["older_than"],
@@ -405,76 +149,78 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
                 }
             ),
         ),
-        ("POST", "/tasks/{id}/retry"): _op(
+        ("POST", "/tasks/{id}/retry"): operation(
             "Re-queue a failed or cancelled task",
             "admin",
-            {"200": task, **_problems(404, 409)},
+            {"200": task, **problem_responses(404, 409)},
             parameters=[ID],
         ),
-        ("GET", "/tasks"): _op(
+        ("GET", "/tasks"): operation(
             "One page of tasks and the cursor to the next",
             "read",
-            {"200": _json(PAGE), **_problems(422)},
+            {"200": json_ok(PAGE), **problem_responses(422)},
             parameters=[
-                _query("state", _ref("TaskState")),
-                _query("queue", NAME_SCHEMA, "only tasks of this queue"),
-                _query("name", NAME_SCHEMA, "only tasks with this name"),
-                _query("unique_key", NAME_SCHEMA, "only tasks with this unique_key"),
-                _query("limit", {"type": "integer", "minimum": 1, "maximum": max_page}),
-                _query("order", {"enum": ["asc", "desc"]}),
-                _query("after", {"type": "integer", "minimum": 0, "maximum": 2**62}),
-                _query("before", {"type": "integer", "minimum": 1, "maximum": 2**62}),
+                query_param("state", ref("TaskState")),
+                query_param("queue", NAME_SCHEMA, "only tasks of this queue"),
+                query_param("name", NAME_SCHEMA, "only tasks with this name"),
+                query_param("unique_key", NAME_SCHEMA, "only tasks with this unique_key"),
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": max_page}),
+                query_param("order", {"enum": ["asc", "desc"]}),
+                query_param("after", {"type": "integer", "minimum": 0, "maximum": 2**62}),
+                query_param("before", {"type": "integer", "minimum": 1, "maximum": 2**62}),
             ],
         ),
-        ("GET", "/tasks/{id}"): _op(
+        ("GET", "/tasks/{id}"): operation(
             "One task; wait long-polls until it ends",
             "read",
-            {"200": task, **_problems(404, 422)},
+            {"200": task, **problem_responses(404, 422)},
             parameters=[
                 ID,
-                _query("wait", {"type": "integer", "minimum": 0, "maximum": max_wait}, "seconds"),
+                query_param(
+                    "wait", {"type": "integer", "minimum": 0, "maximum": max_wait}, "seconds"
+                ),
             ],
         ),
-        ("DELETE", "/tasks/{id}"): _op(
-            "Cancel a task", "admin", {"200": task, **_problems(404, 409)}, parameters=[ID]
+        ("DELETE", "/tasks/{id}"): operation(
+            "Cancel a task", "admin", {"200": task, **problem_responses(404, 409)}, parameters=[ID]
         ),
-        ("GET", "/tasks/{id}/events"): _op(
+        ("GET", "/tasks/{id}/events"): operation(
             "The task's events (SSE) until its last; event names: "
             + ", ".join(e.value for e in EventType),
             "read",
             {"200": STREAM, "204": {"description": "the task ended before Last-Event-ID"}}
-            | _problems(404, 422),
+            | problem_responses(404, 422),
             parameters=[ID, *LAST_EVENT_ID],
         ),
-        ("GET", "/events"): _op(
+        ("GET", "/events"): operation(
             "Every task event (SSE); resumes after Last-Event-ID",
             "read",
-            {"200": STREAM, **_problems(422)},
+            {"200": STREAM, **problem_responses(422)},
             parameters=LAST_EVENT_ID,
         ),
-        ("GET", "/stats"): _op(
+        ("GET", "/stats"): operation(
             "Worker and task counters, the hour's history, tasks per queue",
             "read",
-            {"200": _json({"type": "object"}), **_problems(422)},
+            {"200": json_ok({"type": "object"}), **problem_responses(422)},
             parameters=[
-                _query(
+                query_param(
                     "queues",
                     {"enum": ["true", "false"]},
                     "false: per-queue counts from memory only, no count over the store",
                 )
             ],
         ),
-        ("POST", "/tasks:bulk"): _op(
+        ("POST", "/tasks:bulk"): operation(
             "Retry, cancel or purge a selection (ids) or what a filter matches, in pages",
             "admin",
-            {"200": _json(BULK_RESULT), **_problems(*JSON_BODY, 503)},
-            requestBody=_body(BULK),
+            {"200": json_ok(BULK_RESULT), **problem_responses(*JSON_BODY, 503)},
+            requestBody=request_body(BULK),
         ),
-        ("GET", "/queues"): _op(
+        ("GET", "/queues"): operation(
             "Every queue: counts, running, concurrency, priority, paused",
             "read",
             {
-                "200": _json(
+                "200": json_ok(
                     {
                         "type": "object",
                         "required": ["queues"],
@@ -483,20 +229,20 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
                 )
             },
         ),
-        ("POST", "/queues/{name}/pause"): _op(
+        ("POST", "/queues/{name}/pause"): operation(
             "Pause a queue: it takes tasks and starts none, across restarts",
             "admin",
-            {"200": _json(QUEUE), **_problems(404, 422, 503)},
+            {"200": json_ok(QUEUE), **problem_responses(404, 422, 503)},
             parameters=[QUEUE_NAME],
         ),
-        ("POST", "/queues/{name}/resume"): _op(
+        ("POST", "/queues/{name}/resume"): operation(
             "Resume a paused queue",
             "admin",
-            {"200": _json(QUEUE), **_problems(404, 422, 503)},
+            {"200": json_ok(QUEUE), **problem_responses(404, 422, 503)},
             parameters=[QUEUE_NAME],
         ),
-        ("GET", "/healthz"): _op("Liveness", None, {"200": _json(_ref("Status"))}),
-        ("GET", "/metrics"): _op(
+        ("GET", "/healthz"): operation("Liveness", None, {"200": json_ok(ref("Status"))}),
+        ("GET", "/metrics"): operation(
             "Prometheus metrics (text exposition; OpenMetrics on Accept)",
             "metrics",
             {
@@ -506,12 +252,14 @@ def _api(max_page: int, max_wait: int, max_batch: int) -> dict[tuple[str, str], 
                 }
             },
         ),
-        ("GET", "/readyz"): _op(
+        ("GET", "/readyz"): operation(
             "Readiness: 503 while draining or the store cannot write",
             None,
-            {"200": _json(_ref("Status")), **_problems(503)},
+            {"200": json_ok(ref("Status")), **problem_responses(503)},
         ),
-        ("GET", "/openapi.json"): _op("This document", None, {"200": _json({"type": "object"})}),
+        ("GET", "/openapi.json"): operation(
+            "This document", None, {"200": json_ok({"type": "object"})}
+        ),
     }
 
 
@@ -530,17 +278,19 @@ LOGIN = {"type": "object", "properties": {"token": {"type": "string", "minLength
 
 def _session() -> dict[tuple[str, str], Op]:
     return {
-        ("GET", "/session"): _op("Who this request is", None, {"200": _json(SESSION)}),
-        ("POST", "/session"): _op(
+        ("GET", "/session"): operation("Who this request is", None, {"200": json_ok(SESSION)}),
+        ("POST", "/session"): operation(
             "Log in: check the token, keep it in the HttpOnly cookie (needs Origin)",
             None,
-            {"200": _json({"type": "object"}), **_problems(400, 401, 403, 422)},
+            {"200": json_ok({"type": "object"}), **problem_responses(400, 401, 403, 422)},
             requestBody={
                 "required": True,
                 "content": {JSON: {"schema": LOGIN}, FORM_MEDIA: {"schema": LOGIN}},
             },
         ),
-        ("DELETE", "/session"): _op("Log out", None, {"204": {"description": "cookie cleared"}}),
+        ("DELETE", "/session"): operation(
+            "Log out", None, {"204": {"description": "cookie cleared"}}
+        ),
     }
 
 
@@ -549,7 +299,7 @@ HUB_SECURITY: list[dict[str, list[str]]] = [{"mercure": []}]
 
 
 def _hub(subscriptions: bool) -> dict[tuple[str, str], Op]:
-    hub_problems = _problems(400, 401, 403)
+    hub_problems = problem_responses(400, 401, 403)
     preflight: Op = {
         "summary": "CORS preflight",
         "security": [],
@@ -580,16 +330,16 @@ def _hub(subscriptions: bool) -> dict[tuple[str, str], Op]:
                 },
                 *LAST_EVENT_ID,
             ],
-            "responses": {"200": STREAM, **hub_problems, **_problems(503)},
+            "responses": {"200": STREAM, **hub_problems, **problem_responses(503)},
         },
         ("POST", HUB_PATH): {
             "summary": "Mercure publish; answers the update's id",
             "security": HUB_SECURITY,
-            "requestBody": _body(publish, FORM_MEDIA),
+            "requestBody": request_body(publish, FORM_MEDIA),
             "responses": {
                 "200": {"description": "its id", "content": {"text/plain": {}}},
                 **hub_problems,
-                **_problems(415, 503),
+                **problem_responses(415, 503),
             },
         },
         ("OPTIONS", HUB_PATH): preflight,
@@ -608,7 +358,7 @@ def _hub(subscriptions: bool) -> dict[tuple[str, str], Op]:
                 "summary": "Mercure subscriptions API",
                 "security": HUB_SECURITY,
                 "parameters": params,
-                "responses": {"200": listing, **_problems(*codes)},
+                "responses": {"200": listing, **problem_responses(*codes)},
             }
             ops[("OPTIONS", path)] = {**preflight, "parameters": params}
     return ops
@@ -617,7 +367,7 @@ def _hub(subscriptions: bool) -> dict[tuple[str, str], Op]:
 def _new_task(now: float) -> dict[str, Any]:
     """``NEW_TASK`` with ``available_at``'s bound as of ``now``."""
     props = dict(NEW_TASK["properties"])
-    props["available_at"] = _nullable(
+    props["available_at"] = nullable(
         {**OPTION_SCHEMAS["available_at"], "maximum": math.floor(now + MAX_DELAY)}
     )
     return {**NEW_TASK, "properties": props}
