@@ -44,7 +44,9 @@ async def test_many_subscribers_of_a_busy_stream_get_rounds_at_most_every_busy_d
     for sub in (subs[0], subs[-1]):
         assert await received(sub, sent) == list(range(sent))  # all, in order
     # 1,000 subscribers: a round waits BUSY_DELAY; before, about every 5-10 ms (~60 rounds).
-    assert hub.rounds <= SPAN / fanout_module.BUSY_DELAY + 2
+    # Besides those: the first one or two rounds carry one item each and go at once (a
+    # lone item after a quiet spell), and the flush above ends the last one.
+    assert hub.rounds <= SPAN / fanout_module.BUSY_DELAY + 4
 
 
 async def test_a_lone_subscriber_of_a_busy_stream_still_gets_a_round_every_max_delay() -> None:
