@@ -102,6 +102,36 @@ async def test_unique_for_counts_a_recent_success(jobs: Jobs) -> None:
     assert later.id not in (first, plain.id)
 
 
+async def test_unique_for_counts_a_holder_that_succeeds_during_the_look_up(jobs: Jobs) -> None:
+    # The look-up of a recent success reads the disk while the holder still runs; the
+    # holder's success commits (and frees its key) before the look-up answers.
+    go = asyncio.Event()
+
+    async def task(ctx: TaskContext) -> Any:
+        await go.wait()
+
+    server = await jobs.server(task)
+    holder = await server.task("holder", unique_key="k")
+    await state_of(server, holder, "running")
+    store = server.store
+    look_up = store.recent_unique
+    calls = 0
+
+    async def slow_look_up(key: str, since: float) -> int | None:
+        nonlocal calls
+        calls += 1
+        found = await look_up(key, since)
+        if calls == 1:
+            go.set()
+            await server.wait_terminal(holder, timeout=10)  # its key is free by now
+        return found
+
+    store.recent_unique = slow_look_up  # type: ignore[method-assign]
+    again = await server.submit("again", unique_key="k", unique_for=60)
+    assert (again.id, again.existing) == (holder, True)
+    assert calls == 2
+
+
 async def test_concurrent_submits_with_unique_for_create_one_task(jobs: Jobs) -> None:
     server = await jobs.server(task_workers=0)
     results = await asyncio.gather(

@@ -18,6 +18,9 @@ from ..storage import NewTask, Store
 from .options import Defaults, TaskSpec, encode_payload, prepare
 from .shared import Shared
 
+#: Reads of a key's recent success at most, while tasks keep ending during the read.
+LOOKUPS = 5
+
 
 @dataclass(frozen=True, slots=True)
 class Submitted:
@@ -186,12 +189,16 @@ class Enqueue:
             return results
         settled = []
         for result in results:
-            if result.id not in conflicts or result.existing:
+            if result.id not in conflicts:
                 settled.append(result)
                 continue
-            self._s.unique.release(result.id)
-            # Per state only: a shared database's per-queue counts are its own.
-            self._s.counts.totals[lifecycle.QUEUED if result.state is None else result.state] -= 1
+            if not result.existing:  # a new task of ours the database kept out: forget it
+                self._s.unique.release(result.id)
+                # Per state only: a shared database's per-queue counts are its own.
+                state = lifecycle.QUEUED if result.state is None else result.state
+                self._s.counts.totals[state] -= 1
+            # An answer that named a kept-out task (a repeat of its key in this call, or a
+            # caller that found it holding the key) names the holder instead.
             holder = conflicts[result.id]
             if holder is None:
                 continue  # a periodic run another server enqueued
@@ -216,10 +223,18 @@ class Enqueue:
         # Every disk read first; then the keys are resolved with no await in between,
         # so nobody can take a key after we looked.
         recent: dict[str, int | None] = {}
+        unique = self._s.unique
         for item in prepared:
             if item.unique_key is not None and item.unique_for:
                 since = self._s.clock() - item.unique_for
-                recent[item.unique_key] = await self._s.store.recent_unique(item.unique_key, since)
+                for _ in range(LOOKUPS):
+                    # A holder that ends while we read frees its key after its commit,
+                    # which the read may not have seen: read again.
+                    released = unique.released
+                    found = await self._s.store.recent_unique(item.unique_key, since)
+                    if unique.released == released:
+                        break
+                recent[item.unique_key] = found
         for i, item in enumerate(prepared):
             key = item.unique_key
             if key is not None:

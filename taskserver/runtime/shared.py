@@ -33,6 +33,8 @@ class UniqueKeys:
     commits: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     #: look-ups that await the disk (``unique_for``) and their appends take turns
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: keys freed so far: a look-up that saw it move knows a task ended meanwhile
+    released: int = 0
 
     def restore(self, keys: dict[str, int]) -> None:
         """Start from the keys the backend found (``Opened.unique_keys``)."""
@@ -49,6 +51,7 @@ class UniqueKeys:
         key = self.by_id.pop(task_id, None)
         if key is not None and self.by_key.get(key) == task_id:
             del self.by_key[key]
+            self.released += 1
 
 
 @dataclass(slots=True)
