@@ -362,7 +362,7 @@ class TaskServer:
         """Where the nodes of a cluster record their Mercure subscribers (``None`` on one
         server, or while not running)."""
         store = self._shared.opened_store
-        return None if store is None else store.subscribers
+        return store.subscribers if store is not None and self._shared.started else None
 
     def now(self) -> float:
         """Seconds since the epoch, from the server's clock (injectable in tests)."""

@@ -8,6 +8,7 @@ the other live nodes' from the database, so any node answers for the whole hub.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -50,10 +51,10 @@ class Directory:
         self._local[subscriber] = (topics, payload)
         shared = self._shared()
         if shared is not None:
-            shared.joined(subscriber, topics, None if payload is None else _json(payload))
+            shared.joined(subscriber, topics, None if payload is None else json_text(payload))
 
     def remove(self, subscriber: str) -> None:
-        """That stream ended."""
+        """That stream ended (or ``add`` failed)."""
         if self._local.pop(subscriber, None) is None:
             return
         shared = self._shared()
@@ -72,7 +73,7 @@ class Directory:
         shared = self._shared()
         if shared is not None:
             for subscriber, topics, payload in await shared.listed(topic, MAX_LISTED):
-                loaded = None if payload is None else orjson.loads(payload)
+                loaded = None if payload is None else json.loads(payload)
                 docs += [
                     self._document(subscriber, selector, loaded)
                     for selector in topics
@@ -90,7 +91,7 @@ class Directory:
             row = None if shared is None else await shared.find(subscriber)
             if row is None:
                 return None
-            topics, payload = row[1], None if row[2] is None else orjson.loads(row[2])
+            topics, payload = row[1], None if row[2] is None else json.loads(row[2])
         return self._document(subscriber, topic, payload) if topic in topics else None
 
     def _document(self, subscriber: str, selector: str, payload: Any) -> dict[str, Any]:
@@ -107,5 +108,9 @@ class Directory:
         return doc
 
 
-def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
+def json_text(value: Any) -> str:
+    """``value`` as JSON: a JWT's payload may hold what orjson refuses."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # e.g. an integer past 64 bits, which a JWT's JSON may hold
+        return json.dumps(value)

@@ -44,7 +44,6 @@ from http import HTTPStatus
 from typing import Any, NoReturn, Protocol
 from urllib.parse import parse_qsl
 
-import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -55,7 +54,7 @@ from ..config import Settings
 from ..errors import ConfigError, ServerBusy
 from ..models import Event
 from ..problems import PROBLEM, Handler, guard, problem_body
-from .directory import Directory, SharedDirectory
+from .directory import Directory, SharedDirectory, json_text
 from .fanout import Fanout
 from .jws import AuthError, Claims, Verifier, load_key
 from .sse import TransportSink, open_stream
@@ -444,9 +443,9 @@ class MercureHub:
         self.connections[connection.subscriber] = connection
         claims = connection.claims
         payload = claims.payload if claims is not None else None
-        self.directory.add(connection.subscriber, list(connection.selectors.raw), payload)
         timer: asyncio.TimerHandle | None = None
         try:
+            self.directory.add(connection.subscriber, list(connection.selectors.raw), payload)
             async with open_stream(
                 request,
                 subscription,
@@ -650,7 +649,7 @@ class MercureHub:
             "lastEventID": await self._last_event_id(),
             "subscriptions": docs,
         }
-        return web.Response(body=orjson.dumps(body), content_type=JSON_LD)
+        return web.Response(text=json_text(body), content_type=JSON_LD)
 
     async def subscription(self, request: web.Request) -> web.Response:
         """``GET .../subscriptions/{topic}/{subscriber}``: one active subscription, or 404."""
@@ -660,7 +659,7 @@ class MercureHub:
         if doc is None:
             _fail(404, "no such active subscription")
         body = {"@context": CONTEXT, **doc, "lastEventID": await self._last_event_id()}
-        return web.Response(body=orjson.dumps(body), content_type=JSON_LD)
+        return web.Response(text=json_text(body), content_type=JSON_LD)
 
     def _authorize_api(self, request: web.Request) -> None:
         claims = self._claims(request, self.subscriber)

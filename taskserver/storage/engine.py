@@ -168,10 +168,12 @@ class Engine(Batching):
         The server counts a change when it appends it; a read of the rows that must
         agree with those counts (a bulk action by filter) awaits this first. Batches
         commit in order, so the current one's future is the barrier; an empty batch
-        costs a round of the write loop and no write. ``ServerBusy`` once closing.
+        costs a round of the write loop and no write. ``ServerBusy`` once closing or
+        when the writer stopped.
         """
-        if self._closing:
-            raise ServerBusy("the store is closing")
+        reason = self.cannot_write()
+        if reason is not None and reason != self.write_error:
+            raise ServerBusy(reason)  # closing, or no writer: the future would never resolve
         return self._current().future
 
     def poke(self) -> None:

@@ -130,6 +130,7 @@ class PostgresBackend(PostgresReads):
             raise ConfigError(connect_error(self.dsn, exc)) from None
         self._writer_pid = self._writer.get_server_pid()
         self.subscribers = SharedSubscribers(self._pool, self.node, self.lease)
+        self._claims.revived = self.subscribers.rewrite
         try:
             await self._migrate(self._writer)
             self._node = Node(self.dsn, self.node, self._notified)
@@ -184,9 +185,7 @@ class PostgresBackend(PostgresReads):
             await self.subscribers.close()
         if self._writer is not None and not self._writer.is_closed():
             with contextlib.suppress(Exception):
-                await self._writer.execute(sql.DELETE_NODE_SUBSCRIBERS, [self.node])
-            with contextlib.suppress(Exception):
-                await self._writer.execute(sql.DELETE_NODE, self.node)
+                await self._writer.execute(sql.DELETE_NODE, self.node)  # its subscribers too
             with contextlib.suppress(Exception):
                 await self._writer.close()
         self._writer = None
@@ -305,7 +304,9 @@ class PostgresBackend(PostgresReads):
         try:
             writes = batch.writes()
             if writes or batch.reads:
-                async with conn.transaction():
+                # Read committed, whatever the database's default: statements after a wait
+                # must see what committed meanwhile (``Writes.write``: unique_for).
+                async with conn.transaction(isolation="read_committed"):
                     events = await self._writes.write(conn, batch, now, applied) if writes else []
                     for read, _ in batch.reads:
                         tasks, made = await self._claims.answer(conn, read, now)

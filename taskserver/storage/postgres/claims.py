@@ -49,6 +49,8 @@ class Claims:
         self.node = node
         self._clock = clock
         self._started = clock()
+        #: called when this node's row had been deleted (given up for dead) and is back
+        self.revived: Callable[[], None] = lambda: None
 
     def identity(self, now: float) -> tuple[Any, ...]:
         """``UPSERT_NODE``'s parameters after the id: host, pid, start, info."""
@@ -114,14 +116,14 @@ class Claims:
             )
             host, pid, started, _ = self.identity(now)
             await conn.execute(sql.UPSERT_NODE, self.node, host, pid, started, info)
+            self.revived()  # what went with the node row is written again
         if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", sql.LOCK_FOLD):
             await conn.execute(sql.FOLD_COUNTS)
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", sql.LOCK_RESCUE):
             return 0, []  # another node is rescuing
         dead = [r[0] for r in await conn.fetch(sql.SELECT_EXPIRED_NODES, lease, self.node)]
         queued, failed, events = await self.rescue(conn, dead, now)
-        if dead:
-            await conn.execute(sql.DELETE_NODE_SUBSCRIBERS, dead)
+        if dead:  # their subscribers go with them (a foreign key)
             await conn.execute("DELETE FROM taskserver_nodes WHERE id = ANY($1::text[])", dead)
         if queued or failed:
             log.warning(

@@ -162,7 +162,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE taskserver_subscribers (
         id       text PRIMARY KEY,
-        node     text  NOT NULL,
+        node     text  NOT NULL REFERENCES taskserver_nodes (id) ON DELETE CASCADE,
         topics   jsonb NOT NULL,
         payload  text
     );

@@ -11,9 +11,10 @@ subscriber is listed by its node at once and by the others after the next flush.
 * **Bounded.** What is kept is the live subscribers (bounded by the connections
   this node holds) and the ones that left since the last round.
 * **Nothing stale for long.** A round that fails (the database went away) makes
-  the next one rewrite this node's rows whole. Rows are listed only while their
-  node has a lease, deleted when the node is given up for dead (``claims.py``) and
-  when it starts again or stops.
+  the next one rewrite this node's rows whole, and so does this node's return after
+  the cluster gave it up for dead (``rewrite``). Rows belong to their node's row
+  (a foreign key: they go with it, when the node stops or is given up for dead) and
+  are listed only while it has a lease.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import logging
 import asyncpg
 import orjson
 
+from ...errors import ServerBusy
 from . import schema as sql
+from .reads import UNREACHABLE
 
 log = logging.getLogger(__name__)
 #: Seconds between rounds after a failed one, at most.
@@ -48,15 +51,20 @@ class SharedSubscribers:
         self._rewrite = False  # the last round failed: rewrite this node's rows whole
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def joined(self, subscriber: str, topics: list[str], payload: str | None) -> None:
         """A subscriber of this node's hub (one stream) is active."""
+        if self._closed:
+            return
         self._live[subscriber] = (subscriber, topics, payload)
         self._joined.add(subscriber)
         self._start()
 
     def left(self, subscriber: str) -> None:
         """That subscriber's stream ended."""
+        if self._closed:
+            return
         self._live.pop(subscriber, None)
         if subscriber in self._joined:
             self._joined.discard(subscriber)  # never written
@@ -64,19 +72,37 @@ class SharedSubscribers:
             self._left.add(subscriber)
         self._start()
 
+    def rewrite(self) -> None:
+        """Write this node's rows whole in the next round (the cluster had deleted them)."""
+        if not self._closed:
+            self._rewrite = True
+            self._start()
+
     async def listed(self, topic: str | None, limit: int) -> list[Row]:
         """Up to ``limit`` subscribers of the *other* live nodes (with ``topic``
-        among their selectors, when given), by IRI."""
-        rows = await self._pool.fetch(sql.SELECT_SUBSCRIBERS, self._node, self._lease, topic, limit)
-        return [(r[0], orjson.loads(r[1]), r[2]) for r in rows]
+        among their selectors, when given), by IRI. ``ServerBusy`` when the database
+        cannot be read."""
+        params = (self._node, self._lease, topic, limit)
+        return [
+            (r[0], orjson.loads(r[1]), r[2])
+            for r in await self._fetch(sql.SELECT_SUBSCRIBERS, params)
+        ]
 
     async def find(self, subscriber: str) -> Row | None:
         """``subscriber`` if another live node has it."""
-        row = await self._pool.fetchrow(sql.FIND_SUBSCRIBER, self._node, self._lease, subscriber)
-        return None if row is None else (row[0], orjson.loads(row[1]), row[2])
+        rows = await self._fetch(sql.FIND_SUBSCRIBER, (self._node, self._lease, subscriber))
+        return (rows[0][0], orjson.loads(rows[0][1]), rows[0][2]) if rows else None
+
+    async def _fetch(self, query: str, params: tuple[object, ...]) -> list[asyncpg.Record]:
+        try:
+            rows: list[asyncpg.Record] = await self._pool.fetch(query, *params)
+        except UNREACHABLE as exc:
+            raise ServerBusy(f"the database cannot be read now: {exc}", retry_after=1.0) from None
+        return rows
 
     async def close(self) -> None:
         """Stop writing (the node's rows go with its node row: ``PostgresBackend.close``)."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):
