@@ -26,7 +26,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..errors import AccessDenied, ConfigError
-from ..push.mercure import PROXIED
+from ..push.mercure import proxied
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Guarded(Protocol):
 @functools.lru_cache(maxsize=256)
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine."""
-    # Cached: check_host asks it of the listening address on every request.
+    # Cached: check_host asks it of Host names, which repeat from request to request.
     if host.lower() in LOOPBACK_NAMES:
         return True
     try:
@@ -68,6 +68,15 @@ def host_name(value: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=256)
+def _loopback_listening(sockname: object) -> str | None:
+    """The address of a listening socket (``sockname``), lowercase, if it is a loopback one."""
+    # One cached call per request for what is the same on every request of a socket.
+    if not isinstance(sockname, tuple) or not is_loopback(str(sockname[0])):
+        return None
+    return str(sockname[0]).lower()
+
+
+@functools.lru_cache(maxsize=256)
 def _allowed(header: str, listening: str, base_host: str) -> bool:
     name = host_name(header)
     if name is None:
@@ -78,12 +87,14 @@ def _allowed(header: str, listening: str, base_host: str) -> bool:
 def check_host(request: web.Request, base_host: str) -> None:
     """``AccessDenied(421)`` for a ``Host`` that an open loopback server must not answer."""
     transport = request.transport
-    sockname = transport.get_extra_info("sockname") if transport is not None else None
-    if not isinstance(sockname, tuple) or not is_loopback(str(sockname[0])):
+    listening = _loopback_listening(
+        transport.get_extra_info("sockname") if transport is not None else None
+    )
+    if listening is None:
         return  # a Unix socket, or a non-loopback address: reachable without rebinding
     # Behind a trusted proxy: the host the client asked the proxy for.
-    header = request.host if request.get(PROXIED) else request.headers.get("Host")
-    if header is None or _allowed(header, str(sockname[0]).lower(), base_host):
+    header = request.host if proxied(request) else request.headers.get("Host")
+    if header is None or _allowed(header, listening, base_host):
         return
     raise AccessDenied(
         "this server answers loopback host names only while no credential is configured "

@@ -48,7 +48,9 @@ async def read_json_object(request: web.Request, allowed: frozenset[str]) -> dic
         raise web.HTTPUnsupportedMediaType(
             text=f"Content-Type must be {JSON}, got {request.content_type or 'none'}"
         )
-    raw = await request.read()  # client_max_size bounds it (413 past the limit)
+    raw = buffered_body(request)
+    if raw is None:
+        raw = await request.read()  # client_max_size bounds it (413 past the limit)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -62,6 +64,23 @@ async def read_json_object(request: web.Request, allowed: frozenset[str]) -> dic
                 f"unknown field {key!r}; allowed: {', '.join(sorted(allowed))}", field=key
             )
     return body
+
+
+def buffered_body(request: web.Request) -> bytes | None:
+    """The whole body when it has all arrived and nothing has read it, else ``None``
+    (then ``request.read()``); bounded by ``client_max_size`` as ``read()`` is (413).
+
+    A small POST arrives with its head: taking it from the buffer saves ``read()``'s
+    three coroutines and two copies, about 1 us a request.
+    """
+    content = request.content
+    if not content.is_eof() or content.at_eof():
+        return None  # still coming, or already read (read() has kept it) or empty
+    raw = content.read_nowait()  # raises what the stream failed with, as read() does
+    limit = request.client_max_size
+    if limit and len(raw) > limit:
+        raise web.HTTPRequestEntityTooLarge(limit, len(raw))
+    return raw
 
 
 def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
