@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
         "push.topics",
         "push.subscription",
         "push.directory",
+        "push.origins",
         "runtime.periodic",
         "runtime.processes",
         "problems",

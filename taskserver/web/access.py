@@ -47,7 +47,8 @@ from yarl import URL
 from ..credentials import API_SCOPES
 from ..errors import AccessDenied, ConfigError, ValidationError
 from ..push.jws import AuthError, Verifier, clean, load_key, mercure_claims
-from ..push.mercure import MercureHub, local_origin
+from ..push.mercure import MercureHub
+from ..push.origins import local_origin
 from ..push.topics import Selectors
 from ..server import TaskServer
 from .exposure import check_host, is_loopback

@@ -19,7 +19,8 @@ from ..errors import Conflict, ServerBusy, TaskNotFound, ValidationError
 from ..lifecycle import TERMINAL
 from ..models import Task, TaskState
 from ..problems import guard, problem
-from ..push.mercure import MercureHub, discovery_links
+from ..push.mercure import MercureHub
+from ..push.origins import discovery_links
 from ..push.sse import stream_events, subscribe_events
 from ..runtime.options import OPTIONS, TaskSpec
 from ..server import TaskServer

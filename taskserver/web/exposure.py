@@ -26,7 +26,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..errors import AccessDenied, ConfigError
-from ..push.mercure import proxied
+from ..push.origins import proxied
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import Network, parse_networks
-from ..push.mercure import PROXIED, request_key
+from ..push.origins import PROXIED, request_key
 from .exposure import host_name
 
 #: The client address a trusted proxy reported, on the original request (access log).

@@ -17,7 +17,8 @@ from typing import Any
 
 from ..config import Settings
 from ..models import EventType
-from ..push.mercure import HUB_PATH, SUBSCRIPTIONS_PATH
+from ..push.mercure import SUBSCRIPTIONS_PATH
+from ..push.origins import HUB_PATH
 from ..runtime.options import MAX_DELAY
 from .openapi_schemas import (
     BULK,
