@@ -15,6 +15,10 @@ from ..models import TERMINAL_EVENTS, Event, EventType, Task
 from ..storage import Durable
 from .shared import Shared
 
+#: Looked up once: ``EventType.X`` is a lookup on the enum class, ~70 ns more than a
+#: global on Python 3.11, and these run per task.
+_STARTED, _PROGRESS, _FINISHED = EventType.STARTED, EventType.PROGRESS, EventType.FINISHED
+
 
 class Publisher(Protocol):
     """Where committed events go (the fan-out to SSE and Mercure subscribers)."""
@@ -96,15 +100,15 @@ class Outcomes:
         """A worker's outcome (``started``, ``retrying``, ``finished`` ...): stored, counted."""
         self._s.store.update_task(task, type_, extra)  # NotSerializable propagates to the pool
         counts, tally = self._s.counts, self._s.tally
-        if type_ is EventType.STARTED:
+        if type_ is _STARTED:
             counts.move(task.queue, lifecycle.QUEUED, lifecycle.RUNNING)
             tally.started(task)
             at = task.updated_at  # now: update_task set it
             self._s.history.started(at, at - task.available_at)
-        elif type_ is not EventType.PROGRESS:
+        elif type_ is not _PROGRESS:
             counts.move(task.queue, lifecycle.RUNNING, task.state)
             tally.attempt_ended(task, task.finished_at or self._s.clock())
-            if type_ is EventType.FINISHED:
+            if type_ is _FINISHED:
                 self._s.history.succeeded(task.updated_at)
             elif type_ is EventType.FAILED:
                 self._s.history.failed(task.updated_at)

@@ -33,6 +33,10 @@ from .intents import (
 )
 from .payload import dumps, event_json
 
+#: Looked up once: ``EventType.X`` is a lookup on the enum class, ~70 ns more than a
+#: global on Python 3.11, and these run per task.
+_QUEUED, _STARTED, _FINISHED = EventType.QUEUED, EventType.STARTED, EventType.FINISHED
+
 
 class Batching:
     """The append half of ``Engine``; the engine sets these attributes."""
@@ -130,10 +134,10 @@ class Batching:
             batch.unique_since[task.id] = now - item.unique_for
         if task.state is lifecycle.QUEUED:
             batch.ready.append(task)
-            self._new_event(batch, task, EventType.QUEUED, None, now)
+            self._new_event(batch, task, _QUEUED, None, now)
         else:
             batch.delayed = True
-            self._new_event(batch, task, EventType.QUEUED, {"available_at": due}, now)
+            self._new_event(batch, task, _QUEUED, {"available_at": due}, now)
         return task
 
     def update_task(
@@ -158,9 +162,7 @@ class Batching:
         even if the process dies before the commit.
         """
         result = None
-        if type_ is EventType.FINISHED or (
-            task.state is lifecycle.SUCCEEDED and task.result is not None
-        ):
+        if type_ is _FINISHED or (task.state is lifecycle.SUCCEEDED and task.result is not None):
             try:
                 result = dumps(task.result)
             except TypeError as exc:
@@ -170,11 +172,9 @@ class Batching:
         batch = self._current()
         now = self._clock()
         task.updated_at = now
-        json = event_json(
-            task, type_, extra, now, result=result if type_ is EventType.FINISHED else None
-        )
+        json = event_json(task, type_, extra, now, result=result if type_ is _FINISHED else None)
         event_id = self._event_id()
-        if type_ is EventType.STARTED:
+        if type_ is _STARTED:
             token = self._started(task.id, task.attempts, event_id)
             if token is not None:
                 batch.retire.append(token)

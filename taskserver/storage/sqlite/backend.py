@@ -333,8 +333,11 @@ class SqliteBackend(SqliteReads):
             counts = [max(0, db.execute(q, p).rowcount) for q, p in _chore_statements(chore)]
             applied.counts.append(sum(counts) if not isinstance(chore, Purge) else counts[-1])
         if events:
+            text = sql.TEXT
             task_rows = [
-                (e.id, e.task_id, e.type, e.json, now) for e in events if e.task_id is not None
+                (e.id, e.task_id, text[e.type], e.json, now)  # type: ignore[index]
+                for e in events
+                if e.task_id is not None
             ]
             insert = sql.insert_many(sql.INSERT_TASK_EVENT_PREFIX, sql.TASK_EVENT_ROW, task_rows)
             if len(task_rows) < len(events):  # updates published to the hub, no task
