@@ -26,12 +26,14 @@ from taskserver import (
     Settings,
     TaskContext,
     TaskServer,
+    TaskSpec,
     TaskState,
     attach,
     lifecycle,
 )
 from taskserver.models import Task
 from taskserver.storage import NewTask, Store
+from taskserver.storage.postgres import schema as pg_schema
 
 from .conftest import wait_for
 from .pg_server import PostgresServer
@@ -145,6 +147,8 @@ async def test_a_unique_key_is_held_once_across_nodes(node: Node) -> None:
     first = await a.submit(1, unique_key="k")
     second = await b.submit(2, unique_key="k")
     assert (second.id, second.existing) == (first.id, True)
+    # /metrics counts what each node enqueued: b's task was kept out.
+    assert (sum(a.tally.enqueued.values()), sum(b.tally.enqueued.values())) == (1, 0)
     release.set()
     await a.wait_terminal(first.id, timeout=10)
     third = await b.submit(3, unique_key="k")
@@ -194,6 +198,49 @@ async def test_unique_for_holds_while_the_holder_succeeds_on_another_node(node: 
     assert [(a.id, a.existing) for a in answers] == [(holder.id, True)] * 2
     rows = await b.list_tasks()
     assert [t.id for t in rows] == [holder.id]
+
+
+async def test_a_holder_ending_between_insert_and_look_up_frees_its_key(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Node b's insert finds "k" held, and the holder's success commits before b looks
+    # the holder up (made certain here: it commits as b's look-up is sent). The key is
+    # free then: b's task is new, and the bulk call holds all or nothing.
+    a, b, release = await two_held_nodes(node)
+    holder = await a.submit(1, unique_key="k")
+
+    async def running() -> bool:
+        return (await a.get(holder.id)).state is TaskState.RUNNING
+
+    await wait_for(running, message="the holder to run")
+    finisher = await asyncpg.connect(a.settings.db)
+    fetch = asyncpg.connection.Connection.fetch
+    ended: list[str] = []
+
+    async def holder_ends_first(self: asyncpg.Connection, query: str, *args: Any) -> Any:
+        if query == pg_schema.SELECT_KEY_HOLDERS and not ended:
+            ended.append(
+                await finisher.execute(
+                    "UPDATE taskserver_tasks SET state = 'succeeded', finished_at = $2"
+                    " WHERE id = $1",
+                    holder.id,
+                    time.time(),
+                )
+            )
+        return await fetch(self, query, *args)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetch", holder_ends_first)
+    try:
+        answers = await b.task_many([TaskSpec(2, {"unique_key": "k"}), TaskSpec(3)])
+    finally:
+        monkeypatch.undo()
+        await finisher.close()
+        release.set()
+    assert ended == ["UPDATE 1"]
+    assert [answer.existing for answer in answers] == [False, False]
+    rows = {t.id: t for t in await b.list_tasks()}
+    assert sorted(rows) == sorted([holder.id, *(answer.id for answer in answers)])
+    assert rows[answers[0].id].unique_key == "k"
 
 
 async def test_serial_groups_and_queue_concurrency_hold_across_nodes(node: Node) -> None:

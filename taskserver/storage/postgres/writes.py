@@ -29,6 +29,8 @@ STORE_EVENTS = sql.STORE_EVENTS.format(channel=EVENTS_CHANNEL)
 #: Queue names a notification carries at most (its payload must stay under 8,000 bytes);
 #: past it, it says "*": maybe any queue.
 NOTIFY_QUEUES_BYTES = 7_000
+#: Inserts of a batch's new rows at most, while the holders of their keys keep ending.
+INSERT_TRIES = 4
 
 #: Per conditional move: its statement (what it leads to: ``rows.MOVES``).
 _MOVES = {"cancel": sql.CANCEL_PENDING, "retry": sql.RETRY_ENDED}
@@ -55,18 +57,7 @@ class Writes:
                 applied.conflicts.update(dict.fromkeys(ids))
         rows = [r for r in batch.inserts if r[0] not in drop] if drop else batch.inserts
         if rows:
-            written = {r[0] for r in await conn.fetch(sql.INSERT_TASKS, *sql.columns(rows, 14))}
-            if len(written) < len(rows):  # a unique key held by a task that has not ended
-                kept = [t for t in batch.inserted if t.id not in written and t.id not in drop]
-                keys = [t.unique_key for t in kept if t.unique_key is not None]
-                holders: dict[str, int] = {
-                    r[0]: r[1] for r in await conn.fetch(sql.SELECT_KEY_HOLDERS, keys)
-                }
-                for task in kept:
-                    # 0: the holder ended between the insert and this look-up
-                    key = task.unique_key
-                    applied.conflicts[task.id] = holders.get(key, 0) if key is not None else 0
-                    drop.add(task.id)
+            written = await _insert(conn, batch, rows, applied, drop)
             if batch.unique_since:
                 await _recent_holders(conn, batch, written, applied, drop)
         if batch.updates:
@@ -139,6 +130,51 @@ class Writes:
         if chore.up_to is not None:
             total += int(await conn.fetchval(sql.TRIM_EVENTS_BY_COUNT, chore.up_to, chore.chunk))
         return total, []
+
+
+async def _insert(
+    conn: asyncpg.Connection,
+    batch: Batch,
+    rows: list[tuple[Any, ...]],
+    applied: Applied,
+    drop: set[int],
+) -> set[int]:
+    """Insert ``rows``; the ids written. A row whose unique key an active task holds is
+    kept out and answered with that holder (``applied.conflicts``).
+
+    The insert and the holders' look-up are two statements: a holder that ends in
+    between frees its key unseen by the look-up. Its keys are free then, so those rows
+    are inserted again (each try a new snapshot, read committed), a few times at most:
+    one task of a bulk call must not fail alone after the others were written.
+    """
+    written: set[int] = set()
+    pending = rows
+    for _ in range(INSERT_TRIES):
+        got = {r[0] for r in await conn.fetch(sql.INSERT_TASKS, *sql.columns(pending, 14))}
+        written |= got
+        if len(got) == len(pending):
+            return written
+        ids = {r[0] for r in pending}
+        kept = [t for t in batch.inserted if t.id in ids and t.id not in got]
+        keys = [t.unique_key for t in kept if t.unique_key is not None]
+        holders: dict[str, int] = {
+            r[0]: r[1] for r in await conn.fetch(sql.SELECT_KEY_HOLDERS, keys)
+        }
+        freed: set[int] = set()
+        for task in kept:
+            holder = holders.get(task.unique_key) if task.unique_key is not None else None
+            if holder is None:
+                freed.add(task.id)
+            else:
+                applied.conflicts[task.id] = holder
+                drop.add(task.id)
+        if not freed:
+            return written
+        pending = [r for r in pending if r[0] in freed]
+    for row in pending:  # keys that changed hands at every try: the caller is told
+        applied.conflicts[row[0]] = 0
+        drop.add(row[0])
+    return written
 
 
 async def _recent_holders(
