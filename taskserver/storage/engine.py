@@ -228,7 +228,10 @@ class Engine(Batching):
         for token in batch.retire:
             self.backend.release(token)
         durable = applied.durable
-        durable.inserted = batch.inserted
+        refused = applied.conflicts  # new tasks a shared database kept out were not enqueued
+        durable.inserted = (
+            [t for t in batch.inserted if t.id not in refused] if refused else batch.inserted
+        )
         if durable.events:
             self.committed_event_id = max(self.committed_event_id, durable.events[-1].id)
         self.committed_event_id = max(self.committed_event_id, applied.committed_event_id)
