@@ -32,6 +32,14 @@ per task over theirs is what the cluster itself costs. The same taskserver workl
 SQLite, one node, is the single-machine baseline. Should ``taskserver run`` not take a
 ``postgresql://`` URL (the backend is not there), the section says so and measures the
 rest.
+
+The load above offers tasks as fast as the nodes take them, so 3 nodes keep the two
+cores busier than 1 does (their throughput is higher), and every process's CPU per
+task grows with that alone. So each number of nodes is also measured (with the
+default prefetch) with the same tasks offered at one rate in all (``pg_pace``, below
+what one node sustains here), one batch after another round-robin over the nodes:
+the machine does the same work per second whatever the number of nodes, and what
+grows per task from 1 to 3 nodes is then what more nodes cost, not a busier machine.
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ class PgOptions(Protocol):
     pg_workers: int
     pg_batch: int
     pg_prefetch: tuple[int, ...]
+    pg_pace: float
 
 
 @dataclass
@@ -111,36 +120,54 @@ class Config:
     """One thing measured each round."""
 
     label: str
-    kind: str  # "pg", "apart" (one node per database, all at once), "peer" or "sqlite"
+    #: "pg", "paced" (the same, offered at ``pace`` tasks/s), "apart" (one node per
+    #: database, all at once), "peer" or "sqlite"
+    kind: str
     nodes: int
     prefetch: int = 0  # taskserver's --prefetch on PostgreSQL
+    pace: float | None = None
     runs: list[Measured] = field(default_factory=list)
 
 
 # --- taskserver ------------------------------------------------------------------------
 
 
-async def _post_all(urls: Sequence[str], total: int, batch: int) -> None:
-    """Enqueue ``total`` no-op tasks over HTTP, round-robin over ``urls`` (503: retry)."""
+async def _post(session: aiohttp.ClientSession, url: str, size: int) -> None:
+    """One ``POST /tasks:batch`` of ``size`` no-op tasks (503: retried)."""
+    body = orjson.dumps({"tasks": [{"data": None}] * size})
+    while True:
+        headers = {"Content-Type": "application/json"}
+        async with session.post(url + "/tasks:batch", data=body, headers=headers) as r:
+            if r.status == 202:
+                return
+            if r.status != 503:
+                raise BenchError(f"POST /tasks:batch: {r.status} {await r.text()}")
+        await asyncio.sleep(float(r.headers.get("Retry-After", "0.05")) / 10)
+
+
+async def _post_all(urls: Sequence[str], total: int, batch: int, pace: float | None = None) -> None:
+    """Enqueue ``total`` no-op tasks over HTTP, round-robin over ``urls`` (503: retry):
+    as fast as they are taken (``IN_FLIGHT`` requests per node), or, with ``pace``, one
+    batch after another at ``pace`` tasks/s in all, whatever the number of nodes."""
     sizes = [min(batch, total - start) for start in range(0, total, batch)]
-    queues: list[asyncio.Queue[int]] = [asyncio.Queue() for _ in urls]
-    for i, size in enumerate(sizes):
-        queues[i % len(urls)].put_nowait(size)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as session:
+        if pace is not None:
+            loop = asyncio.get_running_loop()
+            start, sent, posts = loop.time(), 0, []
+            for i, size in enumerate(sizes):
+                await asyncio.sleep(max(0.0, start + sent / pace - loop.time()))
+                posts.append(asyncio.create_task(_post(session, urls[i % len(urls)], size)))
+                sent += size
+            await asyncio.gather(*posts)
+            return
+        queues: list[asyncio.Queue[int]] = [asyncio.Queue() for _ in urls]
+        for i, size in enumerate(sizes):
+            queues[i % len(urls)].put_nowait(size)
 
         async def poster(url: str, queue: asyncio.Queue[int]) -> None:
             while not queue.empty():
-                size = queue.get_nowait()
-                body = orjson.dumps({"tasks": [{"data": None}] * size})
-                while True:
-                    headers = {"Content-Type": "application/json"}
-                    async with session.post(url + "/tasks:batch", data=body, headers=headers) as r:
-                        if r.status == 202:
-                            break
-                        if r.status != 503:
-                            raise BenchError(f"POST /tasks:batch: {r.status} {await r.text()}")
-                    await asyncio.sleep(float(r.headers.get("Retry-After", "0.05")) / 10)
+                await _post(session, url, queue.get_nowait())
 
         await asyncio.gather(
             *(poster(u, q) for u, q in zip(urls, queues, strict=True) for _ in range(IN_FLIGHT))
@@ -215,9 +242,11 @@ def measure_taskserver(
     tag: str,
     pg: Postgres | None,
     extra: Sequence[str] = (),
+    pace: float | None = None,
 ) -> Measured:
     """Start ``nodes`` nodes on each of ``dbs`` (``extra``: more options), load them all at
-    once (the tasks spread evenly over every node), read back."""
+    once (the tasks spread evenly over every node; ``pace``: offered at that many tasks/s
+    in all), read back."""
     with contextlib.ExitStack() as stack:
         clusters = [
             stack.enter_context(_nodes(db, nodes, opts.pg_workers, tmp, f"{tag}-{i}", extra))
@@ -234,7 +263,7 @@ def measure_taskserver(
                 commits_before = [await _commits(session, u) for u in urls]
                 cpu_before = [cpu_seconds_of(p) for p in pids]
                 pg_before = pg.cpu() if pg else None
-                await _post_all(urls, opts.pg_tasks, opts.pg_batch)
+                await _post_all(urls, opts.pg_tasks, opts.pg_batch, pace)
                 for url in firsts:
                     await _idle(session, url, RUN_TIMEOUT)
                 # Before the read-back, which the first node alone serves.
@@ -414,6 +443,10 @@ def section(opts: PgOptions, tmp: Path) -> None:
                 if n > 1:
                     label = f"taskserver PG, {n} apart, prefetch {p}"
                     configs.append(Config(label, "apart", n, p))
+            if not missing and opts.pg_prefetch:
+                p = max(opts.pg_prefetch)
+                label = f"taskserver PG, {n} node{'s' * (n > 1)} at {opts.pg_pace:,.0f}/s"
+                configs.append(Config(label, "paced", n, p, opts.pg_pace))
             if peer_version is not None:
                 configs.append(Config(f"procrastinate {peer_version}, {n} proc", "peer", n))
         for round_ in range(opts.rounds):
@@ -444,8 +477,10 @@ def _measure_one(config: Config, opts: PgOptions, tmp: Path, tag: str, pg: Postg
             dbs = [stack.enter_context(pg.database()) for _ in range(config.nodes)]
             return measure_taskserver(dbs, 1, opts, tmp, tag, pg, extra)
         dsn = stack.enter_context(pg.database())
-        if config.kind == "pg":
-            return measure_taskserver([dsn], config.nodes, opts, tmp, tag, pg, extra)
+        if config.kind in ("pg", "paced"):
+            return measure_taskserver(
+                [dsn], config.nodes, opts, tmp, tag, pg, extra, pace=config.pace
+            )
         return measure_peer(dsn, config.nodes, opts, tmp, tag, pg)
 
 
@@ -471,6 +506,22 @@ def _print_ratios(configs: list[Config], opts: PgOptions) -> None:
                 f"   {name} CPU per task in the nodes, {'/'.join(map(str, opts.pg_nodes))} "
                 f"nodes relative to 1: {steps} (goal: flat)"
             )
+        paced = [by.get(("paced", n, p)) for n in opts.pg_nodes]
+        if len(paced) > 1 and all(c is not None and c.runs for c in paced):
+            nodes_us = [statistics.median(r.nodes_us or 0.0 for r in c.runs) for c in paced if c]
+            pg_us = [
+                statistics.median(r.us_per_task(r.pg_cpu) or 0.0 for r in c.runs)
+                for c in paced
+                if c
+            ]
+            if nodes_us[0] and pg_us[0]:
+                paced_nodes = ", ".join(f"{c / nodes_us[0]:.2f}" for c in nodes_us)
+                paced_pg = ", ".join(f"{c / pg_us[0]:.2f}" for c in pg_us)
+                print(
+                    f"   {name} CPU per task at the same offered rate ({opts.pg_pace:,.0f} tasks/s"
+                    f" in all: the machine loaded alike), {'/'.join(map(str, opts.pg_nodes))}"
+                    f" nodes relative to 1: nodes {paced_nodes}; PostgreSQL {paced_pg}"
+                )
         shares = []
         for n in opts.pg_nodes:
             cluster, apart = by.get(("pg", n, p)), by.get(("apart", n, p))

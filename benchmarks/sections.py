@@ -61,6 +61,8 @@ class Options:
     pg_workers: int = 4
     pg_batch: int = 500
     pg_prefetch: tuple[int, ...] = (0, 64)
+    #: tasks/s offered in all (any number of nodes) for the figures at the same rate
+    pg_pace: float = 3_000.0
     #: an older commit to run beside this checkout (``--ab``), alternated
     ab: str | None = None
     #: filled in by ``main``: the trees the A/B sections run

@@ -97,6 +97,7 @@ class TaskServer:
         self._bulk = Bulk(shared, self._control)
         self._maintenance = Maintenance(shared, self._enqueue, self._control)
         self._background: list[asyncio.Task[None]] = []
+        self._follows: set[asyncio.Task[None]] = set()
         self._retry = RetryPolicy(
             base=self.settings.retry_base,
             factor=self.settings.retry_factor,
@@ -581,10 +582,35 @@ class TaskServer:
     # --- events --------------------------------------------------------------------
 
     def subscribe(self, task_id: int | None = None) -> Subscription[Event]:
-        """A subscription to one task's events, or to all. Close it when done."""
+        """A subscription to one task's events, or to all. Close it when done.
+
+        On a shared database the other servers are told to notify this one at once
+        (``follow_events``, not awaited here: the events they commit meanwhile come
+        with the next notification or commit seen here)."""
         if task_id is None:
-            return self.fanout.subscribe(match_all=True)
-        return self.fanout.subscribe((self.topic(task_id),))
+            subscription = self.fanout.subscribe(match_all=True)
+        else:
+            subscription = self.fanout.subscribe((self.topic(task_id),))
+        store = self._shared.opened_store
+        if store is not None and store.shared:
+            follow = asyncio.get_running_loop().create_task(self._follow_quietly())
+            self._follows.add(follow)  # held until done: the loop keeps weak references
+            follow.add_done_callback(self._follows.discard)
+        return subscription
+
+    async def follow_events(self) -> None:
+        """Await before starting to listen for events (a stream, a waiter): on a shared
+        database the other servers notify this one of their events from now on, and
+        ``committed_event_id`` is the cluster's (``Store.follow_events``)."""
+        store = self._shared.opened_store
+        if store is not None and store.shared:
+            await store.follow_events()
+
+    async def _follow_quietly(self) -> None:
+        try:
+            await self.follow_events()
+        except Exception as exc:  # the database is away: the cluster loop follows later
+            log.warning("could not follow the cluster's events yet: %s", exc)
 
     async def events_after(
         self,

@@ -530,3 +530,69 @@ def _token(key: str, subscribe: list[str], payload: Any = None) -> str:
     if payload is not None:
         mercure["payload"] = payload
     return jwt.encode({"mercure": mercure}, key, algorithm="HS256")
+
+
+async def test_a_commit_notifies_of_its_events_only_the_nodes_that_follow_them(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskserver.storage.postgres import backend as pg_backend
+    from taskserver.storage.postgres.writes import EVENTS_CHANNEL
+
+    async def task(ctx: TaskContext) -> Any:
+        return ctx.data
+
+    a = await node("a", task)
+    b = await node("b", task, workers=0)  # serves only: every task runs on a
+    told: list[str] = []
+    listener = await asyncpg.connect(a.settings.db)
+    await listener.add_listener(EVENTS_CHANNEL, lambda *args: told.append(str(args[3])))
+
+    async def run_on_a(data: str) -> int:
+        task_id = await a.task(data)  # committed when it returns
+        state = await wait_for(lambda: _ended(a, task_id), message=f"task {data} ended on a")
+        assert state is TaskState.SUCCEEDED
+        return task_id
+
+    try:
+        # Nobody follows: only the commit that made work (its queue named) notifies.
+        await run_on_a("quiet")
+        await wait_for(lambda: told, message="the enqueue's notification")
+        assert all(" " in payload for payload in told), told  # each one names a queue
+        last = max(e.id for e in await a.events_after(0))
+        assert b.committed_event_id < last  # b was not told of the run's last events
+
+        # b follows before its subscriber listens: it starts from the cluster's last event
+        # (a live stream gets nothing older) and is told of every commit from now on.
+        await b.follow_events()
+        assert b.committed_event_id == last
+        subscription = b.subscribe()
+        told.clear()
+        followed = await run_on_a("followed")
+        seen: list[str | None] = []
+        while not seen or seen[-1] != "finished":
+            event = await asyncio.wait_for(subscription.get(), 5)
+            assert event is not None
+            assert event.task_id == followed  # nothing older: it started at the last event
+            seen.append(event.type)
+        assert seen == ["queued", "started", "finished"]
+        await wait_for(
+            lambda: any(" " not in payload for payload in told),
+            message="a notification of a commit with events only",
+        )
+
+        # Nobody has listened on b for the grace: it stops following.
+        subscription.close()
+        monkeypatch.setattr(pg_backend, "FOLLOW_GRACE", 0.0)
+        await b.store.unfollow_idle()
+        await asyncio.sleep(0)
+        told.clear()
+        await run_on_a("quiet again")
+        await wait_for(lambda: told, message="the enqueue's notification")
+        assert all(" " in payload for payload in told), told
+    finally:
+        await listener.close()
+
+
+async def _ended(server: TaskServer, task_id: int) -> TaskState | None:
+    state = (await server.get(task_id)).state
+    return state if state in lifecycle.TERMINAL else None

@@ -114,6 +114,8 @@ class HubServer(Protocol):
 
     async def find_event(self, uid: str) -> int | None: ...
 
+    async def follow_events(self) -> None: ...
+
     def publish_update(
         self,
         topics: tuple[str, ...],
@@ -301,6 +303,7 @@ class MercureHub:
         if claims is None and not self.anonymous:
             _fail(401, "a token is required to subscribe", headers=CHALLENGE)
         try:
+            await self.server.follow_events()  # other nodes' updates too, from now on
             after, resumed_from = await self._resume_point(request)
             # Registered before the headers go out: a client publishing on `onopen` is heard.
             subscription = self._subscribe(selectors, claims)
@@ -589,6 +592,7 @@ class MercureHub:
 
     async def _last_event_id(self) -> str:
         """The SSE id of the newest committed event, or ``earliest``."""
+        await self.server.follow_events()  # the cluster's newest, not what this node saw
         newest = self.server.last_event_id
         # The newest id handed out may not be committed yet: look a little further back.
         page = await self.server.events_after(max(0, newest - 100), tasks_only=False, limit=100)

@@ -39,6 +39,9 @@ class Control:
 
         Raises ``TaskNotFound``, or ``TimeoutError`` after ``timeout`` seconds.
         """
+        store = self._s.store
+        if store.shared:  # its end may commit on another server: be told of it
+            await store.follow_events()
         return await self._s.waiters.wait_terminal(task_id, self.get, timeout)
 
     async def cancel(self, task_id: int) -> Task:

@@ -68,6 +68,7 @@ class Maintenance:
                 for name in set(s.ready.paused()) - paused:
                     s.ready.resume(name)
                 s.ready.start_from_disk(list(s.ready.snapshot()))
+                await s.store.unfollow_idle()
             except ServerClosed:
                 return
             except Exception as exc:  # the database is away: the engine says so too

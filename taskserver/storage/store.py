@@ -102,6 +102,24 @@ class Store(Engine):
         """Several servers share this database (see ``Backend``)."""
         return self.backend.shared
 
+    async def follow_events(self) -> None:
+        """Before someone starts listening for events here (a stream, a waiter): on a
+        shared database, have the other servers tell this one of their events from now
+        on, and start from the cluster's last committed event when nobody here listened
+        yet (``PostgresBackend.follow``). Nothing to do on SQLite."""
+        backend = self.backend
+        if isinstance(backend, PostgresBackend):
+            await backend.follow()
+            self.committed_event_id = max(self.committed_event_id, backend.delivered)
+
+    async def unfollow_idle(self) -> None:
+        """Now and then: on a shared database, stop following the other servers' events
+        once nobody has listened here for a while (``PostgresBackend.unfollow_idle``)."""
+        backend = self.backend
+        if isinstance(backend, PostgresBackend):
+            await backend.unfollow_idle()
+            self.committed_event_id = max(self.committed_event_id, backend.delivered)
+
     @property
     def subscribers(self) -> SharedSubscribers | None:
         """Where the nodes of a cluster record their Mercure subscribers (once open;

@@ -236,6 +236,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER]
     task_id = task_id_of(request)
     after = last_event_id(request)
+    await server.follow_events()  # before subscribing: told of other servers' events
     subscription = subscribe_events(server.fanout, server.topic(task_id))
     try:
         task = await server.get(task_id)  # 404 before the stream starts
@@ -272,6 +273,7 @@ async def all_events(request: web.Request) -> web.StreamResponse:
     """
     server = request.app[SERVER]
     has_cursor = "Last-Event-ID" in request.headers or "lastEventID" in request.query
+    await server.follow_events()  # first: the cursor below is the cluster's then
     # Without a cursor: from the last *committed* event. Ids handed out but not yet
     # committed must still come, live, once they are.
     after = last_event_id(request) if has_cursor else server.committed_event_id

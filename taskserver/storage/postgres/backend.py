@@ -19,12 +19,20 @@
 * **Claims** (``claims.py``): each attempt runs on exactly one node. A ``PageQueued``
   read *claims* tasks (``FOR UPDATE SKIP LOCKED``), counting the attempt in the
   same statement; only the node that claimed a task writes its row afterwards.
-* **Events cross nodes.** Every commit with events ``NOTIFY``s the new last id and
+* **Events cross nodes.** A commit with events ``NOTIFY``s the new last id and
   the queues it made work in (nodes with idle workers claim from them at once); a
   node where someone listens (subscribers, waiters: ``Signals.listening``) then
   reads the events after the last one it delivered and hands them to the engine,
   in id order, with its own (``Durable.events``); a node where nobody listens
   passes over them.
+* **Only followers are told of events.** PostgreSQL wakes every listening session
+  of the database on every ``NOTIFY``, whatever its channel, so a commit that made
+  no work notifies only when another node *follows* the events: its id is in the
+  event counter's ``followers``, read by the commit under the row lock it takes its
+  ids with. A node follows (``follow``) before anyone there starts listening
+  (``Store.follow_events``); the commits that took their ids before that waited
+  for it and are at or below the id it returns, every later one notifies. It
+  stops following once nobody has listened there for ``FOLLOW_GRACE`` seconds.
 """
 
 from __future__ import annotations
@@ -62,6 +70,9 @@ CATCHUP_LIMIT = 20_000
 SESSION = {"jit": "off"}
 #: Cancel requests, to every node (payload: the task id).
 CANCEL_CHANNEL = "taskserver_cancel"
+#: Seconds a node keeps following the events after the last listener there went (a
+#: client that reconnects at once is not announced again).
+FOLLOW_GRACE = 10.0
 
 
 class PostgresBackend(PostgresReads):
@@ -99,6 +110,11 @@ class PostgresBackend(PostgresReads):
         #: a batch is reading other nodes' events (``_delivered`` is its to move)
         self._catching_up = False
         self._signals = Signals()
+        #: the other nodes notify this one of every commit with events (see ``follow``)
+        self._following = False
+        self._follow_lock = asyncio.Lock()
+        #: when someone last listened here (``time.monotonic``), while following
+        self._listened_at = 0.0
         self._writer_pid = 0  # the server process of our writer connection
         self.commits = 0
         #: this node's Mercure subscribers, shared with the cluster (once open)
@@ -187,6 +203,9 @@ class PostgresBackend(PostgresReads):
             with contextlib.suppress(Exception):
                 await self._writer.execute(sql.DELETE_NODE, self.node)  # its subscribers too
             with contextlib.suppress(Exception):
+                await self._writer.execute(sql.UNFOLLOW, [self.node])
+            self._following = False
+            with contextlib.suppress(Exception):
                 await self._writer.close()
         self._writer = None
         if self._node is not None:
@@ -196,6 +215,60 @@ class PostgresBackend(PostgresReads):
             with contextlib.suppress(Exception):
                 await self._pool.close()
             self._pool = None
+
+    # --- following the events ----------------------------------------------------------
+
+    async def follow(self) -> int:
+        """Have the other nodes notify this one of every commit with events from now on
+        (until ``unfollow_idle``); returns the highest event id known committed.
+
+        Call it before someone here starts listening (``Store.follow_events``): when
+        nobody listens yet, the events committed before it are passed over (as those
+        notified while nobody listens), so a stream that starts after it begins at
+        the cluster's last event, not at where this node last looked."""
+        async with self._follow_lock:
+            self._listened_at = time.monotonic()
+            if self._following:
+                return self.last_event_id
+            alone = not self._signals.listening()
+            assert self._pool is not None
+            try:
+                last = int(await self._pool.fetchval(sql.FOLLOW, self.node))
+            except (*UNREACHABLE, asyncpg.PostgresError) as exc:
+                # Nothing commits while the database is away; the cluster loop follows
+                # once it is back (``unfollow_idle``), then the events come late, not lost.
+                log.warning("could not follow the cluster's events: %s", exc)
+                return self.last_event_id
+            self._following = True
+            self._seen = max(self._seen, last)
+            if alone and not self._signals.listening() and not self._catching_up:
+                self._delivered = max(self._delivered, last)
+            else:
+                self._signals.poke()  # a batch delivers what committed before
+            return self.last_event_id
+
+    async def unfollow_idle(self) -> None:
+        """Stop following the events once nobody has listened here for ``FOLLOW_GRACE``
+        seconds; follow (late) when someone listens who came without ``follow``.
+        Called now and then (the cluster loop)."""
+        if self._signals.listening():
+            if not self._following:
+                await self.follow()
+            self._listened_at = time.monotonic()
+            return
+        if not self._following or time.monotonic() - self._listened_at < FOLLOW_GRACE:
+            return
+        async with self._follow_lock:
+            if self._signals.listening() or not self._following:
+                return
+            assert self._pool is not None
+            await self._pool.execute(sql.UNFOLLOW, [self.node])
+            self._following = False
+
+    @property
+    def delivered(self) -> int:
+        """The last event id handed to the engine or passed over (all below it too)."""
+        return self._delivered
 
     def _notified(self, channel: str, payload: str, pid: int) -> None:
         # On the loop, from the listening connection.
@@ -371,6 +444,7 @@ class PostgresBackend(PostgresReads):
             queued, failed, events = await self._claims.rescue(conn, [self.node], now)
             await conn.execute(sql.UPSERT_NODE, self.node, *self._claims.identity(now))
             await conn.execute(sql.DELETE_NODE_SUBSCRIBERS, [self.node])  # of its last run
+            await conn.execute(sql.UNFOLLOW, [self.node])  # nobody listens here yet
             if events:
                 await self._writes.store_events(conn, events, now)
         if queued or failed:

@@ -125,6 +125,7 @@ class Claims:
         queued, failed, events = await self.rescue(conn, dead, now)
         if dead:  # their subscribers go with them (a foreign key)
             await conn.execute("DELETE FROM taskserver_nodes WHERE id = ANY($1::text[])", dead)
+            await conn.execute(sql.UNFOLLOW, dead)
         if queued or failed:
             log.warning(
                 "rescued tasks of nodes without a lease (%s): %d re-queued, %d failed",

@@ -168,6 +168,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX taskserver_subscribers_node ON taskserver_subscribers (node);
     """,
+    # The nodes that take the cluster's events (someone there listens: subscribers,
+    # waiters): a commit notifies only when it made work or one of them is another node.
+    # On the counter row, so a commit reads it under the lock it takes its ids with.
+    """
+    ALTER TABLE taskserver_event_counter ADD COLUMN followers text[] NOT NULL DEFAULT '{}';
+    """,
 )
 
 #: Advisory lock keys (``pg_advisory_*``): one 64-bit space per database.
@@ -231,18 +237,33 @@ UPDATE_TASKS = (
 )
 #: Stores a batch's events, in one round trip: takes their ids from the counter (whose
 #: row stays locked until the transaction ends), inserts them in order, and notifies
-#: the other nodes of the new last id and (``$9``: `` q1 q2``) the queues with new work.
-#: ``$1``..``$7``: one array per column, ``$8``: time.
+#: the other nodes of the new last id and (``$9``: `` q1 q2``) the queues with new work,
+#: when there is new work or a node other than ``$10`` follows the events (the
+#: counter's ``followers`` as of the lock: see ``FOLLOW``). ``$1``..``$7``: one array
+#: per column, ``$8``: time.
 STORE_EVENTS = (
     "WITH counter AS (UPDATE taskserver_event_counter"
-    " SET last = last + cardinality($1::bigint[]) RETURNING last),"
+    " SET last = last + cardinality($1::bigint[]) RETURNING last, followers),"
     " stored AS (INSERT INTO taskserver_events"
     " (id, task_id, type, data, topics, private, uid, retry, at)"
     " SELECT counter.last - cardinality($1::bigint[]) + e.n, e.task_id, e.type, e.data,"
     " e.topics, e.private, e.uid, e.retry, $8 FROM counter, unnest($1::bigint[], $2::text[],"
     " $3::text[], $4::text[], $5::bool[], $6::text[], $7::int[]) WITH ORDINALITY"
     " AS e(task_id, type, data, topics, private, uid, retry, n))"
-    " SELECT last, pg_notify('{channel}', last::text || $9) FROM counter"
+    " SELECT last, CASE WHEN $9 <> '' OR NOT followers <@ ARRAY[$10::text]"
+    " THEN pg_notify('{channel}', last::text || $9) END FROM counter"
+)
+#: Node ``$1`` follows the events from now on; the last id committed before. Under the
+#: counter's row lock: a commit that took its ids before waited to commit first (its
+#: events are at or below the id returned), one after sees ``$1`` and notifies.
+FOLLOW = (
+    "UPDATE taskserver_event_counter SET followers = array_append(array_remove(followers, $1),"
+    " $1) RETURNING last"
+)
+#: Nodes ``$1`` no longer follow (the row is locked only when one of them did).
+UNFOLLOW = (
+    "UPDATE taskserver_event_counter SET followers = ARRAY(SELECT f FROM unnest(followers)"
+    " AS f WHERE f <> ALL($1::text[])) WHERE followers && $1::text[]"
 )
 SELECT_LAST_EVENT = "SELECT last FROM taskserver_event_counter"
 NOTIFY = "SELECT pg_notify($1, $2)"

@@ -90,12 +90,14 @@ class Writes:
         self, conn: asyncpg.Connection, events: list[Event], now: float
     ) -> list[Event]:
         """Give ``events`` their final ids (taken last: ``backend.py``'s docstring), insert
-        them and notify the other nodes; inside the caller's transaction."""
+        them and notify the other nodes when one follows the events or the events made
+        work (``schema.STORE_EVENTS``); inside the caller's transaction."""
         columns = sql.columns([sql.event_row(e) for e in events], 7)
         queues = " ".join(q for q in dict.fromkeys(_queued_queues(events)) if q is not None)
         if len(queues) > NOTIFY_QUEUES_BYTES:
             queues = "*"
-        last = int(await conn.fetchval(STORE_EVENTS, *columns, now, f" {queues}" if queues else ""))
+        tail = f" {queues}" if queues else ""
+        last = int(await conn.fetchval(STORE_EVENTS, *columns, now, tail, self.node))
         first = last - len(events) + 1
         return [
             Event(first + i, e.task_id, e.type, e.json, e.topics, e.private, e.uid, e.retry)
