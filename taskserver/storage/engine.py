@@ -242,17 +242,11 @@ class Engine(Batching):
             self._on_commit(durable)
         except Exception:
             log.exception("on_commit hook failed")
-        # 2. wake the callers awaiting this batch and let the loop go round a few
-        #    times before the next batch goes to the writer, so what the answers
-        #    provoke joins it: a producer's next task, and an HTTP client's next
-        #    request (its answer is written, the request read, its handler run);
+        # 2. wake the callers awaiting this batch;
         if applied.conflicts:
             batch.future.conflicts = applied.conflicts
         batch.future.set_result(None)
-        for _ in range(GATHER_ITERATIONS):
-            await asyncio.sleep(0)
-        # 3. then feed the workers: they run while the backend commits the next
-        #    batch (the two overlap);
+        # 3. then feed the workers (they run after the callers, in the rounds below);
         try:
             self._on_ready(durable.ready)
         except Exception:
@@ -268,6 +262,14 @@ class Engine(Batching):
             move.future.set_result(moved)
         for (_, future), count in zip(batch.chores, applied.counts, strict=True):
             future.set_result(count)
+        # 5. let the loop go round a few times before the next batch goes to the
+        #    writer, so what all of that provokes joins it: the answers' next requests
+        #    (each answer written, the next request read, its handler run) and the
+        #    outcomes of the tasks just fed. The writer then commits while the loop has
+        #    little to do: work the loop did meanwhile (the tasks, when they were fed
+        #    after the hand-off) held the GIL the writer needs between its statements.
+        for _ in range(GATHER_ITERATIONS):
+            await asyncio.sleep(0)
 
     def _failed(self, batch: Batch, exc: Exception) -> None:
         """A batch did not commit: tell its callers, keep what must not be lost.
