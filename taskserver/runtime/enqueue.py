@@ -115,8 +115,10 @@ class Enqueue:
         if "unique_key" in options or "serial_group" in options:
             return (await self.insert([TaskSpec(data, options)]))[0]
         task, committed = self._append_one(data, options)
+        # As stored: once committed a worker may take the task before this resumes.
+        submitted = Submitted(task.id, state=task.state, topic=self._s.topic(task.id))
         await committed
-        return Submitted(task.id, state=task.state, topic=self._s.topic(task.id))
+        return submitted
 
     async def submit_parsed(
         self, data: Any, options: dict[str, Any]
@@ -129,7 +131,7 @@ class Enqueue:
             submitted = (await self.insert([TaskSpec(data, options)]))[0]
             return submitted.id, submitted.state, submitted.existing
         task, committed = self._append_one(data, options, parsed=True)
-        state = task.state  # as stored: a worker may take the task once it committed
+        state = task.state  # as stored (see submit)
         await committed
         return task.id, state, False
 
