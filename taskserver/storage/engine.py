@@ -44,10 +44,12 @@ from .intents import (
 
 log = logging.getLogger(__name__)
 #: Loop iterations between waking a batch's callers and handing the next batch to
-#: the writer. At 64 keep-alive HTTP clients, 3 made batches bigger and commits
-#: fewer: +12% requests/s against 1 or 2 (8 alternated runs), and loop CPU per
-#: request 103 -> 92 us; 4 and 6 measured the same as 3. An idle iteration costs
-#: a few microseconds, so latency at low load did not move (p50 ~0.43 ms).
+#: the writer (the workers are fed after the first). At 64 keep-alive HTTP clients,
+#: 3 made batches bigger and commits fewer: +12% requests/s against 1 or 2 (8
+#: alternated runs), and loop CPU per request 103 -> 92 us; 4 and 6 measured the
+#: same as 3. An idle iteration costs a few microseconds, so latency at low load
+#: did not move (p50 ~0.43 ms). The next requests are read and handled in the last
+#: one: the batch holds the new tasks only from then on.
 GATHER_ITERATIONS = 3
 #: After a failed commit the writer waits this long before the next one, doubling
 #: up to WRITE_RETRY_CAP while commits keep failing: what a failed batch carries
