@@ -398,6 +398,15 @@ class TaskServer:
         """
         return self._enqueue.submit(data, **options)
 
+    def submit_parsed(
+        self, data: Any, options: dict[str, Any]
+    ) -> Coroutine[Any, Any, tuple[int, TaskState | None, bool]]:
+        """``submit`` for data parsed from JSON just now that nobody else holds (what the
+        HTTP API does per request): the worker gets ``data`` itself, not a copy decoded
+        from its text. Answers ``(id, state, existing)``, the fields of ``Submitted``
+        (``state`` is ``None`` for an existing task). Raises as ``submit``."""
+        return self._enqueue.submit_parsed(data, options)
+
     def task(self, data: Any, **options: Any) -> Coroutine[Any, Any, int]:
         """Enqueue one task and return its id once it is durable. Options as ``submit``."""
         return self._enqueue.task(data, **options)

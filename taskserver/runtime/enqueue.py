@@ -15,7 +15,7 @@ from .. import lifecycle
 from ..errors import ServerBusy, ServerClosed, ValidationError
 from ..models import Task, TaskState
 from ..storage import NewTask, Store
-from .options import Defaults, TaskSpec, encode_payload, prepare
+from .options import Defaults, TaskSpec, encode_parsed, encode_payload, prepare
 from .shared import Shared
 
 #: Reads of a key's recent success at most, while tasks keep ending during the read.
@@ -115,8 +115,25 @@ class Enqueue:
         if "unique_key" in options or "serial_group" in options:
             return (await self.insert([TaskSpec(data, options)]))[0]
         task, committed = self._append_one(data, options)
+        # As stored: once committed a worker may take the task before this resumes.
+        submitted = Submitted(task.id, state=task.state, topic=self._s.topic(task.id))
         await committed
-        return Submitted(task.id, state=task.state, topic=self._s.topic(task.id))
+        return submitted
+
+    async def submit_parsed(
+        self, data: Any, options: dict[str, Any]
+    ) -> tuple[int, TaskState | None, bool]:
+        """``submit`` of ``data`` parsed from JSON just now and held by nobody else (the
+        HTTP API's body): stored, and handed to the worker, as it is (not decoded back
+        from its text). ``options`` is taken as given. Answers ``(id, state, existing)``
+        as ``Submitted`` would, without one: this runs per request."""
+        if "unique_key" in options or "serial_group" in options:
+            submitted = (await self.insert([TaskSpec(data, options)]))[0]
+            return submitted.id, submitted.state, submitted.existing
+        task, committed = self._append_one(data, options, parsed=True)
+        state = task.state  # as stored (see submit)
+        await committed
+        return task.id, state, False
 
     async def task(self, data: Any, **options: Any) -> int:
         """Enqueue one task and return its id once it is durable. Options as ``submit``."""
@@ -126,12 +143,17 @@ class Enqueue:
         await committed
         return task.id
 
-    def _append_one(self, data: Any, options: dict[str, Any]) -> tuple[Task, asyncio.Future[None]]:
+    def _append_one(
+        self, data: Any, options: dict[str, Any], *, parsed: bool = False
+    ) -> tuple[Task, asyncio.Future[None]]:
         # The hot path: one task, no uniqueness or group to look after. Everything is
-        # validated before anything is appended.
+        # validated before anything is appended. ``parsed``: see ``submit_parsed``.
         if options:
             item = self.resolve(TaskSpec(data, options), "")
             text, data = item.text, item.data
+        elif parsed:
+            item = self._plain_options()
+            text = encode_parsed(data)
         else:
             item = self._plain_options()
             text, data = encode_payload(data)

@@ -66,6 +66,18 @@ class TaskSpec:
         return replace(self, options={**defaults, **self.options})
 
 
+def encode_parsed(data: Any, field_name: str = "data") -> str:
+    """The JSON text of ``data`` that was parsed from JSON just now (an HTTP body): what is
+    stored. ``data`` itself is what a worker sees: JSON's own types, which decoding the
+    text back would only copy. Raises ``NotSerializable`` as ``encode_payload`` does."""
+    try:
+        return orjson.dumps(data).decode()
+    except TypeError as exc:
+        raise NotSerializable(
+            f"{field_name} cannot be encoded as JSON: {exc}", field=field_name
+        ) from None
+
+
 def encode_payload(data: Any, field_name: str = "data") -> tuple[str, Any]:
     """JSON-encode ``data`` and decode it back: what is stored and what a worker will see.
 

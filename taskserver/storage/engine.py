@@ -44,10 +44,12 @@ from .intents import (
 
 log = logging.getLogger(__name__)
 #: Loop iterations between waking a batch's callers and handing the next batch to
-#: the writer. At 64 keep-alive HTTP clients, 3 made batches bigger and commits
-#: fewer: +12% requests/s against 1 or 2 (8 alternated runs), and loop CPU per
-#: request 103 -> 92 us; 4 and 6 measured the same as 3. An idle iteration costs
-#: a few microseconds, so latency at low load did not move (p50 ~0.43 ms).
+#: the writer (the workers are fed after the first). At 64 keep-alive HTTP clients,
+#: 3 made batches bigger and commits fewer: +12% requests/s against 1 or 2 (8
+#: alternated runs), and loop CPU per request 103 -> 92 us; 4 and 6 measured the
+#: same as 3. An idle iteration costs a few microseconds, so latency at low load
+#: did not move (p50 ~0.43 ms). The next requests are read and handled in the last
+#: one: the batch holds the new tasks only from then on.
 GATHER_ITERATIONS = 3
 #: After a failed commit the writer waits this long before the next one, doubling
 #: up to WRITE_RETRY_CAP while commits keep failing: what a failed batch carries
@@ -242,17 +244,14 @@ class Engine(Batching):
             self._on_commit(durable)
         except Exception:
             log.exception("on_commit hook failed")
-        # 2. wake the callers awaiting this batch and let the loop go round a few
-        #    times before the next batch goes to the writer, so what the answers
-        #    provoke joins it: a producer's next task, and an HTTP client's next
-        #    request (its answer is written, the request read, its handler run);
+        # 2. wake the callers awaiting this batch, and let them run once (an HTTP
+        #    caller's answer is written: its client can send the next request);
         if applied.conflicts:
             batch.future.conflicts = applied.conflicts
         batch.future.set_result(None)
-        for _ in range(GATHER_ITERATIONS):
-            await asyncio.sleep(0)
-        # 3. then feed the workers: they run while the backend commits the next
-        #    batch (the two overlap);
+        await asyncio.sleep(0)
+        # 3. then feed the workers: they run in the rounds below, before the next
+        #    batch goes to the writer, so their outcomes join it;
         try:
             self._on_ready(durable.ready)
         except Exception:
@@ -262,12 +261,20 @@ class Engine(Batching):
                 deliver(tasks)
             except Exception:
                 log.exception("delivering tasks read for the scheduler failed")
-        # 4. answer cancels and retries last: a cancel's tombstone must still
-        #    stand while on_ready offers tasks of this batch.
+        # 4. answer cancels and retries: a cancel's tombstone must still stand
+        #    while on_ready offers tasks of this batch;
         for move, moved in zip(batch.moves, applied.moved, strict=True):
             move.future.set_result(moved)
         for (_, future), count in zip(batch.chores, applied.counts, strict=True):
             future.set_result(count)
+        # 5. let the loop go round a few more times before the next batch goes to the
+        #    writer, so what all of that provokes joins it: the next requests (read,
+        #    their handlers run) and the outcomes of the tasks just fed. The writer
+        #    then commits while the loop has little to do: when the tasks were fed
+        #    after the hand-off, their Python held the GIL the writer takes back after
+        #    every statement, and the commit took about three times its CPU.
+        for _ in range(GATHER_ITERATIONS - 1):
+            await asyncio.sleep(0)
 
     def _failed(self, batch: Batch, exc: Exception) -> None:
         """A batch did not commit: tell its callers, keep what must not be lost.
