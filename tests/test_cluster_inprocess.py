@@ -596,3 +596,36 @@ async def test_a_commit_notifies_of_its_events_only_the_nodes_that_follow_them(
 async def _ended(server: TaskServer, task_id: int) -> TaskState | None:
     state = (await server.get(task_id)).state
     return state if state in lifecycle.TERMINAL else None
+
+
+async def test_a_node_given_up_for_dead_follows_the_events_again_when_it_comes_back(
+    node: Node,
+) -> None:
+    async def task(ctx: TaskContext) -> Any:
+        return None
+
+    await node("a", task, lease=3.0)
+    b = await node("b", task, workers=0, lease=3.0)
+    await b.follow_events()
+    subscription = b.subscribe()  # someone listens on b
+    conn = await asyncpg.connect(b.settings.db)
+
+    async def followers() -> list[str]:
+        return list(await conn.fetchval("SELECT followers FROM taskserver_event_counter"))
+
+    try:
+        assert await followers() == ["b"]
+        # What a node that rescues b does once b's lease has run out (b hung, say).
+        await conn.execute("DELETE FROM taskserver_nodes WHERE id = 'b'")
+        await conn.execute(
+            "UPDATE taskserver_event_counter SET followers = array_remove(followers, 'b')"
+        )
+
+        async def back() -> bool:
+            return await followers() == ["b"]
+
+        # b's next lease renewal finds its row gone and writes it again: it follows again.
+        await wait_for(back, timeout=10, message="b to follow the events again")
+    finally:
+        subscription.close()
+        await conn.close()

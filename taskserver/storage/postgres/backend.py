@@ -146,7 +146,7 @@ class PostgresBackend(PostgresReads):
             raise ConfigError(connect_error(self.dsn, exc)) from None
         self._writer_pid = self._writer.get_server_pid()
         self.subscribers = SharedSubscribers(self._pool, self.node, self.lease)
-        self._claims.revived = self.subscribers.rewrite
+        self._claims.revived = self._revived
         try:
             await self._migrate(self._writer)
             self._node = Node(self.dsn, self.node, self._notified)
@@ -264,6 +264,14 @@ class PostgresBackend(PostgresReads):
             assert self._pool is not None
             await self._pool.execute(sql.UNFOLLOW, [self.node])
             self._following = False
+
+    def _revived(self) -> None:
+        """The cluster had given this node up for dead and deleted what went with it:
+        its subscribers' rows are written again, and it follows the events again (the
+        cluster loop's ``unfollow_idle``) if someone here listens."""
+        if self.subscribers is not None:
+            self.subscribers.rewrite()
+        self._following = False
 
     @property
     def delivered(self) -> int:
