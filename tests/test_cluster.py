@@ -225,8 +225,8 @@ async def test_kill_9_of_a_node_mid_work_loses_no_acknowledged_task_and_replay_m
     a, b, c = await cluster.start_many(["a", "b", "c"], workers=2)
     options = {"max_attempts": 3}
 
-    def spec(tag: str) -> dict[str, Any]:
-        return {"data": {"tag": tag, "sleep": 0.2}, **options}
+    def spec(tag: str, sleep: float = 0.2) -> dict[str, Any]:
+        return {"data": {"tag": tag, "sleep": sleep}, **options}
 
     # C's client reads every event from the start; it disconnects after the kill.
     on_c = Stream(cluster.session, c.url, last_event_id="0")
@@ -234,14 +234,21 @@ async def test_kill_9_of_a_node_mid_work_loses_no_acknowledged_task_and_replay_m
     acknowledged: list[int] = []
     for round_ in range(3):
         for name in ("a", "b", "c"):
+            # A's first tasks outlast the enqueues before the kill: A runs one at the kill
+            # (short ones could all have ended by then, or gone to B and C).
+            sleep = 3.0 if (round_, name) == (0, "a") else 0.2
             acknowledged += await cluster.enqueue_batch(
-                name, [spec(f"{name}{round_}-{i}") for i in range(10)]
+                name, [spec(f"{name}{round_}-{i}", sleep) for i in range(10)]
             )
 
     def running_on_a() -> list[Execution]:
         return [r for r in cluster.executions() if r.pid == a.pid and r.end is None]
 
-    await wait_for(running_on_a, timeout=30, message="a task running on node a")
+    await wait_for(
+        lambda: [r for r in running_on_a() if r.tag.startswith("a0-")],
+        timeout=30,
+        message="a long task running on node a",
+    )
 
     answered: list[int] = []  # one task at a time to A while it dies: 202 = acknowledged
 
