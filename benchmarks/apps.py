@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import signal
 import sys
 from typing import Any
@@ -40,6 +41,18 @@ def noop_setup(server: TaskServer) -> None:
     """``taskserver run --app benchmarks.apps:noop_setup``: no-op callbacks, no demo page."""
     server.on("task", noop_task)
     server.on("finish", noop_finish)
+
+
+def stub_setup(server: TaskServer) -> None:
+    """``noop_setup`` whose ``POST /tasks`` skips the enqueue (``benchmarks.httpgap``): the
+    same route, middlewares, guard, body parsing and 202, but nothing stored or run."""
+    noop_setup(server)
+    ids = itertools.count(1)
+
+    async def submit_parsed(data: Any, options: dict[str, Any]) -> tuple[int, str, bool]:
+        return next(ids), "queued", False
+
+    server.submit_parsed = submit_parsed  # type: ignore[method-assign,assignment]
 
 
 async def hello(request: web.Request) -> web.Response:
