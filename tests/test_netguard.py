@@ -394,6 +394,30 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeo
     assert 0.4 <= took < SLACK
 
 
+async def test_a_kept_alive_connection_idle_after_a_post_is_not_answered_408(
+    run_server: RunServer,
+) -> None:
+    # Reading a body makes aiohttp feed the protocol an empty read (resume_reading):
+    # that is no byte of a next head, so the idle connection lives to the keep-alive
+    # timeout and is closed without an answer nobody asked for.
+    server = await start(run_server, "--request-head-timeout", "0.5", "--keepalive-timeout", "2")
+    host, port = address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    body = b'{"data": {"n": 1}}'
+    writer.write(
+        b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    async with asyncio.timeout(SLACK):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(header(head, "Content-Length") or 0))
+    assert status_line(head) == "HTTP/1.1 202 Accepted", head
+    data, took = await read_until_eof(reader, SLACK)
+    writer.close()
+    assert data == b"", data
+    assert 1.9 <= took < SLACK
+
+
 # --- event streams and long polls are long-lived by design ----------------------------
 
 

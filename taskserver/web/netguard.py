@@ -194,9 +194,13 @@ class _GuardedHandler(RequestHandler):
             if payload is not None and not payload.is_eof():
                 self._arm_body(payload)
                 return
-            if not _trails(data, payload):
+            if not data or not _trails(data, payload):
                 return
             fresh = _tail(data, payload)
+        elif not data:
+            # aiohttp resuming its parser after a body read: no byte of a next head came,
+            # so an idle keep-alive connection is not timed (nor answered 408) as one.
+            return
         elif body is not None:
             if not body.is_eof() or not _trails(data, body):
                 return  # body bytes
