@@ -119,6 +119,21 @@ def header(data: bytes, name: str) -> str | None:
     return match.group(1) if match else None
 
 
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """One whole response off a kept-alive connection: its head (returned), then its body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(int(header(head, "Content-Length") or 0))
+    return head
+
+
+def post_task(body: bytes) -> bytes:
+    """A whole ``POST /tasks`` request, head and ``body``."""
+    return (
+        b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
 # --- (a) idle connections and the connection bound -------------------------------------
 
 
@@ -267,11 +282,8 @@ async def test_a_second_head_on_a_kept_alive_connection_has_its_own_head_timeout
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(SLACK):
-        first = await reader.readuntil(b"\r\n\r\n")
+        first = await read_answer(reader)
     assert status_line(first) == "HTTP/1.1 200 OK"
-    length = int(header(first, "Content-Length") or 0)
-    async with asyncio.timeout(SLACK):
-        await reader.readexactly(length)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
     data, took = await read_until_eof(reader, SLACK)
     writer.close()
@@ -305,17 +317,12 @@ async def test_pipelined_requests_in_one_read_are_all_answered(run_server: RunSe
     host, port = address(server)
     reader, writer = await asyncio.open_connection(host, port)
     body = b'{"data": 1}'
-    post = (
-        b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
+    post = post_task(body)
     writer.write(post + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + post)
     statuses = []
     async with asyncio.timeout(SLACK):
         for _ in range(3):
-            head = await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(int(header(head, "Content-Length") or 0))
-            statuses.append(status_line(head))
+            statuses.append(status_line(await read_answer(reader)))
     writer.close()
     assert statuses == ["HTTP/1.1 202 Accepted", "HTTP/1.1 200 OK", "HTTP/1.1 202 Accepted"]
 
@@ -384,8 +391,7 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeo
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(SLACK):
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(header(head, "Content-Length") or 0))
+        head = await read_answer(reader)
     assert status_line(head) == "HTTP/1.1 200 OK"
     assert header(head, "Connection") != "close"
     data, took = await read_until_eof(reader, SLACK)
@@ -403,14 +409,9 @@ async def test_a_kept_alive_connection_idle_after_a_post_is_not_answered_408(
     server = await start(run_server, "--request-head-timeout", "0.5", "--keepalive-timeout", "2")
     host, port = address(server)
     reader, writer = await asyncio.open_connection(host, port)
-    body = b'{"data": {"n": 1}}'
-    writer.write(
-        b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
+    writer.write(post_task(b'{"data": {"n": 1}}'))
     async with asyncio.timeout(SLACK):
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(header(head, "Content-Length") or 0))
+        head = await read_answer(reader)
     assert status_line(head) == "HTTP/1.1 202 Accepted", head
     data, took = await read_until_eof(reader, SLACK)
     writer.close()
