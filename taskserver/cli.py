@@ -31,6 +31,11 @@ from .web.exposure import check_exposure
 
 log = logging.getLogger("taskserver")
 
+#: Connections the kernel may hold accepted before the server takes them (capped by
+#: net.core.somaxconn). aiohttp's 128 overflows in a burst of connects, and each SYN
+#: the kernel then drops costs its client a retransmit one second later.
+LISTEN_BACKLOG = 1024
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -182,7 +187,7 @@ async def _serve(
     except ConfigError as exc:  # e.g. the database cannot be reached
         _fail(str(exc))
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG)
         try:
             await site.start()
         except OSError as exc:

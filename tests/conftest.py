@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+import taskserver
 from taskserver import Settings, TaskContext, TaskServer, attach
 
 from .pg_server import PostgresServer, find_bindir
@@ -298,28 +299,55 @@ def postgres_db(postgres: PostgresServer) -> str:
 SLOW_CALLBACK = 0.5
 
 
-class _SlowCallbacks(logging.Handler):
-    """Collects asyncio's "Executing <handle> took N seconds" reports."""
+class SlowCallbacks(logging.Handler):
+    """Collects asyncio's "Executing <handle> took N seconds" reports of server code.
 
-    def __init__(self) -> None:
+    Only steps that ran taskserver's or aiohttp's server code and held the loop at
+    least ``least`` seconds count. The test's own coroutines, its helpers and the
+    clients it drives (asyncio's ``open_connection``, aiohttp's client) may be slow on
+    a busy machine or block on purpose (they start subprocesses, read files); server
+    code, aiohttp handlers and workers must not. A report naming no file counts.
+    """
+
+    #: Where the handle or task that held the loop was: the first ``at FILE:LINE``.
+    HELD_AT = re.compile(r" at (\S+?):\d+")
+    TOOK = re.compile(r" took (\d+(?:\.\d+)?) seconds$")
+    SERVER_CODE = (
+        str(Path(taskserver.__file__).parent) + os.sep,
+        str(Path(aiohttp.__file__).parent / "web"),
+    )
+
+    def __init__(self, least: float = SLOW_CALLBACK) -> None:
         super().__init__(logging.WARNING)
+        self.least = least
         self.reports: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        # The test's own coroutine may block on purpose (it starts subprocesses,
-        # reads files); server code, aiohttp handlers and workers may not.
-        if message.startswith("Executing") and "coro=<test_" not in message:
+        took = self.TOOK.search(message)
+        if (
+            message.startswith("Executing")
+            and took
+            and float(took.group(1)) >= self.least
+            and self.runs_server_code(message)
+        ):
             self.reports.append(message)
+
+    @classmethod
+    def runs_server_code(cls, message: str) -> bool:
+        if "coro=<test_" in message:
+            return False
+        held = cls.HELD_AT.search(message)
+        return held is None or held.group(1).startswith(cls.SERVER_CODE)
 
 
 @pytest.fixture(autouse=True)
 async def loop_never_blocks() -> AsyncIterator[None]:
-    """Fail a test during which anything but the test itself held the loop too long."""
+    """Fail a test during which server code held the loop too long (``SlowCallbacks``)."""
     loop = asyncio.get_running_loop()
     loop.set_debug(True)
     loop.slow_callback_duration = SLOW_CALLBACK
-    handler = _SlowCallbacks()
+    handler = SlowCallbacks()
     logger = logging.getLogger("asyncio")
     logger.addHandler(handler)
     try:

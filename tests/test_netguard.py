@@ -44,6 +44,11 @@ def address(server: ServerProcess) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
+async def connect(server: ServerProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """One plain connection to ``server``."""
+    return await asyncio.open_connection(*address(server))
+
+
 @contextlib.contextmanager
 def soft_open_files(limit: int) -> Iterator[None]:
     """Lower this process's soft RLIMIT_NOFILE while a child is started (it inherits it)."""
@@ -230,8 +235,7 @@ async def test_a_head_that_never_completes_gets_408_after_the_head_timeout(
     run_server: RunServer,
 ) -> None:
     server = await start(run_server, "--request-head-timeout", "0.5")
-    host, port = address(server)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await connect(server)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
     data, took = await read_until_eof(reader, SLACK)
     writer.close()
@@ -245,8 +249,7 @@ async def test_a_head_trickled_a_byte_at_a_time_is_cut_at_the_head_timeout(
     run_server: RunServer,
 ) -> None:
     server = await start(run_server, "--request-head-timeout", "0.5")
-    host, port = address(server)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await connect(server)
     began = time.monotonic()
     closed = asyncio.ensure_future(reader.read())
     for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
@@ -266,8 +269,7 @@ async def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(
     run_server: RunServer,
 ) -> None:
     server = await start(run_server, "--request-head-timeout", "0.5")
-    host, port = address(server)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await connect(server)
     data, took = await read_until_eof(reader, SLACK)
     writer.close()
     assert data == b""  # nothing was asked, so nothing is answered
@@ -278,8 +280,7 @@ async def test_a_second_head_on_a_kept_alive_connection_has_its_own_head_timeout
     run_server: RunServer,
 ) -> None:
     server = await start(run_server, "--request-head-timeout", "0.5", "--keepalive-timeout", "60")
-    host, port = address(server)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await connect(server)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(SLACK):
         first = await read_answer(reader)
@@ -298,8 +299,7 @@ async def test_a_partial_head_pipelined_behind_a_request_has_the_head_timeout(
     # read, as it also may under load): it too must be cut at the head timeout, not
     # held for the keep-alive timeout.
     server = await start(run_server, "--request-head-timeout", "0.5", "--keepalive-timeout", "60")
-    host, port = address(server)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await connect(server)
     try:
         writer.write(
             b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n"
@@ -314,8 +314,7 @@ async def test_a_partial_head_pipelined_behind_a_request_has_the_head_timeout(
 
 async def test_pipelined_requests_in_one_read_are_all_answered(run_server: RunServer) -> None:
     server = await start(run_server, "--request-head-timeout", "0.5")
-    host, port = address(server)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await connect(server)
     body = b'{"data": 1}'
     post = post_task(body)
     writer.write(post + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + post)
@@ -334,8 +333,7 @@ async def test_a_body_shorter_than_its_content_length_gets_408_and_the_server_se
     run_server: RunServer,
 ) -> None:
     server = await start(run_server, "--request-body-timeout", "0.5")
-    host, port = address(server)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await connect(server)
     writer.write(
         b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100\r\n\r\n"
@@ -362,8 +360,7 @@ async def test_a_body_shorter_than_its_content_length_gets_408_and_the_server_se
 
 async def test_a_whole_body_sent_after_its_head_is_not_cut(run_server: RunServer) -> None:
     server = await start(run_server, "--request-body-timeout", "2")
-    host, port = address(server)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await connect(server)
     body = b'{"data": {"n": 1}}'
     writer.write(
         b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -387,8 +384,7 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeo
     run_server: RunServer,
 ) -> None:
     server = await start(run_server, "--keepalive-timeout", "0.5")
-    host, port = address(server)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await connect(server)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(SLACK):
         head = await read_answer(reader)
@@ -407,8 +403,7 @@ async def test_a_kept_alive_connection_idle_after_a_post_is_not_answered_408(
     # that is no byte of a next head, so the idle connection lives to the keep-alive
     # timeout and is closed without an answer nobody asked for.
     server = await start(run_server, "--request-head-timeout", "0.5", "--keepalive-timeout", "2")
-    host, port = address(server)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await connect(server)
     writer.write(post_task(b'{"data": {"n": 1}}'))
     async with asyncio.timeout(SLACK):
         head = await read_answer(reader)

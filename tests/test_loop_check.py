@@ -1,0 +1,56 @@
+"""The suite's loop check (``SlowCallbacks`` in tests/conftest.py) counts server code
+that holds the event loop, and nothing else: an aiohttp handler that blocks is
+reported; the test's own helper task is not."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from .conftest import SlowCallbacks
+
+HELD = 0.05
+
+
+@pytest.fixture
+async def reports() -> AsyncIterator[list[str]]:
+    """What a check at ``HELD`` seconds reports while the test runs."""
+    loop = asyncio.get_running_loop()
+    handler = SlowCallbacks(least=HELD)
+    logger = logging.getLogger("asyncio")
+    before = loop.slow_callback_duration
+    loop.slow_callback_duration = HELD
+    logger.addHandler(handler)
+    try:
+        yield handler.reports
+    finally:
+        logger.removeHandler(handler)
+        loop.slow_callback_duration = before
+
+
+async def helper() -> None:
+    """A test's helper coroutine (a module-level one, like tests/test_recovery.py's)."""
+    time.sleep(2 * HELD)  # noqa: ASYNC251 (blocking the loop is the point)
+
+
+async def test_a_blocking_handler_is_reported_and_the_tests_own_helper_is_not(
+    reports: list[str],
+) -> None:
+    async def blocking(request: web.Request) -> web.Response:
+        time.sleep(2 * HELD)  # noqa: ASYNC251 (blocking the loop is the point)
+        return web.Response(text="ok")
+
+    await asyncio.create_task(helper())
+    assert reports == []
+    app = web.Application()
+    app.router.add_get("/", blocking)
+    async with TestClient(TestServer(app)) as client, client.get("/") as response:
+        assert response.status == 200
+    assert len(reports) == 1, reports
+    assert "aiohttp/web_protocol.py" in reports[0]
