@@ -73,10 +73,24 @@ class QueueCounts:
         totals = self.totals
         totals[old] -= 1
         totals[new] += 1
-        if old in ACTIVE:
-            self._change(queue, old, -1)
-        if new in ACTIVE:
-            self._change(queue, new, 1)
+        # Twice a task (started, ended): ``_change`` inlined, the queue looked up once.
+        was, now = old in ACTIVE, new in ACTIVE
+        if not (was or now):
+            return
+        queues = self._queues
+        states = queues.get(queue)
+        if states is None:
+            states = queues[queue] = {}
+        if now:
+            states[new] = states.get(new, 0) + 1
+        if was:
+            left = states.get(old, 0) - 1
+            if left:
+                states[old] = left
+            else:
+                del states[old]
+                if not states:
+                    del queues[queue]
 
     def purged(self, state: TaskState, n: int) -> None:
         """``n`` ended tasks in ``state`` were deleted (ended tasks are counted per state only)."""

@@ -36,6 +36,7 @@ from .payload import dumps, event_json
 #: Looked up once: ``EventType.X`` is a lookup on the enum class, ~70 ns more than a
 #: global on Python 3.11, and these run per task.
 _QUEUED, _STARTED, _FINISHED = EventType.QUEUED, EventType.STARTED, EventType.FINISHED
+_QUEUED_STATE, _SUCCEEDED, _DELAYED = lifecycle.QUEUED, lifecycle.SUCCEEDED, lifecycle.DELAYED
 
 
 class Batching:
@@ -62,7 +63,9 @@ class Batching:
     def _check_room(self, extra: int) -> Batch:
         if self._closing:
             raise ServerBusy("the store is closing")
-        batch = self._current()
+        batch = self._batch
+        if batch is None:
+            batch = self._current()
         if len(batch) + extra > self._max_pending:
             raise ServerBusy("too many writes are waiting for the disk", retry_after=1.0)
         return batch
@@ -132,7 +135,7 @@ class Batching:
         batch.inserted.append(task)
         if item.unique_for:
             batch.unique_since[task.id] = now - item.unique_for
-        if task.state is lifecycle.QUEUED:
+        if task.state is _QUEUED_STATE:
             batch.ready.append(task)
             self._new_event(batch, task, _QUEUED, None, now)
         else:
@@ -162,14 +165,16 @@ class Batching:
         even if the process dies before the commit.
         """
         result = None
-        if type_ is _FINISHED or (task.state is lifecycle.SUCCEEDED and task.result is not None):
+        if type_ is _FINISHED or (task.state is _SUCCEEDED and task.result is not None):
             try:
                 result = dumps(task.result)
             except TypeError as exc:
                 raise NotSerializable(
                     f"the task's result cannot be encoded as JSON: {exc}", field="result"
                 ) from None
-        batch = self._current()
+        batch = self._batch
+        if batch is None:
+            batch = self._current()
         now = self._clock()
         task.updated_at = now
         json = event_json(task, type_, extra, now, result=result if type_ is _FINISHED else None)
@@ -182,7 +187,7 @@ class Batching:
         batch.events.append(Event(event_id, task.id, type_, json))
         if ready:
             batch.ready.append(task)
-        elif task.state in lifecycle.DELAYED:
+        elif task.state in _DELAYED:
             batch.delayed = True
         return batch.future
 
