@@ -23,7 +23,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-import taskserver
 from taskserver import Settings, TaskContext, TaskServer, attach
 
 from .pg_server import PostgresServer, find_bindir
@@ -300,21 +299,22 @@ SLOW_CALLBACK = 0.5
 
 
 class SlowCallbacks(logging.Handler):
-    """Collects asyncio's "Executing <handle> took N seconds" reports of server code.
+    """Collects asyncio's "Executing <handle> took N seconds" reports, but the test's own.
 
-    Only steps that ran taskserver's or aiohttp's server code and held the loop at
-    least ``least`` seconds count. The test's own coroutines, its helpers and the
-    clients it drives (asyncio's ``open_connection``, aiohttp's client) may be slow on
-    a busy machine or block on purpose (they start subprocesses, read files); server
-    code, aiohttp handlers and workers must not. A report naming no file counts.
+    A step that held the loop at least ``least`` seconds counts unless it was the
+    test's: its coroutines and helpers (code in tests/) and the asyncio streams it
+    drives as a client (``open_connection``; the server never uses asyncio streams).
+    Those may be slow on a busy machine or block on purpose (they start subprocesses,
+    read files); server code, aiohttp handlers and workers must not. A report naming no
+    file counts.
     """
 
     #: Where the handle or task that held the loop was: the first ``at FILE:LINE``.
     HELD_AT = re.compile(r" at (\S+?):\d+")
     TOOK = re.compile(r" took (\d+(?:\.\d+)?) seconds$")
-    SERVER_CODE = (
-        str(Path(taskserver.__file__).parent) + os.sep,
-        str(Path(aiohttp.__file__).parent / "web"),
+    TEST_CODE = (
+        str(Path(__file__).parent) + os.sep,
+        str(Path(asyncio.__file__).parent / "streams.py"),
     )
 
     def __init__(self, least: float = SLOW_CALLBACK) -> None:
@@ -329,21 +329,23 @@ class SlowCallbacks(logging.Handler):
             message.startswith("Executing")
             and took
             and float(took.group(1)) >= self.least
-            and self.runs_server_code(message)
+            and self.counts(message)
         ):
             self.reports.append(message)
 
     @classmethod
-    def runs_server_code(cls, message: str) -> bool:
+    def counts(cls, message: str) -> bool:
+        """Whether the step reported in ``message`` counts: it was not the test's own."""
         if "coro=<test_" in message:
             return False
         held = cls.HELD_AT.search(message)
-        return held is None or held.group(1).startswith(cls.SERVER_CODE)
+        return held is None or not held.group(1).startswith(cls.TEST_CODE)
 
 
 @pytest.fixture(autouse=True)
 async def loop_never_blocks() -> AsyncIterator[None]:
-    """Fail a test during which server code held the loop too long (``SlowCallbacks``)."""
+    """Fail a test during which anything but its own code held the loop too long
+    (``SlowCallbacks``)."""
     loop = asyncio.get_running_loop()
     loop.set_debug(True)
     loop.slow_callback_duration = SLOW_CALLBACK
