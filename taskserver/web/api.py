@@ -35,6 +35,7 @@ from .http import (
     int_param,
     is_id,
     json_response,
+    query_param,
     read_json_object,
 )
 from .metrics import Metrics
@@ -69,7 +70,7 @@ def last_event_id(request: web.Request) -> int:
     raw = request.headers.get("Last-Event-ID")
     name = "Last-Event-ID"
     if raw is None:
-        raw, name = request.query.get("lastEventID"), "lastEventID"
+        raw, name = query_param(request, "lastEventID"), "lastEventID"
     if raw is None or raw == "":
         return 0
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
@@ -296,7 +297,9 @@ async def stats(request: web.Request) -> web.Response:
     ``queues=false`` leaves it out, and ``queues`` is then what memory holds per queue,
     as ``TaskServer.stats``)."""
     server = request.app[SERVER]
-    raw = request.query.get("queues", "true")
+    raw = query_param(request, "queues")
+    if raw is None:
+        raw = "true"
     if raw not in ("true", "false"):
         raise ValidationError(f"queues must be true or false, got {raw!r}", field="queues")
     body = {**server.stats(), "history": server.history()}

@@ -83,9 +83,23 @@ def buffered_body(request: web.Request) -> bytes | None:
     return raw
 
 
+def query_param(request: web.Request, name: str) -> str | None:
+    """A query parameter that is given at most once: its value, ``None`` when absent.
+
+    Given twice (``?limit=1&limit=500``) it is a 422 naming it: which one counts would
+    be a guess, and a proxy or a client library may pick the other one.
+    """
+    values = request.query.getall(name, ())
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValidationError(f"{name} must be given once, got {len(values)} values", field=name)
+    return values[0]
+
+
 def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     """An integer query parameter within [lo, hi], or 422 naming it."""
-    raw = request.query.get(name)
+    raw = query_param(request, name)
     if raw is None:
         return default
     try:
@@ -105,7 +119,7 @@ def is_id(value: Any) -> bool:
 
 def state_param(request: web.Request, name: str = "state") -> TaskState | None:
     """A task state query parameter, or 422 naming it; ``None`` when absent."""
-    raw = request.query.get(name)
+    raw = query_param(request, name)
     if raw is None:
         return None
     try:

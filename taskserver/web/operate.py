@@ -22,6 +22,7 @@ from .http import (
     int_param,
     is_id,
     json_response,
+    query_param,
     read_json_object,
     state_param,
 )
@@ -40,7 +41,7 @@ MAX_LABEL = 200
 def text_param(request: web.Request, name: str) -> str | None:
     """A queue, name or unique-key query parameter: an exact match, 1-200 characters
     (no task has another), or 422 naming it."""
-    raw = request.query.get(name)
+    raw = query_param(request, name)
     if raw is None:
         return None
     if not 1 <= len(raw) <= MAX_LABEL:
@@ -56,7 +57,9 @@ async def list_tasks(request: web.Request) -> web.Response:
     queue, name = text_param(request, "queue"), text_param(request, "name")
     unique_key = text_param(request, "unique_key")
     limit = int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    order = request.query.get("order", "asc")
+    order = query_param(request, "order")
+    if order is None:
+        order = "asc"
     if order not in ("asc", "desc"):
         raise ValidationError(f"order must be asc or desc, got {order!r}", field="order")
     cursor = "after" if order == "asc" else "before"
