@@ -37,26 +37,33 @@ def connect_and_watch(
     """``count`` connections that send nothing, opened one after another, and for each
     what the server sent until it closed and when: seconds since the first connect.
 
-    Plain blocking sockets in a thread: opening 500 through asyncio streams on the
-    test's debug-mode loop takes a second or more on a busy machine, which would blur
-    the refused (closed at accept) and the held (closed at the head timeout) apart.
-    The sockets stay open on this side until the caller closes them.
+    Blocking sockets in a thread, every close timed from the first connect: timed by
+    reads started on the test's loop after other reads, a slow machine once saw held
+    connections "cut" before the head timeout. The caller closes the sockets (on a
+    failure here they are closed at once).
     """
     began = time.monotonic()
-    socks = [socket.create_connection((host, port)) for _ in range(count)]
-    seen: list[tuple[bytes, float] | None] = [None] * count
-    with selectors.DefaultSelector() as watch:
-        for index, sock in enumerate(socks):
-            watch.register(sock, selectors.EVENT_READ, index)
-        while watch.get_map() and (left := began + bound - time.monotonic()) > 0:
-            for key, _ in watch.select(left):
-                try:
-                    data = key.fileobj.recv(4096)  # type: ignore[union-attr]
-                except ConnectionResetError:
-                    data = b""
-                seen[key.data] = (data, time.monotonic() - began)
-                watch.unregister(key.fileobj)
-    assert all(s is not None for s in seen), f"{seen.count(None)} never closed in {bound} s"
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(socket.create_connection((host, port), timeout=SLACK))
+        seen: list[tuple[bytes, float] | None] = [None] * count
+        with selectors.DefaultSelector() as watch:
+            for index, sock in enumerate(socks):
+                watch.register(sock, selectors.EVENT_READ, index)
+            while watch.get_map() and (left := began + bound - time.monotonic()) > 0:
+                for key, _ in watch.select(left):
+                    try:
+                        data = key.fileobj.recv(4096)  # type: ignore[union-attr]
+                    except ConnectionResetError:
+                        data = b""
+                    seen[key.data] = (data, time.monotonic() - began)
+                    watch.unregister(key.fileobj)
+        assert all(s is not None for s in seen), f"{seen.count(None)} never closed in {bound} s"
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
     return socks, [s for s in seen if s is not None]
 
 
