@@ -17,7 +17,10 @@ alternated, the order rotated every round.
 Latency: 10,000 Mercure streams (one client process, subscriber JWT) on one
 topic; ``events`` updates are published 0.25 s apart, each carrying its
 ``time.monotonic()``; p50/p99 over every (event, stream) delivery, and the
-server's RSS.
+server's RSS. Before and after, the floor: the same reader against
+``sendfloor.py``, a bare process that writes each event to every stream with
+one blocking ``send`` each (no HTTP, store or hub): what this machine's kernel
+charges for that many loopback writes, which bounds the hub's figure.
 
 With ``--ab REF`` every configuration and the latency run are measured for
 both servers (``A``: commit REF, ``B``: the working tree), alternated in the
@@ -41,6 +44,7 @@ from typing import IO, Any, Protocol
 import jwt
 import orjson
 
+from . import sendfloor
 from .abtrees import Tree
 from .bench import BenchError, Server, child_env, serve
 from .common import RESULT_PREFIX, peak_rss_of, percentile
@@ -138,8 +142,10 @@ def section(opts: FanoutOptions, tmp: Path) -> None:
             if any(r.witness_gap for r in runs):
                 gaps = [r.witness_gap for r in runs]
                 print(f"{'':30}WARNING: the witness's data: lines and last id differ by {gaps}")
+    _floor(opts, tmp)
     for name, path in _labels(opts):
         _latency(opts, tmp, name, path)
+    _floor(opts, tmp)
 
 
 def _labels(opts: FanoutOptions) -> list[tuple[str, Path | None]]:
@@ -201,7 +207,8 @@ def _readline(stream: IO[bytes], timeout: float) -> bytes:
 
 
 def _finish_subscribers(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
-    """Wait up to ``timeout`` for the process to end by itself, then close its stdin."""
+    """Close its stdin (it then reports what it read and ends) and take its result,
+    waiting up to ``timeout`` (with ``--expect`` it may end by itself first)."""
     assert proc.stdin is not None
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -304,20 +311,42 @@ def _latency(opts: FanoutOptions, tmp: Path, tree: str, tree_path: Path | None) 
         _publish(server.url, opts.events)
         got = _finish_subscribers(subs, 10 + opts.events * PUBLISH_INTERVAL)
         peak = peak_rss_of(server.proc.pid)
-    lat = got["latencies"]
-    expected = got["connected"] * opts.events
-    print(
-        f"   {tree + ' ' if tree else ''}{n:,} Mercure subscribers (subscriber JWT, "
-        f"one client process), {opts.events} "
-        f"events {PUBLISH_INTERVAL:g}s apart: delivery p50 {percentile(lat, 50) * 1000:.0f} ms, "
-        f"p99 {percentile(lat, 99) * 1000:.0f} ms, max {max(lat, default=0) * 1000:.0f} ms "
-        f"({len(lat):,} of {expected:,} deliveries; {got['closed_by_server']} dropped)"
-    )
-    per_event = [
-        statistics.median(lat[i :: opts.events]) * 1000 for i in range(min(opts.events, len(lat)))
-    ]
+    label = f"{tree + ' ' if tree else ''}{n:,} Mercure subscribers (subscriber JWT, one client)"
+    _print_latency(label, got, opts.events)
     print(
         f"{'':30}connected in {connect:.1f}s; server RSS {mib(idle_rss)} idle, "
         f"{mib(connected_rss)} with the streams, peak {mib(peak)}; client CPU "
-        f"{got['cpu_seconds']:.1f}s; per-event median {spread(per_event)} ms"
+        f"{got['cpu_seconds']:.1f}s"
+    )
+
+
+def _floor(opts: FanoutOptions, tmp: Path) -> None:
+    """The same reader against ``sendfloor.py``: one blocking ``send`` per stream, no hub."""
+    n = opts.latency_subscribers
+    command = [sys.executable, "-m", "benchmarks.sendfloor", str(n), str(opts.events)]
+    command.append(repr(PUBLISH_INTERVAL))
+    with serve(command, cwd=tmp, log=tmp / "floor.log", timeout=30) as server:
+        subs = _start_subscribers(server, "/", n, "", expect=opts.events)
+        _until_logged(server, f"{sendfloor.SENT} ", 60 + opts.events * PUBLISH_INTERVAL)
+        got = _finish_subscribers(subs, 30)
+    _print_latency(f"floor: {n:,} streams, a bare send loop (sendfloor.py)", got, opts.events)
+
+
+def _until_logged(server: Server, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in server.log.read_text(errors="replace"):
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"{server.log.name}: no {text!r} within {timeout:g}s")
+        time.sleep(0.05)  # polling a log file: there is nothing to wait on
+
+
+def _print_latency(label: str, got: dict[str, Any], events: int) -> None:
+    lat = got["latencies"]
+    expected = got["connected"] * events
+    per_event = [statistics.median(lat[i::events]) * 1000 for i in range(min(events, len(lat)))]
+    print(
+        f"   {label}, {events} events {PUBLISH_INTERVAL:g}s apart: delivery p50 "
+        f"{percentile(lat, 50) * 1000:.0f} ms, p99 {percentile(lat, 99) * 1000:.0f} ms, max "
+        f"{max(lat, default=0) * 1000:.0f} ms ({len(lat):,} of {expected:,} deliveries; "
+        f"{got['closed_by_server']} dropped); per-event median {spread(per_event)} ms"
     )
