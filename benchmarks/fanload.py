@@ -327,6 +327,8 @@ def _floor(opts: FanoutOptions, tmp: Path) -> None:
     command.append(repr(PUBLISH_INTERVAL))
     with serve(command, cwd=tmp, log=tmp / "floor.log", timeout=30) as server:
         subs = _start_subscribers(server, "/", n, "", expect=opts.events)
+        with urllib.request.urlopen(server.url + "/go", timeout=30):  # loopback only
+            pass  # the go-ahead: the floor starts sending once this head has arrived
         _until_logged(server, f"{sendfloor.SENT} ", 60 + opts.events * PUBLISH_INTERVAL)
         got = _finish_subscribers(subs, 30)
     _print_latency(f"floor: {n:,} streams, a bare send loop (sendfloor.py)", got, opts.events)

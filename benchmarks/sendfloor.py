@@ -4,11 +4,13 @@ A bare stand-in for the hub, so that the 10,000-subscriber delivery figures of
 section ``fanout`` have a baseline measured in the same run, with the same
 reader: no HTTP parsing, no store, no hub, no event loop. It listens on
 127.0.0.1, answers each of ``COUNT`` connections' request head with a 200
-``text/event-stream`` head, then sends ``EVENTS`` frames ``INTERVAL`` seconds
-apart, each ``data:`` its ``time.monotonic()`` when the send loop starts, with
-one plain blocking ``socket.send`` per connection in one thread: what the
-kernel charges one sender for that many loopback writes. The hub's figure adds
-the publish request, its durable commit and the fan-out's own Python.
+``text/event-stream`` head; once one more connection (the go-ahead, opened by
+the orchestrator when the reader is ready) has sent its head, it sends
+``EVENTS`` frames ``INTERVAL`` seconds apart, each ``data:`` its
+``time.monotonic()`` when the send loop starts, with one plain blocking
+``socket.send`` per connection in one thread: what the kernel charges one
+sender for that many loopback writes. The hub's figure adds the publish
+request, its durable commit and the fan-out's own Python.
 
 It prints ``listening on http://…`` (``bench.serve`` reads it) and, after the
 last frame, ``sent EVENTS``; then it waits to be stopped.
@@ -25,8 +27,6 @@ from .subscribers import raise_fd_limit
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n:\n\n"
 #: Printed once every frame is sent: the reader may be told to finish.
 SENT = "sent"
-#: Seconds to wait after the last connection, for the reader to print READY and settle.
-SETTLE = 1.0
 
 
 def _accept(listener: socket.socket, count: int) -> list[socket.socket]:
@@ -61,7 +61,8 @@ def main() -> None:
     listener.listen(4096)
     print(f"listening on http://127.0.0.1:{listener.getsockname()[1]}", flush=True)
     streams = _accept(listener, args.count)
-    time.sleep(SETTLE)
+    for go in _accept(listener, 1):
+        go.close()
     for _ in range(args.events):
         frame = f"data: {time.monotonic()!r}\n\n".encode()
         for conn in streams:
