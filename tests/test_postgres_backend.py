@@ -143,8 +143,18 @@ async def _cut_off(dsn: str, postgres: PostgresServer, *, allow: bool) -> None:
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
                 name,
             )
+            # pg_terminate_backend only signals: until a session has ended, it still
+            # answers (a read on it rightly succeeds), so the cut is done when none is left.
+            await wait_for(
+                lambda: _sessions_gone(conn, name), timeout=20, message=f"{name}'s sessions to end"
+            )
     finally:
         await conn.close()
+
+
+async def _sessions_gone(conn: asyncpg.Connection, name: str) -> bool:
+    left = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = $1", name)
+    return bool(left == 0)
 
 
 async def test_a_database_that_goes_away_refuses_tasks_then_recovers(

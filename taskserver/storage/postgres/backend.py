@@ -407,10 +407,14 @@ class PostgresBackend(PostgresReads):
             if durable.events:
                 self._delivered = max(self._delivered, durable.events[-1].id)
             applied.committed_event_id = self._delivered
-        except UNREACHABLE:
+        except BaseException as exc:
             # Not closed gracefully: a session the server ended mid-reply can leave the
-            # driver waiting for the rest (every later statement failing). A new one next.
-            conn.terminate()
+            # driver waiting for the rest (every later statement failing; asyncpg 0.27
+            # says "cannot switch to state …; another operation is in progress", an
+            # InternalClientError). A new one next, unless the server refused a
+            # statement of a session that is still sound (the transaction rolled back).
+            if isinstance(exc, UNREACHABLE) or not isinstance(exc, asyncpg.PostgresError):
+                conn.terminate()
             raise
         return applied
 
