@@ -59,7 +59,9 @@ class Claims:
     publish: Selectors | None
     subscribe: Selectors | None
     payload: Any
-    #: The ``exp`` claim, seconds since the epoch, or ``None``.
+    #: When the token stops being accepted, seconds since the epoch, or ``None``: the
+    #: ``exp`` claim's whole seconds, since PyJWT compares ``int(exp)`` with the clock
+    #: and a stream must not outlive a token a new request would be refused with.
     expires: float | None
 
 
@@ -174,7 +176,7 @@ def _claims(payload: dict[str, Any]) -> Claims:
         publish=_selectors(claim, "publish"),
         subscribe=_selectors(claim, "subscribe"),
         payload=claim.get("payload"),
-        expires=float(exp) if isinstance(exp, int | float) else None,
+        expires=float(int(exp)) if isinstance(exp, int | float) else None,
     )
 
 
