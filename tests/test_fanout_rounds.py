@@ -67,7 +67,10 @@ async def test_with_many_subscribers_items_a_round_apart_are_each_flushed_at_onc
         published = time.monotonic()
         hub.publish(("t",), item)
         assert await received(subs[-1], 1) == [item]
-        assert time.monotonic() - published < fanout_module.MAX_DELAY
+        # Halfway between the two bounds: a slow machine's stall is no failure, a round
+        # held back for BUSY_DELAY is.
+        bound = (fanout_module.MAX_DELAY + fanout_module.BUSY_DELAY) / 2
+        assert time.monotonic() - published < bound
         await asyncio.sleep(fanout_module.MAX_DELAY * 1.5)  # < BUSY_DELAY
 
 
