@@ -347,7 +347,10 @@ async def test_a_restarted_node_rescues_its_own_running_tasks_at_once(
     cluster = await make_cluster(extra_args=["--lease", str(lease)])
     a, _ = [await cluster.start("a", workers=2), await cluster.start("b", workers=0)]
     ids = await cluster.enqueue_batch(
-        "b", [{"data": {"tag": "long", "sleep": 1.0}, "max_attempts": 2}] * 4
+        # 3 s: the two seen running are still running when a is killed, even on a slow
+        # machine; the four still end well within half the lease.
+        "b",
+        [{"data": {"tag": "long", "sleep": 3.0}, "max_attempts": 2}] * 4,
     )
 
     def running_on_a() -> set[int]:

@@ -32,6 +32,7 @@ from taskserver import (
     lifecycle,
 )
 from taskserver.models import Task
+from taskserver.runtime import maintenance
 from taskserver.storage import NewTask, Store
 from taskserver.storage.postgres import schema as pg_schema
 
@@ -459,7 +460,12 @@ async def test_a_queue_paused_on_one_node_starts_nothing_anywhere(node: Node) ->
     assert sorted(ran) == sorted(others + ids)
 
 
-async def test_a_freed_slot_of_a_limited_queue_is_taken_at_once(node: Node) -> None:
+async def test_a_freed_slot_of_a_limited_queue_is_taken_at_once(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The safety net 10 s apart, not 1 s: a slot taken within 3 s was taken at once, even
+    # on a slow machine, and one the net found would take 10 s.
+    monkeypatch.setattr(maintenance, "CLUSTER_INTERVAL", 10.0)
     spans: list[tuple[float, float]] = []
     loop = asyncio.get_running_loop()
 
@@ -478,7 +484,7 @@ async def test_a_freed_slot_of_a_limited_queue_is_taken_at_once(node: Node) -> N
     spans.sort()
     # Task k + 2 waits for a slot: k's or k + 1's. Not for the once-a-second safety net.
     waits = [later[0] - min(e for _, e in spans[k : k + 2]) for k, later in enumerate(spans[2:])]
-    assert max(waits) < 0.5, waits
+    assert max(waits) < 3, waits
 
 
 async def test_the_subscriptions_api_lists_every_nodes_subscribers(

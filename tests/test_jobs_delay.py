@@ -121,7 +121,7 @@ async def test_due_times_survive_a_restart(jobs: Jobs) -> None:
 
 async def test_real_clock_restart_before_due_runs_after_due(jobs: Jobs) -> None:
     first = await jobs.server()
-    task_id = await first.task("x", delay=0.6)
+    task_id = await first.task("x", delay=3.0)  # time enough to restart on a slow machine
     due = (await first.get(task_id)).available_at
     await first.stop()
     runs = Runs()

@@ -119,10 +119,10 @@ async def test_a_timeout_kills_the_process_running_the_task(jobs: Jobs, tmp_path
     warm = await server.task_wait({}, 20)  # the process exists before the timed task starts
     pid_file = tmp_path / "pid"
     task_id = await server.task(
-        {"pid_file": str(pid_file), "sleep": 30}, timeout=1.0, max_attempts=1
-    )
-    failed = await state_of(server, task_id, "failed", timeout=10)
-    assert failed.error == "TimeoutError: the task ran longer than its timeout of 1s"
+        {"pid_file": str(pid_file), "sleep": 30}, timeout=3.0, max_attempts=1
+    )  # 3 s: time for the process to write its pid on a slow machine
+    failed = await state_of(server, task_id, "failed", timeout=15)
+    assert failed.error == "TimeoutError: the task ran longer than its timeout of 3s"
     pid = int(pid_file.read_text())
     assert pid == warm["pid"]
     await wait_for(lambda: not process_alive(pid), message=f"process {pid} to be killed")

@@ -180,16 +180,18 @@ async def test_long_import_does_not_starve_ui_tasks(jobs: Jobs, ready_window: in
         assert stats["queues"]["import"]["in_memory"] <= 10
         assert stats["queues"]["import"]["queued"] >= 150  # from the store: the rest wait on disk
     await wait_for(lambda: rec.done["import"] >= 4, message="the import to be under way")
-    done_before = rec.done["import"]
     enqueued = time.monotonic()
     created = await post(client, "/tasks", {"data": {"n": "ui", "q": "ui"}, "queue": "ui"})
+    # Counted once the ui task is durable (so ready): the round trip before that, which a
+    # slow machine can stretch, is not the scheduler's.
+    done_when_ready = rec.done["import"]
     await wait_for(lambda: "ui" in rec.order, message="the ui task to start")
-    imports_meanwhile = rec.done_at_start["ui"]["import"] - done_before
+    imports_meanwhile = rec.done_at_start["ui"]["import"] - done_when_ready
     latency = rec.started_at["ui"] - enqueued
-    # Only the import tasks running when the ui task arrived (and a few during the HTTP
-    # round trip) finish before a worker takes it; the import has ~190 tasks to go.
-    assert imports_meanwhile <= 6, imports_meanwhile
-    assert latency < 0.5, latency
+    # Only the import tasks running when the ui task became ready finish before a worker
+    # takes it (one per worker); the import has ~190 tasks, ~1 s, to go.
+    assert imports_meanwhile <= 3, imports_meanwhile
+    assert latency < 0.9, latency
     assert rec.done_at_start["ui"]["import"] < 100
     task = await get_json(client, f"/tasks/{created['id']}?wait=5")
     assert task["state"] == "succeeded"

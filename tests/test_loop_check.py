@@ -47,14 +47,16 @@ async def test_a_blocking_handler_is_reported_and_the_tests_own_helper_is_not(
         time.sleep(2 * HELD)  # noqa: ASYNC251 (blocking the loop is the point)
         return web.Response(text="ok")
 
+    # Asserted by name: a slow machine may hold the loop HELD for any step, the check's
+    # verdict on these two is the point.
     await asyncio.create_task(helper())
-    assert reports == []
+    assert not any("helper" in r for r in reports), reports
     app = web.Application()
     app.router.add_get("/", blocking)
     async with TestClient(TestServer(app)) as client, client.get("/") as response:
         assert response.status == 200
-    assert len(reports) == 1, reports
-    assert "aiohttp/web_protocol.py" in reports[0]
+    assert not any("helper" in r for r in reports), reports
+    assert sum("aiohttp/web_protocol.py" in r for r in reports) == 1, reports
 
 
 def test_a_step_of_a_client_stream_is_the_tests_own() -> None:

@@ -69,9 +69,13 @@ def child_nofile(pid: int) -> tuple[int, int]:
     raise AssertionError("no 'Max open files' line")
 
 
-async def read_until_eof(reader: asyncio.StreamReader, bound: float) -> tuple[bytes, float]:
-    """Everything the server sends until it closes, and how long that took."""
-    began = time.monotonic()
+async def read_until_eof(
+    reader: asyncio.StreamReader, bound: float, since: float | None = None
+) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and how long that took from ``since``
+    (``time.monotonic()``, default now). A ``since`` taken before the server's timer can
+    have started makes the time a lower bound a slow client cannot shorten."""
+    began = time.monotonic() if since is None else since
     async with asyncio.timeout(bound):
         data = await reader.read()
     return data, time.monotonic() - began
@@ -235,9 +239,10 @@ async def test_a_head_that_never_completes_gets_408_after_the_head_timeout(
     run_server: RunServer,
 ) -> None:
     server = await start(run_server, "--request-head-timeout", "0.5")
+    began = time.monotonic()  # before the server accepts, so before its timer starts
     reader, writer = await connect(server)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
-    data, took = await read_until_eof(reader, SLACK)
+    data, took = await read_until_eof(reader, SLACK, since=began)
     writer.close()
     assert status_line(data) == "HTTP/1.1 408 Request Timeout", data
     assert header(data, "Connection") == "close"
@@ -249,8 +254,8 @@ async def test_a_head_trickled_a_byte_at_a_time_is_cut_at_the_head_timeout(
     run_server: RunServer,
 ) -> None:
     server = await start(run_server, "--request-head-timeout", "0.5")
+    began = time.monotonic()  # before the server accepts, so before its timer starts
     reader, writer = await connect(server)
-    began = time.monotonic()
     closed = asyncio.ensure_future(reader.read())
     for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
         if closed.done():
@@ -269,8 +274,9 @@ async def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(
     run_server: RunServer,
 ) -> None:
     server = await start(run_server, "--request-head-timeout", "0.5")
+    began = time.monotonic()  # before the server accepts, so before its timer starts
     reader, writer = await connect(server)
-    data, took = await read_until_eof(reader, SLACK)
+    data, took = await read_until_eof(reader, SLACK, since=began)
     writer.close()
     assert data == b""  # nothing was asked, so nothing is answered
     assert 0.4 <= took < SLACK
@@ -285,8 +291,9 @@ async def test_a_second_head_on_a_kept_alive_connection_has_its_own_head_timeout
     async with asyncio.timeout(SLACK):
         first = await read_answer(reader)
     assert status_line(first) == "HTTP/1.1 200 OK"
+    began = time.monotonic()  # before the partial head, so before its timer starts
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-    data, took = await read_until_eof(reader, SLACK)
+    data, took = await read_until_eof(reader, SLACK, since=began)
     writer.close()
     assert status_line(data) == "HTTP/1.1 408 Request Timeout", data
     assert 0.4 <= took < SLACK
@@ -301,10 +308,11 @@ async def test_a_partial_head_pipelined_behind_a_request_has_the_head_timeout(
     server = await start(run_server, "--request-head-timeout", "0.5", "--keepalive-timeout", "60")
     reader, writer = await connect(server)
     try:
+        began = time.monotonic()  # before the requests, so before any timer of theirs
         writer.write(
             b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n"
         )
-        data, took = await read_until_eof(reader, SLACK)
+        data, took = await read_until_eof(reader, SLACK, since=began)
     finally:
         writer.close()
     assert status_line(data) == "HTTP/1.1 200 OK", data
@@ -334,13 +342,14 @@ async def test_a_body_shorter_than_its_content_length_gets_408_and_the_server_se
 ) -> None:
     server = await start(run_server, "--request-body-timeout", "0.5")
     reader, writer = await connect(server)
+    began = time.monotonic()  # before the head, so before the body's timer starts
     writer.write(
         b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100\r\n\r\n"
     )
     await writer.drain()
     writer.write(b'{"data": 1')  # 10 of the 100 bytes, in a packet of its own
-    data, took = await read_until_eof(reader, SLACK)
+    data, took = await read_until_eof(reader, SLACK, since=began)
     writer.close()
     assert status_line(data) == "HTTP/1.1 408 Request Timeout", data
     assert header(data, "Connection") == "close"
@@ -385,12 +394,13 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeo
 ) -> None:
     server = await start(run_server, "--keepalive-timeout", "0.5")
     reader, writer = await connect(server)
+    began = time.monotonic()  # before the request, so before the idle time after it
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(SLACK):
         head = await read_answer(reader)
     assert status_line(head) == "HTTP/1.1 200 OK"
     assert header(head, "Connection") != "close"
-    data, took = await read_until_eof(reader, SLACK)
+    data, took = await read_until_eof(reader, SLACK, since=began)
     writer.close()
     assert data == b""
     assert 0.4 <= took < SLACK
@@ -404,11 +414,12 @@ async def test_a_kept_alive_connection_idle_after_a_post_is_not_answered_408(
     # timeout and is closed without an answer nobody asked for.
     server = await start(run_server, "--request-head-timeout", "0.5", "--keepalive-timeout", "2")
     reader, writer = await connect(server)
+    began = time.monotonic()  # before the request, so before the idle time after it
     writer.write(post_task(b'{"data": {"n": 1}}'))
     async with asyncio.timeout(SLACK):
         head = await read_answer(reader)
     assert status_line(head) == "HTTP/1.1 202 Accepted", head
-    data, took = await read_until_eof(reader, SLACK)
+    data, took = await read_until_eof(reader, SLACK, since=began)
     writer.close()
     assert data == b"", data
     assert 1.9 <= took < SLACK

@@ -157,11 +157,12 @@ async def test_a_failing_disk_is_retried_with_backoff_and_loses_no_outcome(
         await wait_for(running, message="the task runs")
         fsize_limit(server.proc.pid, 0)
         try:
+            # Timed from before the first failure, so a late look at it cannot shorten
+            # the backoff measured: 0.05 + 0.1 + 0.2 s at least (it was milliseconds).
+            started = asyncio.get_running_loop().time()
             (tmp_path / "release").touch()  # its outcome is written while writes fail
             await wait_for(lambda: failed_commits(1), message="a failed commit")
-            started = asyncio.get_running_loop().time()
             await wait_for(lambda: failed_commits(4), message="three retries")
-            # 0.05 + 0.1 + 0.2 s of backoff at least (it was milliseconds).
             assert asyncio.get_running_loop().time() - started >= 0.3
             async with session.get(f"{url}/readyz") as response:
                 await check_not_ready(response, "the store cannot write")

@@ -376,7 +376,7 @@ async def test_thread_progress_after_timeout_changes_nothing(make_server: Server
         return "late"
 
     server = await make_server(task=task, task_workers=1)
-    task_id = await server.task(None, timeout=0.3)
+    task_id = await server.task(None, timeout=1.5)  # its first progress is stored by then
     timed_out = await finished(server, task_id)
     assert timed_out.state == "failed"
     go.set()
