@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from taskserver import NotSerializable, ServerClosed, TaskContext, ValidationError
+from taskserver.storage.engine import EARLY_HAND_OFF
 
 from .conftest import ServerFactory
 
@@ -93,6 +94,40 @@ async def test_group_commit_batches_concurrent_writes(make_server: ServerFactory
     await asyncio.gather(*(server.task(n) for n in range(200)))
     # 200 callers arriving together share a handful of transactions, not one each.
     assert server.stats()["commits"] - commits_before <= 10
+
+
+async def test_a_batch_its_callers_filled_at_once_commits_while_the_workers_run(
+    make_server: ServerFactory,
+) -> None:
+    # Producers that enqueue again as soon as their task is durable fill the next
+    # batch in one loop iteration: it must go to the writer then, not wait until the
+    # workers have run the tasks just committed (the two would take turns).
+    committing: list[int] = []
+
+    async def task(ctx: TaskContext) -> None:
+        committing.append(server.store.committing)
+
+    server = await make_server(task=task, task_workers=4)
+    assert server.store is not None
+    producers, rounds = 100, 5
+
+    async def produce() -> list[int]:
+        return [await server.task(n) for n in range(rounds)]
+
+    ids = [i for ids in await asyncio.gather(*(produce() for _ in range(producers))) for i in ids]
+    await server.wait(ids, timeout=10)
+    assert len(committing) == producers * rounds
+    # While the workers ran a batch's tasks, the next batch (an insert and an event
+    # per producer) was already committing.
+    assert max(committing) >= EARLY_HAND_OFF
+    with sqlite3.connect(server.settings.db) as conn:
+        states = conn.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
+        types = conn.execute(
+            "SELECT group_concat(type, ' ') FROM (SELECT task_id, type FROM events ORDER BY id)"
+            " GROUP BY task_id"
+        ).fetchall()
+    assert states == [("succeeded", producers * rounds)]
+    assert set(types) == {("queued started finished",)}
 
 
 class Opaque:

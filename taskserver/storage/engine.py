@@ -51,13 +51,14 @@ log = logging.getLogger(__name__)
 #: did not move (p50 ~0.43 ms). The next requests are read and handled in the last
 #: one: the batch holds the new tasks only from then on.
 GATHER_ITERATIONS = 3
-#: Writes a batch must hold, once the callers of the commit before it have resumed,
-#: to go to the writer at once (before the workers are fed, instead of after the
-#: gathering rounds): its commit then runs on the writer thread beside the loop's
-#: work rather than after it. Callers that enqueue again as soon as they resume
-#: (``await server.task()`` in a loop) fill such a batch in that one iteration;
-#: HTTP clients send their next requests only after reading the answers, so their
-#: batches are small then and still wait for the gathering, which makes them bigger.
+#: Writes the callers of a commit must append in the one loop iteration after they
+#: resume for the batch to go to the writer at once (before the workers are fed,
+#: not after the gathering rounds): its commit then runs on the writer thread beside
+#: the loop's work rather than after it. Such callers enqueue again as soon as they
+#: resume (``await server.task()`` in a loop). HTTP handlers only answer then, and
+#: requests read while the writer was busy do not count: their batches still wait
+#: for the gathering (handed off early, they cost more CPU per request at 64
+#: keep-alive clients).
 EARLY_HAND_OFF = 64
 #: After a failed commit the writer waits this long before the next one, doubling
 #: up to WRITE_RETRY_CAP while commits keep failing: what a failed batch carries
@@ -196,6 +197,11 @@ class Engine(Batching):
             self._current()
 
     @property
+    def committing(self) -> int:
+        """Writes in the batch being committed now; 0 while the writer is idle."""
+        return len(self._inflight[0]) if self._inflight is not None else 0
+
+    @property
     def last_event_id(self) -> int:
         """The highest event id handed out so far (committed or about to be)."""
         return self.backend.last_event_id
@@ -274,11 +280,12 @@ class Engine(Batching):
         #    caller's answer is written: its client can send the next request);
         if applied.conflicts:
             batch.future.conflicts = applied.conflicts
+        gathered = len(self._batch) if self._batch is not None else 0
         batch.future.set_result(None)
         await asyncio.sleep(0)
         # 2b. a batch those callers filled at once commits from here (EARLY_HAND_OFF);
         #     its callers are answered only once this batch is fully taken in;
-        if self._batch is not None and len(self._batch) >= EARLY_HAND_OFF:
+        if self._batch is not None and len(self._batch) - gathered >= EARLY_HAND_OFF:
             self._hand_off()
         # 3. then feed the workers: they run in the rounds below, before the next
         #    batch goes to the writer, so their outcomes join it;
